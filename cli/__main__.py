@@ -1,0 +1,3 @@
+from infer.cli.main import main
+
+main()
