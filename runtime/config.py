@@ -1,0 +1,98 @@
+"""ModelConfig: the hyper-parameters of a model, read from GGUF metadata and checked."""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, fields
+
+from .errors import MetadataError, UnsupportedError
+
+# architectures we run -> the family implementation that runs them
+ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_vocab: int
+    n_ctx_train: int
+    dim: int
+    n_layers: int
+    n_ff: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_dim: int
+    rope_base: float
+    rope_neox: bool          # qwen2 rotates split halves; llama adjacent pairs (q/k permuted by the converter)
+    norm_eps: float
+    attn_bias: bool          # q/k/v biases (qwen2)
+    name: str = ""
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @classmethod
+    def from_metadata(cls, md: dict, source: str = "<metadata>") -> "ModelConfig":
+        arch = _get(md, "general.architecture", str, source)
+        if arch not in ARCH_ALIASES:
+            raise UnsupportedError(f"{source}: unknown architecture {arch!r} "
+                                   f"(supported: {', '.join(sorted(ARCH_ALIASES))})")
+
+        def key(name, typ, default=None):
+            return _get(md, f"{arch}.{name}", typ, source, default)
+
+        dim = key("embedding_length", int)
+        n_heads = key("attention.head_count", int)
+        n_kv = key("attention.head_count_kv", int, n_heads)
+        if n_heads <= 0 or dim <= 0 or n_kv <= 0 or n_heads % n_kv:
+            raise MetadataError(f"{source}: inconsistent attention heads ({n_heads} heads, {n_kv} kv heads, dim {dim})")
+        head_dim = key("attention.key_length", int, dim // n_heads)
+        tokens = md.get("tokenizer.ggml.tokens")
+        n_vocab = key("vocab_size", int, len(tokens) if isinstance(tokens, list) else None)
+        cfg = cls(
+            arch=arch,
+            n_vocab=n_vocab,
+            n_ctx_train=key("context_length", int),
+            dim=dim,
+            n_layers=key("block_count", int),
+            n_ff=key("feed_forward_length", int),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            rope_dim=key("rope.dimension_count", int, head_dim),
+            rope_base=float(key("rope.freq_base", float, 10000.0)),
+            rope_neox=arch == "qwen2",
+            norm_eps=float(key("attention.layer_norm_rms_epsilon", float)),
+            attn_bias=arch == "qwen2",
+            name=md.get("general.name", "") if isinstance(md.get("general.name", ""), str) else "",
+        )
+        for f in fields(cls):
+            v = getattr(cfg, f.name)
+            if f.type in ("int",) and v <= 0:
+                raise MetadataError(f"{source}: metadata {arch}.{f.name} must be positive, got {v}")
+        if cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:
+            raise MetadataError(f"{source}: rope dimension {cfg.rope_dim} does not fit head size {cfg.head_dim}")
+        return cfg
+
+
+def _get(md, key, typ, source, default=None):
+    if key not in md:
+        if default is not None:
+            return default
+        raise MetadataError(f"{source}: missing metadata key {key!r}")
+    v = md[key]
+    if typ is int:
+        ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    elif typ is float:
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+    else:
+        ok = isinstance(v, typ)
+    if not ok:
+        want = {int: "an integer", float: "a number", str: "a string"}[typ]
+        raise MetadataError(f"{source}: metadata key {key!r} has type {type(v).__name__}, expected {want}")
+    return v

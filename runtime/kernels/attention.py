@@ -1,0 +1,74 @@
+"""Attention over the KV cache.
+
+Cache layout: k, v (n_layers, n_kv_heads, n_slots, head_dim) float32, keys stored after RoPE.
+A slot's token position is kpos[slot]; a query at position p sees the filled slots whose position
+is <= p (causal mask that also holds for a ring buffer whose slots are out of order).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .qmatmul import FM
+
+
+@njit(cache=True, fastmath=FM, parallel=True)
+def attend_one(q, kc, vc, n_filled, scale, n_heads, n_kv, head_dim, scores, out):
+    """Decode: one query (n_heads*head_dim,) against slots 0..n_filled of one layer's cache
+    kc, vc (n_kv, n_slots, head_dim); scores (n_heads, n_slots) scratch; out (n_heads*head_dim,)."""
+    group = n_heads // n_kv
+    for h in prange(n_heads):
+        kvh = h // group
+        qo = h * head_dim
+        mx = -np.inf
+        for j in range(n_filled):
+            s = np.float32(0.0)
+            for d in range(head_dim):
+                s += q[qo + d] * kc[kvh, j, d]
+            s *= scale
+            scores[h, j] = s
+            if s > mx:
+                mx = s
+        tot = np.float32(0.0)
+        for j in range(n_filled):
+            e = np.float32(math.exp(scores[h, j] - mx))
+            scores[h, j] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for d in range(head_dim):
+            out[qo + d] = 0.0
+        for j in range(n_filled):
+            p = scores[h, j] * inv
+            for d in range(head_dim):
+                out[qo + d] += p * vc[kvh, j, d]
+
+
+@njit(cache=True, fastmath=FM)
+def masked_softmax(s, qpos, group, kpos, n_filled, scale):
+    """Prefill scores s (n*group, n_slots) for queries (row t*group+g at position qpos[t]):
+    scale, mask slots with kpos > qpos or beyond n_filled, softmax in place."""
+    rows, m = s.shape
+    for r in range(rows):
+        p = qpos[r // group]
+        mx = -np.inf
+        for j in range(n_filled):
+            if kpos[j] <= p:
+                v = s[r, j] * scale
+                s[r, j] = v
+                if v > mx:
+                    mx = v
+        tot = np.float32(0.0)
+        for j in range(n_filled):
+            if kpos[j] <= p:
+                e = np.float32(math.exp(s[r, j] - mx))
+                s[r, j] = e
+                tot += e
+            else:
+                s[r, j] = 0.0
+        inv = np.float32(1.0) / tot
+        for j in range(n_filled):
+            s[r, j] *= inv
+        for j in range(n_filled, m):
+            s[r, j] = 0.0

@@ -1,0 +1,286 @@
+"""Dequant-matvec and dequant kernels over raw GGUF blocks.
+
+Weights are addressed in one flat byte buffer (the memory-mapped file): a tensor is a row of the
+int64 table described by TAB_* below. Block scales (and Q4_1 mins) are decoded once at load time
+into one flat float32 array `sc` (f16 -> f32 in the hot loop is what kills Numba kernels); the
+quants are read in place from the file. Activations stay float32 (exact enough to match fp32
+references; the kernels are memory bound either way).
+
+Shapes: x is float32 (cols,), out float32 (rows,), a tensor is (rows, cols) row-major.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import get_thread_id, njit, prange
+
+from infer.quant.types import BF16, F16, F32, Q4_0, Q4_1, Q8_0
+
+FM = {"reassoc", "contract", "nsz", "arcp"}   # fastmath flags that allow vectorized reductions
+
+T_F32, T_F16, T_Q4_0, T_Q4_1, T_Q8_0, T_BF16 = F32.id, F16.id, Q4_0.id, Q4_1.id, Q8_0.id, BF16.id
+QK = 32  # elements per block of the quantized types
+
+# tensor table columns
+TAB_OFF, TAB_TYPE, TAB_ROWS, TAB_COLS, TAB_SOFF, TAB_MOFF = range(6)
+TAB_WIDTH = 6
+ROW_TILE = 4           # rows per pass in the matvec kernels
+TWO112 = np.float32(2.0 ** 112)
+
+
+@njit(cache=True, inline="always")
+def _f16_bits_to_f32_bits(h):
+    """Branch-free f16 -> f32 bit pattern, to be scaled by 2**112 (exact for normals, subnormals
+    and zero; inf/nan become large finite numbers, which never occur in weights)."""
+    h = np.uint32(h)
+    return ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
+
+
+@njit(cache=True, fastmath=FM)
+def decode_f16_row(u16, start, n, tmp_u32, tmp_f32, dst, dst_off):
+    """dst[dst_off:dst_off+n] = f16 values u16[start:start+n] as float32."""
+    for i in range(n):
+        tmp_u32[i] = _f16_bits_to_f32_bits(u16[start + i])
+    for i in range(n):
+        dst[dst_off + i] = tmp_f32[i] * TWO112
+
+
+@njit(cache=True, fastmath=FM)
+def decode_bf16_row(u16, start, n, tmp_u32, tmp_f32, dst, dst_off):
+    for i in range(n):
+        tmp_u32[i] = np.uint32(u16[start + i]) << np.uint32(16)
+    for i in range(n):
+        dst[dst_off + i] = tmp_f32[i]
+
+
+@njit(cache=True, fastmath=FM)
+def dequant_rows(wu8, tab, sc, r0, r1, dst, tmp_u32):
+    """dst[:r1-r0, :cols] = rows r0..r1 of the tensor `tab` (one table row) as float32."""
+    off, t, cols = tab[TAB_OFF], tab[TAB_TYPE], tab[TAB_COLS]
+    soff, moff = tab[TAB_SOFF], tab[TAB_MOFF]
+    tmp_f32 = tmp_u32.view(np.float32)
+    if t == T_F32:
+        wf = wu8[off:off + tab[TAB_ROWS] * cols * 4].view(np.float32)
+        for r in range(r0, r1):
+            for c in range(cols):
+                dst[r - r0, c] = wf[r * cols + c]
+    elif t == T_F16 or t == T_BF16:
+        w16 = wu8[off:off + tab[TAB_ROWS] * cols * 2].view(np.uint16)
+        for r in range(r0, r1):
+            row = dst[r - r0]
+            if t == T_F16:
+                decode_f16_row(w16, r * cols, cols, tmp_u32, tmp_f32, row, 0)
+            else:
+                decode_bf16_row(w16, r * cols, cols, tmp_u32, tmp_f32, row, 0)
+    else:
+        nb = cols // QK
+        if t == T_Q8_0:
+            rb = nb * 34
+            wi8 = wu8.view(np.int8)
+            for r in range(r0, r1):
+                for b in range(nb):
+                    d = sc[soff + r * nb + b]
+                    p = off + r * rb + b * 34 + 2
+                    for i in range(QK):
+                        dst[r - r0, b * QK + i] = d * np.float32(wi8[p + i])
+        elif t == T_Q4_0 or t == T_Q4_1:
+            ts = 18 if t == T_Q4_0 else 20
+            rb = nb * ts
+            for r in range(r0, r1):
+                for b in range(nb):
+                    d = sc[soff + r * nb + b]
+                    if t == T_Q4_0:
+                        m = np.float32(-8.0) * d
+                    else:
+                        m = sc[moff + r * nb + b]
+                    p = off + r * rb + b * ts + (ts - 16)
+                    for i in range(16):
+                        q = wu8[p + i]
+                        dst[r - r0, b * QK + i] = d * np.float32(q & 15) + m
+                        dst[r - r0, b * QK + 16 + i] = d * np.float32(q >> 4) + m
+
+
+@njit(cache=True, fastmath=FM, parallel=True)
+def dequant_matrix(wu8, tab, sc, r0, r1, dst, tmp_u32_2d):
+    """Parallel dequantization of rows r0..r1 into dst (tiles of 16 rows per task)."""
+    n = r1 - r0
+    ntask = (n + 15) // 16
+    for k in prange(ntask):
+        a = r0 + k * 16
+        b = min(a + 16, r1)
+        dequant_rows(wu8, tab, sc, a, b, dst[a - r0:b - r0], tmp_u32_2d[get_thread_id()])
+
+
+# ----------------------------------------------------------------------------------------------
+# matvec: out[r] = sum_c W[r, c] * x[c] for r in [r0, r1); x float32 (cols,), xsum (nb,) holds
+# the per-block sums of x (used by Q4_0's -8 offset and Q4_1's mins).
+
+@njit(cache=True, fastmath=FM)
+def _mv_q8_0(wi8, off, cols, sc, soff, x, out, o0, r0, r1):
+    nb = cols // QK
+    rb = nb * 34
+    r = r0
+    while r + 4 <= r1:
+        w = wi8[off + r * rb: off + (r + 4) * rb].reshape((4, nb, 34))
+        a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
+        s = soff + r * nb
+        for b in range(nb):
+            s0 = np.float32(0.0); s1 = np.float32(0.0); s2 = np.float32(0.0); s3 = np.float32(0.0)
+            xb = b * QK
+            for i in range(QK):
+                xv = x[xb + i]
+                s0 += np.float32(w[0, b, 2 + i]) * xv
+                s1 += np.float32(w[1, b, 2 + i]) * xv
+                s2 += np.float32(w[2, b, 2 + i]) * xv
+                s3 += np.float32(w[3, b, 2 + i]) * xv
+            a0 += sc[s + b] * s0
+            a1 += sc[s + nb + b] * s1
+            a2 += sc[s + 2 * nb + b] * s2
+            a3 += sc[s + 3 * nb + b] * s3
+        out[o0 + r] = a0; out[o0 + r + 1] = a1; out[o0 + r + 2] = a2; out[o0 + r + 3] = a3
+        r += 4
+    while r < r1:
+        w1 = wi8[off + r * rb: off + (r + 1) * rb].reshape((nb, 34))
+        a0 = np.float32(0.0)
+        for b in range(nb):
+            s0 = np.float32(0.0)
+            for i in range(QK):
+                s0 += np.float32(w1[b, 2 + i]) * x[b * QK + i]
+            a0 += sc[soff + r * nb + b] * s0
+        out[o0 + r] = a0
+        r += 1
+
+
+@njit(cache=True, fastmath=FM)
+def _mv_q4(wu8, off, cols, ts, sc, soff, moff, x, xsum, out, o0, r0, r1):
+    """Q4_0 (ts=18, offset -8) and Q4_1 (ts=20, per-block min)."""
+    nb = cols // QK
+    rb = nb * ts
+    q0 = ts - 16
+    is_q4_1 = ts == 20
+    r = r0
+    while r + 4 <= r1:
+        w = wu8[off + r * rb: off + (r + 4) * rb].reshape((4, nb, ts))
+        a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
+        s = soff + r * nb
+        for b in range(nb):
+            s0 = np.float32(0.0); s1 = np.float32(0.0); s2 = np.float32(0.0); s3 = np.float32(0.0)
+            xb = b * QK
+            for i in range(16):
+                xl = x[xb + i]
+                xh = x[xb + 16 + i]
+                v0 = w[0, b, q0 + i]; v1 = w[1, b, q0 + i]; v2 = w[2, b, q0 + i]; v3 = w[3, b, q0 + i]
+                s0 += np.float32(v0 & 15) * xl + np.float32(v0 >> 4) * xh
+                s1 += np.float32(v1 & 15) * xl + np.float32(v1 >> 4) * xh
+                s2 += np.float32(v2 & 15) * xl + np.float32(v2 >> 4) * xh
+                s3 += np.float32(v3 & 15) * xl + np.float32(v3 >> 4) * xh
+            if is_q4_1:
+                xs = xsum[b]
+                m = moff + r * nb + b
+                a0 += sc[s + b] * s0 + sc[m] * xs
+                a1 += sc[s + nb + b] * s1 + sc[m + nb] * xs
+                a2 += sc[s + 2 * nb + b] * s2 + sc[m + 2 * nb] * xs
+                a3 += sc[s + 3 * nb + b] * s3 + sc[m + 3 * nb] * xs
+            else:
+                x8 = np.float32(8.0) * xsum[b]
+                a0 += sc[s + b] * (s0 - x8)
+                a1 += sc[s + nb + b] * (s1 - x8)
+                a2 += sc[s + 2 * nb + b] * (s2 - x8)
+                a3 += sc[s + 3 * nb + b] * (s3 - x8)
+        out[o0 + r] = a0; out[o0 + r + 1] = a1; out[o0 + r + 2] = a2; out[o0 + r + 3] = a3
+        r += 4
+    while r < r1:
+        w1 = wu8[off + r * rb: off + (r + 1) * rb].reshape((nb, ts))
+        a0 = np.float32(0.0)
+        for b in range(nb):
+            s0 = np.float32(0.0)
+            for i in range(16):
+                v = w1[b, q0 + i]
+                s0 += np.float32(v & 15) * x[b * QK + i] + np.float32(v >> 4) * x[b * QK + 16 + i]
+            if is_q4_1:
+                a0 += sc[soff + r * nb + b] * s0 + sc[moff + r * nb + b] * xsum[b]
+            else:
+                a0 += sc[soff + r * nb + b] * (s0 - np.float32(8.0) * xsum[b])
+        out[o0 + r] = a0
+        r += 1
+
+
+@njit(cache=True, fastmath=FM)
+def _mv_f32(wf, cols, x, out, o0, r0, r1):
+    for r in range(r0, r1):
+        a = np.float32(0.0)
+        for c in range(cols):
+            a += wf[r * cols + c] * x[c]
+        out[o0 + r] = a
+
+
+@njit(cache=True, fastmath=FM)
+def _mv_16(w16, is_bf16, cols, x, out, o0, r0, r1, tmp_u32):
+    """F16/BF16 rows: decode a row's bits into tmp (float32 view) then dot."""
+    tmp_f32 = tmp_u32.view(np.float32)
+    for r in range(r0, r1):
+        base = r * cols
+        if is_bf16:
+            for c in range(cols):
+                tmp_u32[c] = np.uint32(w16[base + c]) << np.uint32(16)
+            a = np.float32(0.0)
+            for c in range(cols):
+                a += tmp_f32[c] * x[c]
+        else:
+            for c in range(cols):
+                tmp_u32[c] = _f16_bits_to_f32_bits(w16[base + c])
+            a = np.float32(0.0)
+            for c in range(cols):
+                a += tmp_f32[c] * x[c]
+            a *= TWO112
+        out[o0 + r] = a
+
+
+@njit(cache=True, fastmath=FM)
+def matvec_rows(wu8, tab, sc, x, xsum, out, o0, r0, r1, tmp_u32):
+    """out[o0 + r] = W[r] . x for rows r0..r1 of the tensor described by `tab`."""
+    off, t, cols = tab[TAB_OFF], tab[TAB_TYPE], tab[TAB_COLS]
+    if t == T_Q8_0:
+        _mv_q8_0(wu8.view(np.int8), off, cols, sc, tab[TAB_SOFF], x, out, o0, r0, r1)
+    elif t == T_Q4_0:
+        _mv_q4(wu8, off, cols, 18, sc, tab[TAB_SOFF], 0, x, xsum, out, o0, r0, r1)
+    elif t == T_Q4_1:
+        _mv_q4(wu8, off, cols, 20, sc, tab[TAB_SOFF], tab[TAB_MOFF], x, xsum, out, o0, r0, r1)
+    elif t == T_F32:
+        _mv_f32(wu8[off:off + tab[TAB_ROWS] * cols * 4].view(np.float32), cols, x, out, o0, r0, r1)
+    else:
+        w16 = wu8[off:off + tab[TAB_ROWS] * cols * 2].view(np.uint16)
+        _mv_16(w16, t == T_BF16, cols, x, out, o0, r0, r1, tmp_u32)
+
+
+@njit(cache=True, fastmath=FM)
+def block_sums(x, xsum):
+    """xsum[b] = sum of x over block b of 32 (only used by the Q4 types)."""
+    nb = x.shape[0] // QK
+    for b in range(nb):
+        s = np.float32(0.0)
+        for i in range(QK):
+            s += x[b * QK + i]
+        xsum[b] = s
+
+
+@njit(cache=True, fastmath=FM, parallel=True)
+def matvec_group(wu8, tabs, sc, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d):
+    """Several matvecs over the same input x in one parallel region.
+
+    tabs: (k, TAB_WIDTH) tensor rows; out_offs: (k,) offset of each result in `out`;
+    chunk: rows per task (multiple of ROW_TILE); starts: (k+1,) int64 scratch;
+    tmp_u32_2d: (n_threads, max_cols) scratch, one row per thread.
+    """
+    k = tabs.shape[0]
+    starts[0] = 0
+    for j in range(k):
+        starts[j + 1] = starts[j] + (tabs[j, TAB_ROWS] + chunk - 1) // chunk
+    ntask = starts[k]
+    for task in prange(ntask):
+        j = 0
+        while starts[j + 1] <= task:
+            j += 1
+        r0 = (task - starts[j]) * chunk
+        r1 = min(r0 + chunk, tabs[j, TAB_ROWS])
+        matvec_rows(wu8, tabs[j], sc, x, xsum, out, out_offs[j], r0, r1,
+                    tmp_u32_2d[get_thread_id()])

@@ -1,0 +1,38 @@
+"""KV cache: keys (after RoPE) and values of every layer, one slot per token.
+
+`KVCache(cfg, n_slots)` fills slots in order. Arrays: k, v (n_layers, n_kv_heads, n_slots,
+head_dim) float32; kpos (n_slots,) the token position held by each slot. `offset` is the number
+of filled slots. RingKVCache (issue 5) reuses the same arrays with wrap-around.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, n_slots: int):
+        shape = (cfg.n_layers, cfg.n_kv_heads, n_slots, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.kpos = np.zeros(n_slots, np.int64)
+        self.n_slots = n_slots
+        self.offset = 0          # filled slots (== next position for a linear cache)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def slots_for(self, n: int) -> np.ndarray:
+        """Slots that the next n tokens will be written to (and their positions recorded)."""
+        s = np.arange(self.offset, self.offset + n)
+        self.kpos[s] = s
+        return s
+
+    def trim(self, n_keep: int):
+        """Forget everything after the first n_keep tokens (prefix reuse)."""
+        self.offset = min(self.offset, n_keep)
+
+    def reset(self):
+        self.offset = 0

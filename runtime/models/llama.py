@@ -1,0 +1,313 @@
+"""The llama family: Llama 2/3, SmolLM, TinyLlama, Mistral (no sliding window), Qwen2 (q/k/v biases).
+
+Weights stay in the memory-mapped file; `LlamaModel` holds a tensor table into it (see
+kernels/qmatmul.py) plus the decoded block scales and the small 1-D tensors.
+Prefill runs a chunk of tokens through float32 BLAS matmuls on dequantized weight tiles;
+decode runs one token through a single fused Numba call (`decode_step`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ..errors import TensorError, UnsupportedError
+from ..kernels import qmatmul as qm
+from ..kernels.attention import attend_one, masked_softmax
+from ..kernels.ops import ROPE_NEOX, ROPE_NORM, rmsnorm, rope, rope_inv_freq, silu_mul
+from ..kernels.qmatmul import FM, TAB_COLS, TAB_ROWS, TAB_WIDTH
+
+# per-layer matrices, in table order
+MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+K_Q, K_K, K_V, K_O, K_GATE, K_UP, K_DOWN = range(7)
+# per-layer vectors, in vector-table order (-1 offset when absent)
+VECS = ("attn_norm.weight", "ffn_norm.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias")
+V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV = range(5)
+NATIVE = {qm.T_F32, qm.T_F16, qm.T_BF16, qm.T_Q8_0, qm.T_Q4_0, qm.T_Q4_1}
+
+
+class LlamaModel:
+    def __init__(self, gf, cfg):
+        self.gf, self.cfg = gf, cfg
+        c = cfg
+        src = gf.path
+        vecs, scales = [], []
+        self._vec_len = 0
+        self._sc_len = 0
+
+        def vec(name, n, required=True):
+            t = gf.tensors.get(name)
+            if t is None:
+                if required:
+                    raise TensorError(f"{src}: missing tensor {name}")
+                return -1
+            if t.shape != (n,):
+                raise TensorError(f"{src}: tensor {name} has shape {list(t.shape)}, expected [{n}]")
+            if t.qtype.name == "F32":
+                a = gf.view(name)
+            elif t.qtype.name == "F16":
+                a = gf.view(name).view(np.float16).astype(np.float32)
+            else:
+                raise UnsupportedError(f"{src}: tensor {name} has type {t.qtype.name}; 1-D tensors must be F32 or F16")
+            off = self._vec_len
+            vecs.append(np.asarray(a, np.float32))
+            self._vec_len += n
+            return off
+
+        def mat(name, rows, cols, required=True):
+            t = gf.tensors.get(name)
+            if t is None:
+                if required:
+                    raise TensorError(f"{src}: missing tensor {name}")
+                return None
+            if t.shape != (rows, cols):
+                raise TensorError(f"{src}: tensor {name} has shape {list(t.shape)}, expected {[rows, cols]}")
+            if t.qtype.id not in NATIVE:
+                raise UnsupportedError(f"{src}: tensor {name} has type {t.qtype.name}, not supported "
+                                       f"(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
+            row = np.zeros(TAB_WIDTH, np.int64)
+            row[:4] = (t.offset, t.qtype.id, rows, cols)
+            if t.qtype.block_size == 32:
+                raw = gf.raw(name).reshape(rows, cols // 32, t.qtype.type_size)
+                row[qm.TAB_SOFF] = self._sc_len
+                scales.append(np.ascontiguousarray(raw[:, :, 0:2]).view(np.float16).astype(np.float32).ravel())
+                self._sc_len += scales[-1].size
+                if t.qtype.name == "Q4_1":
+                    row[qm.TAB_MOFF] = self._sc_len
+                    scales.append(np.ascontiguousarray(raw[:, :, 2:4]).view(np.float16).astype(np.float32).ravel())
+                    self._sc_len += scales[-1].size
+            return row
+
+        L = c.n_layers
+        self.tab = np.zeros((L, len(MATS), TAB_WIDTH), np.int64)
+        self.vtab = np.full((L, len(VECS)), -1, np.int64)
+        shapes = {"attn_q": (c.q_dim, c.dim), "attn_k": (c.kv_dim, c.dim), "attn_v": (c.kv_dim, c.dim),
+                  "attn_output": (c.dim, c.q_dim), "ffn_gate": (c.n_ff, c.dim), "ffn_up": (c.n_ff, c.dim),
+                  "ffn_down": (c.dim, c.n_ff)}
+        for i in range(L):
+            for k, m in enumerate(MATS):
+                self.tab[i, k] = mat(f"blk.{i}.{m}.weight", *shapes[m])
+            self.vtab[i, V_ATTN_NORM] = vec(f"blk.{i}.attn_norm.weight", c.dim)
+            self.vtab[i, V_FFN_NORM] = vec(f"blk.{i}.ffn_norm.weight", c.dim)
+            if c.attn_bias:
+                self.vtab[i, V_BQ] = vec(f"blk.{i}.attn_q.bias", c.q_dim)
+                self.vtab[i, V_BK] = vec(f"blk.{i}.attn_k.bias", c.kv_dim)
+                self.vtab[i, V_BV] = vec(f"blk.{i}.attn_v.bias", c.kv_dim)
+        self.embd = mat("token_embd.weight", c.n_vocab, c.dim)
+        out = mat("output.weight", c.n_vocab, c.dim, required=False)
+        self.tied = out is None
+        self.out = self.embd if out is None else out
+        self.out_norm = vec("output_norm.weight", c.dim)
+        self.vec = np.concatenate(vecs) if vecs else np.zeros(1, np.float32)
+        self.sc = np.concatenate(scales) if scales else np.zeros(1, np.float32)
+        self.wu8 = gf.data
+        self.inv_freq = np.zeros(c.rope_dim // 2, np.float64)
+        rope_inv_freq(c.rope_dim, c.rope_base, self.inv_freq)
+        self.rope_mode = ROPE_NEOX if c.rope_neox else ROPE_NORM
+        self.max_cols = max(c.dim, c.n_ff, c.q_dim)
+        self.weight_bytes = int(sum(t.nbytes for t in gf.tensors.values()))
+
+    def v(self, layer, which):
+        o = self.vtab[layer, which]
+        n = self.cfg.dim if which in (V_ATTN_NORM, V_FFN_NORM) else (
+            self.cfg.q_dim if which == V_BQ else self.cfg.kv_dim)
+        return self.vec[o:o + n]
+
+    # ------------------------------------------------------------------------------------------
+    def new_scratch(self, n_batch, n_slots, n_threads):
+        return Scratch(self, n_batch, n_slots, n_threads)
+
+    def _matmul(self, s, tab, h, out):
+        """out (n, rows) = h (n, cols) @ W.T, W dequantized in tiles into s.wbuf."""
+        rows, cols = int(tab[TAB_ROWS]), int(tab[TAB_COLS])
+        tile = s.wbuf.shape[0] // cols
+        for r0 in range(0, rows, tile):
+            r1 = min(rows, r0 + tile)
+            w = s.wbuf[:(r1 - r0) * cols].reshape(r1 - r0, cols)
+            qm.dequant_matrix(self.wu8, tab, self.sc, r0, r1, w, s.tmp)
+            np.matmul(h, w.T, out=out[:, r0:r1])
+
+    def prefill(self, s, kv, tokens, all_logits=False):
+        """Run tokens (a chunk of at most s.n_batch) at positions kv.offset.. and fill the cache.
+        Returns logits (n, n_vocab) if all_logits else (n_vocab,) for the last token (views into s)."""
+        c = self.cfg
+        n = len(tokens)
+        toks = np.asarray(tokens, np.int64)
+        slots = kv.slots_for(n)
+        qpos = kv.kpos[slots].copy()
+        x = s.px[:n]
+        h = s.ph[:n]
+        embed_rows(self.wu8, self.embd, self.sc, toks, x, s.tmp[0])
+        q, k, v = s.pq[:n], s.pk[:n], s.pv[:n]
+        att = s.patt[:n]
+        g, u = s.pg[:n], s.pu[:n]
+        group = c.n_heads // c.n_kv_heads
+        scale = np.float32(1.0 / math.sqrt(c.head_dim))
+        n_filled = kv.offset + n
+        for li in range(c.n_layers):
+            t = self.tab[li]
+            rmsnorm(x, self.v(li, V_ATTN_NORM), c.norm_eps, h)
+            self._matmul(s, t[K_Q], h, q)
+            self._matmul(s, t[K_K], h, k)
+            self._matmul(s, t[K_V], h, v)
+            if c.attn_bias:
+                q += self.v(li, V_BQ); k += self.v(li, V_BK); v += self.v(li, V_BV)
+            rope(q, c.n_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq, self.rope_mode)
+            rope(k, c.n_kv_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq, self.rope_mode)
+            kc, vc = kv.k[li], kv.v[li]
+            kc[:, slots, :] = k.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
+            vc[:, slots, :] = v.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
+            q3 = q.reshape(n, c.n_heads, c.head_dim)
+            a3 = att.reshape(n, c.n_heads, c.head_dim)
+            for kh in range(c.n_kv_heads):
+                qg = s.pqg[:n * group * c.head_dim].reshape(n, group, c.head_dim)
+                qg[:] = q3[:, kh * group:(kh + 1) * group, :]
+                qg2 = qg.reshape(n * group, c.head_dim)
+                sc = s.pscores[:n * group, :n_filled]
+                np.matmul(qg2, kc[kh, :n_filled].T, out=sc)
+                masked_softmax(sc, qpos, group, kv.kpos, n_filled, scale)
+                og = s.pog[:n * group]
+                np.matmul(sc, vc[kh, :n_filled], out=og)
+                a3[:, kh * group:(kh + 1) * group, :] = og.reshape(n, group, c.head_dim)
+            self._matmul(s, t[K_O], att, h)
+            x += h
+            rmsnorm(x, self.v(li, V_FFN_NORM), c.norm_eps, h)
+            self._matmul(s, t[K_GATE], h, g)
+            self._matmul(s, t[K_UP], h, u)
+            silu_mul(g, u, g)
+            self._matmul(s, t[K_DOWN], g, h)
+            x += h
+        kv.offset = n_filled
+        if all_logits:
+            rmsnorm(x, self.vec[self.out_norm:self.out_norm + c.dim], c.norm_eps, h)
+            out = np.empty((n, c.n_vocab), np.float32)
+            self._matmul(s, self.out, h, out)
+            return out
+        rmsnorm(x[n - 1:n], self.vec[self.out_norm:self.out_norm + c.dim], c.norm_eps, h[:1])
+        self._matmul(s, self.out, h[:1], s.logits2d)
+        return s.logits
+
+    def decode(self, s, kv, token):
+        """One token at position kv.offset; returns logits (n_vocab,) (a view into s)."""
+        c = self.cfg
+        slot = kv.slots_for(1)[0]
+        decode_step(self.wu8, self.sc, self.vec, self.tab, self.vtab, self.embd, self.out,
+                    self.out_norm, c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_ff,
+                    c.rope_dim, self.rope_mode, np.float32(c.norm_eps), c.attn_bias,
+                    int(token), int(kv.kpos[slot]), int(slot), kv.offset + 1, kv.k, kv.v,
+                    self.inv_freq, s.x, s.xn, s.qkv, s.att, s.scores, s.gu, s.xsum, s.starts,
+                    s.tmp, s.logits, s.offs3, s.offs2, s.offs1, s.chunk)
+        kv.offset += 1
+        return s.logits
+
+
+class Scratch:
+    """Every activation buffer of a context, allocated once (nothing is allocated per token)."""
+
+    def __init__(self, m: LlamaModel, n_batch, n_slots, n_threads):
+        c = m.cfg
+        f = np.float32
+        self.n_batch = n_batch
+        nb = n_batch
+        self.px = np.zeros((nb, c.dim), f)
+        self.ph = np.zeros((nb, c.dim), f)
+        self.pq = np.zeros((nb, c.q_dim), f)
+        self.pk = np.zeros((nb, c.kv_dim), f)
+        self.pv = np.zeros((nb, c.kv_dim), f)
+        self.patt = np.zeros((nb, c.q_dim), f)
+        self.pg = np.zeros((nb, c.n_ff), f)
+        self.pu = np.zeros((nb, c.n_ff), f)
+        group = c.n_heads // c.n_kv_heads
+        self.pqg = np.zeros((nb * group * c.head_dim,), f)
+        self.pog = np.zeros((nb * group, c.head_dim), f)
+        self.pscores = np.zeros((nb * group, n_slots), f)
+        big = max(c.n_ff * c.dim, c.q_dim * c.dim, 4096 * c.dim)
+        self.wbuf = np.zeros(big, f)
+        # decode
+        self.x = np.zeros(c.dim, f)
+        self.xn = np.zeros(c.dim, f)
+        self.qkv = np.zeros(c.q_dim + 2 * c.kv_dim, f)
+        self.att = np.zeros(c.q_dim, f)
+        self.scores = np.zeros((c.n_heads, n_slots), f)
+        self.gu = np.zeros(2 * c.n_ff, f)
+        self.xsum = np.zeros(max(c.dim, c.n_ff, c.q_dim) // 32 + 1, f)
+        self.starts = np.zeros(4, np.int64)
+        import numba
+        self.tmp = np.zeros((numba.config.NUMBA_NUM_THREADS, max(m.max_cols, c.dim)), np.uint32)
+        self.logits = np.zeros(c.n_vocab, f)
+        self.logits2d = self.logits.reshape(1, -1)
+        self.offs3 = np.array([0, c.q_dim, c.q_dim + c.kv_dim], np.int64)
+        self.offs2 = np.array([0, c.n_ff], np.int64)
+        self.offs1 = np.zeros(1, np.int64)
+        self.chunk = max(4, 64 if n_threads > 1 else 256)
+
+
+@njit(cache=True, fastmath=FM)
+def embed_rows(wu8, tab, sc, toks, out, tmp_u32):
+    for i in range(toks.shape[0]):
+        qm.dequant_rows(wu8, tab, sc, toks[i], toks[i] + 1, out[i:i + 1], tmp_u32)
+
+
+@njit(cache=True, fastmath=FM)
+def _rmsnorm1(x, w, eps, out):
+    ss = np.float32(0.0)
+    n = x.shape[0]
+    for j in range(n):
+        ss += x[j] * x[j]
+    inv = np.float32(1.0 / math.sqrt(ss / n + eps))
+    for j in range(n):
+        out[j] = x[j] * inv * w[j]
+
+
+@njit(cache=True, fastmath=FM)
+def decode_step(wu8, sc, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_heads, n_kv,
+                head_dim, n_ff, rope_dim, rope_mode, eps, attn_bias, token, pos, slot, n_filled,
+                kcache, vcache, inv_freq, x, xn, qkv, att, scores, gu, xsum, starts, tmp, logits,
+                offs3, offs2, offs1, chunk):
+    """The whole forward pass of one token, writing its K/V into `slot` and logits into `logits`."""
+    q_dim = n_heads * head_dim
+    kv_dim = n_kv * head_dim
+    qm.dequant_rows(wu8, embd, sc, token, token + 1, x.reshape((1, dim)), tmp[0])
+    posv = np.full(1, pos, np.int64)
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    for li in range(n_layers):
+        t = tab[li]
+        o = vtab[li, V_ATTN_NORM]
+        _rmsnorm1(x, vec[o:o + dim], eps, xn)
+        qm.block_sums(xn, xsum)
+        qm.matvec_group(wu8, t[K_Q:K_V + 1], sc, xn, xsum, qkv, offs3, chunk, starts, tmp)
+        if attn_bias:
+            for j in range(q_dim):
+                qkv[j] += vec[vtab[li, V_BQ] + j]
+            for j in range(kv_dim):
+                qkv[q_dim + j] += vec[vtab[li, V_BK] + j]
+                qkv[q_dim + kv_dim + j] += vec[vtab[li, V_BV] + j]
+        q = qkv[:q_dim].reshape((1, q_dim))
+        k = qkv[q_dim:q_dim + kv_dim].reshape((1, kv_dim))
+        rope(q, n_heads, head_dim, rope_dim, posv, inv_freq, rope_mode)
+        rope(k, n_kv, head_dim, rope_dim, posv, inv_freq, rope_mode)
+        for hh in range(n_kv):
+            for d in range(head_dim):
+                kcache[li, hh, slot, d] = qkv[q_dim + hh * head_dim + d]
+                vcache[li, hh, slot, d] = qkv[q_dim + kv_dim + hh * head_dim + d]
+        attend_one(qkv, kcache[li], vcache[li], n_filled, scale, n_heads, n_kv, head_dim, scores, att)
+        qm.block_sums(att, xsum)
+        qm.matvec_group(wu8, t[K_O:K_O + 1], sc, att, xsum, xn, offs1, chunk, starts, tmp)
+        for j in range(dim):
+            x[j] += xn[j]
+        o = vtab[li, V_FFN_NORM]
+        _rmsnorm1(x, vec[o:o + dim], eps, xn)
+        qm.block_sums(xn, xsum)
+        qm.matvec_group(wu8, t[K_GATE:K_UP + 1], sc, xn, xsum, gu, offs2, chunk, starts, tmp)
+        for j in range(n_ff):
+            gv = gu[j]
+            gu[j] = gv / (np.float32(1.0) + np.float32(math.exp(-gv))) * gu[n_ff + j]
+        h = gu[:n_ff]
+        qm.block_sums(h, xsum)
+        qm.matvec_group(wu8, t[K_DOWN:K_DOWN + 1], sc, h, xsum, xn, offs1, chunk, starts, tmp)
+        for j in range(dim):
+            x[j] += xn[j]
+    _rmsnorm1(x, vec[out_norm:out_norm + dim], eps, xn)
+    qm.block_sums(xn, xsum)
+    qm.matvec_group(wu8, outt.reshape((1, outt.shape[0])), sc, xn, xsum, logits, offs1, chunk, starts, tmp)
