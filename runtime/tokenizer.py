@@ -1,0 +1,536 @@
+"""Text <-> token ids from a GGUF vocabulary, matching llama.cpp's tokenizer id for id.
+
+Two vocabulary kinds, chosen by `tokenizer.ggml.model`:
+  "gpt2"   byte-level BPE: the `tokenizers` library's BPE model built from the GGUF tokens and merges,
+           behind the pre-tokenizer regexes llama.cpp uses for `tokenizer.ggml.pre`.
+  "llama"  SentencePiece-style: llama.cpp's SPM algorithm in plain Python (score-ordered bigram
+           merges over characters, `<0xXX>` byte fallback, spaces escaped to U+2581).
+
+Special tokens are split out of the text first, as llama.cpp does: user-defined tokens always,
+control tokens only with `special=True` (longest token text first).
+
+Invalid UTF-8: llama.cpp tokenizes bytes. Pass such input as the str that
+`data.decode("utf-8", "surrogateescape")` gives (or pass the bytes themselves); encode turns the
+escaped bytes back into the same bytes. Stray bytes and truncated sequences then tokenize as in
+llama.cpp; overlong forms and encoded surrogates, which Python's decoder splits into single invalid
+bytes, may not.
+
+Decoding concatenates each token's piece (llama.cpp `token_to_piece`): control and unknown tokens
+render as their text, or as nothing with `skip_special=True`. Bytes that are not valid UTF-8 decode
+to U+FFFD; `StreamingDetokenizer` holds back an incomplete character until its last byte arrives.
+llama.cpp's `clean_up_tokenization_spaces` pass (" ." -> ".") is not applied.
+"""
+from __future__ import annotations
+
+import codecs
+import heapq
+import logging
+import operator
+import os
+
+import numpy as np
+
+from .errors import InferError, TokenizerError
+
+log = logging.getLogger(__name__)
+
+# token attributes: llama.cpp's llama_token_attr bits; GGUF token_type 0..6 maps to one of them
+UNDEFINED, UNKNOWN, UNUSED, NORMAL, CONTROL, USER_DEFINED, BYTE = 0, 1, 2, 4, 8, 16, 32
+_TYPE_TO_ATTR = np.array([UNDEFINED, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE], dtype=np.int32)
+_SKIPPABLE = CONTROL | UNKNOWN          # rendered only when special tokens are kept
+_SPECIAL_TEXT = CONTROL | UNKNOWN | USER_DEFINED   # split out of the text before tokenizing
+
+# token texts llama.cpp treats as end-of-turn / FIM / end-of-generation (llama-vocab.cpp, load())
+_EOT_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+              "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
+_FIM_NAMES = {
+    "pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
+            "<|code_prefix|>", "<|prefix|>"),
+    "suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
+            "<|code_suffix|>", "<|suffix|>"),
+    "mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
+            "<|code_middle|>", "<|middle|>"),
+    "pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "sep": ("<|file_sep|>",),
+}
+_EOG_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+              "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+              "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+              "<｜end▁of▁sentence｜>", "[e~[")
+
+# BPE pre-tokenizers: llama.cpp's regexes, applied one after the other (matches and the text between
+# them both become pieces), then GPT-2's byte-to-unicode mapping.
+_GPT2_RX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_RX = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RX = _LLAMA3_RX.replace(r"\p{N}{1,3}", r"\p{N}")
+_UPPER, _LOWER = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"     # llama.cpp's stand-ins for Lu / Ll
+_CASED = r"[^\r\n\p{L}\p{N}]?" + _UPPER + "*" + _LOWER + r"+%s|[^\r\n\p{L}\p{N}]?" + _UPPER + "+" + _LOWER + "*%s"
+_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_CONTRACTION = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+_PRE_REGEXES = {
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RX, r"\p{N}+", r"[0-9][0-9][0-9]"],
+    "gpt2": [_GPT2_RX],
+    "smollm": [r"\p{N}", _GPT2_RX],
+    "llama3": [_LLAMA3_RX],
+    "qwen2": [_QWEN2_RX],
+    "gpt4o": [_CASED % (_CONTRACTION, _CONTRACTION) + r"|\p{N}{1,3}" + _TAIL],
+    "tekken": [_CASED % ("", "") + r"|\p{N}" + _TAIL],
+}
+# tokenizer.ggml.pre -> (regex set, ignore_merges, default add_bos)
+_PRE_TYPES = {name: ("llama3", True, True) for name in
+              ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")}
+_PRE_TYPES.update({name: ("llama3", False, False) for name in ("dbrx", "smaug-bpe", "glm4", "chatglm-bpe")})
+_PRE_TYPES.update({name: ("gpt2", False, False) for name in
+                   ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
+                    "mellum", "modern-bert", "mpt", "olmo", "exaone4", "roberta-bpe", "jina-v1-en", "jina-v2-code")})
+_PRE_TYPES.update({name: ("qwen2", False, False) for name in
+                   ("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan")})
+_PRE_TYPES.update({name: ("smollm", False, False) for name in
+                   ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")})
+_PRE_TYPES.update({name: ("gpt4o", False, False) for name in ("gpt-4o", "llama4", "kanana2")})
+_PRE_TYPES["tekken"] = ("tekken", True, True)
+_PRE_TYPES["default"] = ("default", False, False)
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(0x100, 0x200))
+    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
+_BYTE_ENC = _byte_to_unicode()
+_BYTE_DEC = {c: b for b, c in _BYTE_ENC.items()}
+_UTF8_LEN = bytes([1] * 12 + [2, 2, 3, 4])      # sequence length from a lead byte's high nibble
+
+
+def _check_array(md, key, source, n, kind):
+    v = md.get(key)
+    if v is None:
+        return None
+    ok = isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in kind
+    if not ok or len(v) < n:
+        raise TokenizerError(f"{source}: {key} must be a numeric array of at least {n} values")
+    return v[:n]
+
+
+class Tokenizer:
+    """A GGUF vocabulary: `encode` text to ids and `decode` ids to text exactly as llama.cpp does."""
+
+    @classmethod
+    def from_gguf(cls, path) -> "Tokenizer":
+        """Load the vocabulary of a GGUF file (metadata only; tensors are not touched)."""
+        from .gguf_file import GGUFFile
+        try:
+            f = GGUFFile(path)
+        except InferError as e:
+            raise TokenizerError(str(e)) from None
+        try:
+            return cls.from_metadata(f.metadata, os.fspath(path))
+        finally:
+            f.close()
+
+    @classmethod
+    def from_metadata(cls, metadata: dict, source: str) -> "Tokenizer":
+        """Build from GGUF metadata (key -> value) already read; `source` names the file in errors."""
+        return cls(metadata, str(source))
+
+    def __init__(self, md: dict, source: str):
+        self.source = source
+        model = md.get("tokenizer.ggml.model")
+        if not isinstance(model, str):
+            raise TokenizerError(f"{source}: no tokenizer.ggml.model key: the file carries no vocabulary")
+        if model not in ("gpt2", "llama"):
+            raise TokenizerError(f"{source}: tokenizer model {model!r} is not supported (gpt2 and llama are)")
+        tokens = md.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens[:1]):
+            raise TokenizerError(f"{source}: tokenizer.ggml.tokens is missing or not a list of strings")
+        n = len(tokens)
+        if "" in tokens:
+            tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        self.model, self.n_vocab, self._tokens = model, n, tokens
+        self._ids = dict(zip(tokens, range(n)))
+        if len(self._ids) != n:
+            raise TokenizerError(f"{source}: the vocabulary has duplicate tokens ({n - len(self._ids)} of them)")
+
+        types = _check_array(md, "tokenizer.ggml.token_type", source, n, "iu")
+        if types is None:
+            attr = np.full(n, NORMAL, dtype=np.int32)
+        else:
+            attr = _TYPE_TO_ATTR[np.where((types >= 0) & (types <= 6), types, 0)]
+        self._attr = attr
+
+        is_spm = model == "llama"
+        self.pre = md.get("tokenizer.ggml.pre", "default") if not is_spm else "default"
+        pre_kind, ignore_merges, add_bos = ("default", False, True) if is_spm else self._pre_type(self.pre)
+        self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", add_bos))
+        self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
+        self.add_space_prefix = is_spm and bool(md.get("tokenizer.ggml.add_space_prefix", True))
+
+        defaults = {"bos": 1, "eos": 2, "unk": 0} if is_spm else {"bos": 11, "eos": 11}
+        if pre_kind == "llama3" and self.pre in ("glm4", "chatglm-bpe"):
+            defaults["bos"] = None
+
+        def special(name, key):
+            v = md.get(f"tokenizer.ggml.{key}_token_id")
+            if isinstance(v, (int, np.integer)) and 0 <= v < n:
+                return int(v)
+            d = defaults.get(name)
+            return d if d is not None and d < n else None
+
+        self.bos_id, self.eos_id, self.unk_id = special("bos", "bos"), special("eos", "eos"), special("unk", "unknown")
+        self.pad_id = special("pad", "padding")
+        self._mark_special(md, special)
+        if self.add_bos and self.bos_id is None:
+            raise TokenizerError(f"{source}: tokenizer.ggml.add_bos_token is true but there is no BOS token id")
+
+        # special tokens split out of the text, longest (in UTF-8 bytes) first
+        sp = np.flatnonzero(self._attr & _SPECIAL_TEXT).tolist()
+        sp.sort(key=lambda i: -len(tokens[i].encode()))
+        self._special_order = [(tokens[i], i, int(self._attr[i])) for i in sp]
+        self._special_index: dict[str, list[int]] = {}     # first <= 3 characters -> positions in order
+        for pos, (t, _, _) in enumerate(self._special_order):
+            self._special_index.setdefault(t[:3], []).append(pos)
+        self._pieces: list = [None] * n
+
+        if is_spm:
+            self._encode_text = self._spm_encode
+            self._scores = (_check_array(md, "tokenizer.ggml.scores", source, n, "fiu")
+                            if "tokenizer.ggml.scores" in md else np.zeros(n, np.float32)).astype(np.float64).tolist()
+            self._byte_ids = [self._spm_byte_token(b) for b in range(256)]
+        else:
+            self._encode_text = self._bpe_encode
+            self._hf = self._build_bpe(md, pre_kind, ignore_merges)
+
+    # --- loading helpers ----------------------------------------------------------------------------
+    def _pre_type(self, pre):
+        if not isinstance(pre, str) or pre not in _PRE_TYPES:
+            log.warning("%s: unknown BPE pre-tokenizer %r, using the default one (token ids may differ "
+                        "from llama.cpp)", self.source, pre)
+            pre = "default"
+        return _PRE_TYPES[pre]
+
+    def _mark_special(self, md, special):
+        """llama.cpp's by-name fix-ups: EOT/EOM/FIM/EOG-looking tokens become control tokens, control
+        tokens named 'unused' become unused, and the end-of-generation set is gathered."""
+        ids, attr = self._ids, self._attr
+
+        def find(names, first_only=False):
+            found = [ids[t] for t in names if t in ids][:1 if first_only else None]
+            for i in found:
+                attr[i] |= CONTROL
+            return found
+
+        def by_key_or_name(name, key, names):
+            tid = special(name, key)
+            return tid if tid is not None else next(iter(find(names, first_only=True)), None)
+
+        eot = by_key_or_name("eot", "eot", _EOT_NAMES)
+        eom = by_key_or_name("eom", "eom", ("<|eom_id|>",))
+        fim = {k: by_key_or_name(k, f"fim_{k}", names) for k, names in _FIM_NAMES.items()}
+        for i in np.flatnonzero((attr & CONTROL) & ~(attr & UNUSED)).tolist():
+            if "unused" in self._tokens[i]:
+                attr[i] |= UNUSED
+        eog = {fim[k] for k in ("pad", "rep", "sep")} | set(find(_EOG_NAMES)) | {self.eos_id, eot, eom}
+        for t in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):   # gpt-oss: always rendered
+            if t in ids:
+                attr[ids[t]] = USER_DEFINED
+        texts = {self._tokens[i]: i for i in eog if i is not None}
+        if "<|return|>" in texts and "<|end|>" in texts and ("<|call|>" in texts or "<|calls|>" in texts) \
+                or "<|calls|>" in texts and "<|flush|>" in texts and "<|end|>" in texts:
+            eog.discard(texts["<|end|>"])
+            attr[texts["<|end|>"]] = USER_DEFINED
+        if "<|tool_response>" in texts and "</s>" in texts:
+            eog.discard(texts["</s>"])
+            attr[texts["</s>"]] = NORMAL
+        self.eot_id = eot
+        self.eot_ids = frozenset(i for i in eog if i is not None)
+
+    def _build_bpe(self, md, pre_kind, ignore_merges):
+        from tokenizers import Regex
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models, pre_tokenizers
+        merges = md.get("tokenizer.ggml.merges")
+        if not isinstance(merges, list):
+            raise TokenizerError(f"{self.source}: tokenizer.ggml.merges is missing or not a list of strings")
+        pairs = []
+        for m in merges:
+            p = m.find(" ", 1) if isinstance(m, str) else -1
+            if p < 0:
+                raise TokenizerError(f"{self.source}: bad BPE merge {m!r} (expected 'left right')")
+            pairs.append((m[:p], m[p + 1:]))
+        try:
+            bpe = models.BPE(self._ids, pairs, ignore_merges=ignore_merges)
+        except Exception as e:  # the library reports merges whose parts are not tokens
+            raise TokenizerError(f"{self.source}: inconsistent BPE vocabulary ({e})") from None
+        hf = HFTokenizer(bpe)
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in _PRE_REGEXES[pre_kind]]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return hf
+
+    def _spm_byte_token(self, b):
+        t = self._ids.get(f"<0x{b:02X}>")
+        if t is None and b < 0x80:
+            t = self._ids.get(chr(b))
+        return t
+
+    # --- encode -------------------------------------------------------------------------------------
+    def encode(self, text, add_bos: bool | None = None, special: bool = False, *,
+               add_eos: bool | None = None) -> list[int]:
+        """Token ids of `text` (str; or bytes, tokenized as raw bytes like llama.cpp).
+
+        add_bos / add_eos: None follows the file (tokenizer.ggml.add_bos_token / add_eos_token), as
+        llama.cpp's add_special=True does. special=True parses control tokens such as <|im_start|>
+        written in the text; special=False tokenizes them as plain text (user-defined tokens are
+        always recognised, as in llama.cpp)."""
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            text = bytes(text).decode("utf-8", "surrogateescape")
+        elif not isinstance(text, str):
+            raise TokenizerError(f"{self.source}: encode() takes str or bytes, not {type(text).__name__}")
+        add_bos = self.add_bos if add_bos is None else add_bos
+        add_eos = self.add_eos if add_eos is None else add_eos
+        out = []
+        if add_bos:
+            if self.bos_id is None:
+                raise TokenizerError(f"{self.source}: add_bos requested but the vocabulary has no BOS token")
+            out.append(self.bos_id)
+        prev_special = True
+        for frag in self._partition(text, special) if text else ():
+            if isinstance(frag, int):
+                out.append(frag)
+                prev_special = True
+            else:
+                out += self._encode_text(frag, prev_special)
+                prev_special = False
+        if add_eos:
+            if self.eos_id is None:
+                raise TokenizerError(f"{self.source}: add_eos requested but the vocabulary has no EOS token")
+            out.append(self.eos_id)
+        return out
+
+    def _partition(self, text: str, parse_special: bool) -> list:
+        """Split special tokens out of the text: a list of str (plain text) and int (token id)."""
+        index = self._special_index
+        if not index:
+            return [text]
+        grams = {text[i:i + 3] for i in range(len(text))}   # every 3-gram, and the 1-/2-gram tails
+        grams.update(text, {text[i:i + 2] for i in range(len(text))})
+        order = sorted(pos for g in grams.intersection(index) for pos in index[g])
+        frags = [text]
+        for tok, tid, attr in map(self._special_order.__getitem__, order):
+            if (not parse_special and attr & _SKIPPABLE) or tok not in text:
+                continue
+            new = []
+            for f in frags:
+                if isinstance(f, int) or tok not in f:
+                    new.append(f)
+                    continue
+                for k, part in enumerate(f.split(tok)):
+                    if k:
+                        new.append(tid)
+                    if part:
+                        new.append(part)
+            frags = new
+        return frags
+
+    def _bpe_encode(self, text: str, _prev_special=False) -> list[int]:
+        if not _is_clean(text):   # llama.cpp reads each invalid byte as U+FFFD
+            text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def _spm_encode(self, text: str, prev_special: bool) -> list[int]:
+        if self.add_space_prefix and prev_special:
+            text = " " + text
+        text = text.replace(" ", "\u2581")
+        if _is_clean(text):
+            syms, ids = list(text), self._ids
+        else:   # invalid UTF-8: work on bytes, one symbol per (claimed) UTF-8 sequence, like llama.cpp
+            data = _to_bytes(text)
+            syms, i = [], 0
+            while i < len(data):
+                k = _UTF8_LEN[data[i] >> 4]
+                syms.append(data[i:i + k])
+                i += k
+            ids = _Utf8Keys(self._ids)
+        out = []
+        for sym in _spm_merge(syms, ids, self._scores):
+            tid = ids.get(sym)
+            if tid is not None:
+                out.append(tid)
+                continue
+            for b in (sym if isinstance(sym, bytes) else sym.encode()):
+                tid = self._byte_ids[b]
+                if tid is None:
+                    if self.unk_id is None:
+                        raise TokenizerError(f"{self.source}: no byte token for 0x{b:02X} and no unknown token")
+                    tid = self.unk_id
+                out.append(tid)
+        return out
+
+    # --- decode -------------------------------------------------------------------------------------
+    def _check(self, tid) -> int:
+        try:
+            i = operator.index(tid)
+        except TypeError:
+            raise TokenizerError(f"{self.source}: token id {tid!r} is not an integer") from None
+        if not 0 <= i < self.n_vocab:
+            raise TokenizerError(f"{self.source}: token id {i} is out of range (vocabulary size {self.n_vocab})")
+        return i
+
+    def token_to_bytes(self, tid) -> bytes:
+        """The bytes token `tid` stands for (special tokens as their text)."""
+        i = self._check(tid)
+        p = self._pieces[i]
+        if p is None:
+            p = self._pieces[i] = self._piece(i)
+        return p
+
+    def _piece(self, i: int) -> bytes:
+        text, attr = self._tokens[i], int(self._attr[i])
+        if attr & (_SKIPPABLE | USER_DEFINED):
+            return text.encode()
+        if attr & NORMAL:
+            if self.model == "llama":
+                return text.replace("\u2581", " ").encode()
+            out = bytearray()
+            for c in text:
+                b = _BYTE_DEC.get(c)
+                if b is None:   # not a byte-level character: llama.cpp's marker
+                    out += b"[UNK_BYTE_0x" + c.encode().hex().encode() + text.encode() + b"]"
+                else:
+                    out.append(b)
+            return bytes(out)
+        if attr & BYTE:
+            try:
+                return bytes([int(text[3:5], 16)])
+            except ValueError:
+                raise TokenizerError(f"{self.source}: byte token {i} has bad text {text!r}") from None
+        return b""
+
+    def is_special(self, tid) -> bool:
+        """True for control and unknown tokens: those decode(skip_special=True) leaves out."""
+        return bool(self._attr[self._check(tid)] & _SKIPPABLE)
+
+    def _decode_pieces(self, ids, skip_special: bool):
+        ids = [self._check(t) for t in ids]
+        strip = self.add_space_prefix
+        if skip_special and ids:    # llama.cpp's llama_detokenize(remove_special=true)
+            if self.add_bos and ids[0] == self.bos_id:
+                strip, ids = False, ids[1:]
+            if self.add_eos and ids and ids[-1] == self.eos_id:
+                ids = ids[:-1]
+        pieces = [b"" if skip_special and self._attr[i] & _SKIPPABLE else self.token_to_bytes(i) for i in ids]
+        if strip and pieces and pieces[0][:1] == b" ":
+            pieces[0] = pieces[0][1:]
+        return pieces
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
+        return b"".join(self._decode_pieces(ids, skip_special)).decode("utf-8", "replace")
+
+    def __repr__(self):
+        return f"Tokenizer({self.source!r}, model={self.model!r}, pre={self.pre!r}, n_vocab={self.n_vocab})"
+
+
+def _spm_merge(syms: list, ids: dict, scores: list) -> list:
+    """llama.cpp's SPM merge: repeatedly join the adjacent pair whose joined text is the token with the
+    highest score (leftmost on ties) until no adjacent pair forms a token. Works on str or bytes."""
+    n = len(syms)
+    if n < 2:
+        return syms
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    prv = list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        t = ids.get(syms[i] + syms[i + 1])
+        if t is not None:
+            heap.append((-scores[t], i, i + 1, len(syms[i]) + len(syms[i + 1])))
+    heapq.heapify(heap)
+    push, pop = heapq.heappush, heapq.heappop
+    while heap:
+        _, left, right, size = pop(heap)
+        a, b = syms[left], syms[right]
+        if not a or not b or len(a) + len(b) != size:
+            continue        # stale: one side has changed since this pair was queued
+        syms[left], syms[right] = a + b, a[:0]
+        r = nxt[right]
+        nxt[left] = r
+        if r >= 0:
+            prv[r] = left
+            t = ids.get(syms[left] + syms[r])
+            if t is not None:
+                push(heap, (-scores[t], left, r, len(syms[left]) + len(syms[r])))
+        p = prv[left]
+        if p >= 0:
+            t = ids.get(syms[p] + syms[left])
+            if t is not None:
+                push(heap, (-scores[t], p, left, len(syms[p]) + len(syms[left])))
+    out, i = [], 0
+    while i != -1:
+        out.append(syms[i])
+        i = nxt[i]
+    return out
+
+
+class _Utf8Keys:
+    """Looks bytes up in the str-keyed vocabulary (bytes that are not UTF-8 are no token)."""
+    __slots__ = ("ids",)
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get(self, key: bytes):
+        try:
+            return self.ids.get(key.decode())
+        except UnicodeDecodeError:
+            return None
+
+
+def _is_clean(text: str) -> bool:
+    """True when `text` has no lone surrogates (escaped invalid bytes)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _to_bytes(text: str) -> bytes:
+    """UTF-8 bytes of `text`, escaped bytes (U+DC80..U+DCFF) restored; other lone surrogates -> U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" and not "\udc80" <= c <= "\udcff" else c
+                       for c in text)
+        return text.encode("utf-8", "surrogateescape")
+
+
+class StreamingDetokenizer:
+    """Turns ids into text one at a time: `add(id)` returns the text completed by that token and holds
+    back the bytes of a character that is not complete yet; `flush()` returns what is left (an
+    incomplete character as U+FFFD). The concatenated output equals `tokenizer.decode(ids)` (for
+    vocabularies with add_space_prefix, decode also drops one leading space; the stream, which usually
+    continues a prompt, does not)."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._dec = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, tid) -> str:
+        tok = self.tokenizer
+        piece = tok.token_to_bytes(tid)
+        if self.skip_special and tok._attr[operator.index(tid)] & _SKIPPABLE:
+            return ""
+        return self._dec.decode(piece, False)
+
+    def flush(self) -> str:
+        text = self._dec.decode(b"", True)
+        self._dec.reset()
+        return text
