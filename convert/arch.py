@@ -1,0 +1,221 @@
+"""Per-architecture knowledge: config.json -> hyperparameters, HF tensor names -> GGUF names and shapes.
+
+    ARCHS[hf architecture] -> ArchSpec       (MistralForCausalLM is an alias of the llama path)
+    HParams.from_config(cfg, path)            validated hyperparameters (ConvertError on bad input)
+    map_tensor(spec, hp, hf_name)             -> Mapped(gguf name, expected shape, permute heads) | None
+
+Tensor names follow llama.cpp (gguf-py's TensorNameMap for LLAMA/QWEN2):
+  model.embed_tokens -> token_embd, model.norm -> output_norm, lm_head -> output,
+  model.layers.N.{input_layernorm -> attn_norm, self_attn.{q,k,v,o}_proj -> attn_{q,k,v,output},
+  post_attention_layernorm -> ffn_norm, mlp.{gate,up,down}_proj -> ffn_{gate,up,down}}  -> blk.N.*
+llama (not qwen2) stores q/k rows permuted for ggml's RoPE: within each head, rows (pairs i, i+hd/2)
+become interleaved (i -> 2i, i+hd/2 -> 2i+1), as llama.cpp's LlamaModel.permute does.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from infer.errors import ConvertError, UnsupportedError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    gguf_arch: str
+    permute_qk: bool          # llama: q/k rows permuted for RoPE
+    qkv_bias: bool            # qwen2: q/k/v biases required
+    vocab_and_rope_dim: bool  # llama writes {arch}.vocab_size and rope.dimension_count
+    always_head_dim: bool     # llama: attention.key_length/value_length always written
+
+
+LLAMA = ArchSpec("llama", permute_qk=True, qkv_bias=False, vocab_and_rope_dim=True, always_head_dim=True)
+QWEN2 = ArchSpec("qwen2", permute_qk=False, qkv_bias=True, vocab_and_rope_dim=False, always_head_dim=False)
+ARCHS = {"LlamaForCausalLM": LLAMA, "LLaMAForCausalLM": LLAMA, "MistralForCausalLM": LLAMA,
+         "Qwen2ForCausalLM": QWEN2}
+
+# transformers' defaults for keys a config.json may leave out (llama.cpp reads configs through them)
+DEFAULTS = {"llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+            "mistral": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+            "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}}
+
+
+def _find(cfg: dict, keys, default=None):
+    for k in keys:
+        if k in cfg and cfg[k] is not None:
+            return cfg[k]
+    return default
+
+
+@dataclass(frozen=True)
+class HParams:
+    hf_arch: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    head_dim_in_config: bool
+    n_vocab: int
+    n_ctx: int | None
+    rope_theta: float | None
+    rms_eps: float | None
+    rope: dict                 # rope_parameters / rope_scaling (type, factor, ...)
+    tie_embeddings: bool | None
+    attention_bias: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict, path: Path) -> tuple["HParams", ArchSpec]:
+        if not isinstance(cfg, dict):
+            raise ConvertError(f"{path}: not a JSON object")
+        archs = cfg.get("architectures")
+        if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+            raise ConvertError(f"{path}: no \"architectures\" list")
+        hf_arch = archs[0]
+        spec = ARCHS.get(hf_arch)
+        if spec is None:
+            raise UnsupportedError(f"{path}: unknown architecture {hf_arch!r} (supported: {', '.join(sorted(ARCHS))})")
+        defaults = DEFAULTS.get(cfg.get("model_type"), DEFAULTS[spec.gguf_arch])
+
+        def need(keys, what):
+            v = _find(cfg, keys)
+            if v is None:
+                raise ConvertError(f"{path}: missing {keys[0]!r} ({what})")
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConvertError(f"{path}: {keys[0]!r} must be a positive integer, not {v!r}")
+            return v
+
+        n_layer = need(["num_hidden_layers", "n_layers", "n_layer", "num_layers"], "number of layers")
+        n_embd = need(["hidden_size", "n_embd", "dim"], "embedding size")
+        n_ff = need(["intermediate_size", "n_inner", "hidden_dim"], "feed-forward size")
+        n_head = need(["num_attention_heads", "n_head", "n_heads"], "attention heads")
+        n_vocab = need(["vocab_size"], "vocabulary size")
+        n_head_kv = _find(cfg, ["num_key_value_heads", "n_kv_heads"], n_head)
+        if not isinstance(n_head_kv, int) or n_head_kv <= 0 or n_head % n_head_kv:
+            raise ConvertError(f"{path}: num_key_value_heads {n_head_kv!r} does not divide num_attention_heads {n_head}")
+        hd = cfg.get("head_dim")
+        if hd is None:
+            if n_embd % n_head:
+                raise ConvertError(f"{path}: hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")
+            hd = n_embd // n_head
+        elif not isinstance(hd, int) or hd <= 0:
+            raise ConvertError(f"{path}: head_dim must be a positive integer, not {hd!r}")
+        if hd % 2:
+            raise ConvertError(f"{path}: head_dim {hd} is odd (RoPE needs an even head size)")
+        n_ctx = _find(cfg, ["max_position_embeddings", "n_ctx", "n_positions", "max_length",
+                            "max_sequence_length", "model_max_length"], defaults["max_position_embeddings"])
+        rope = cfg.get("rope_parameters", cfg.get("rope_scaling")) or {}
+        if not isinstance(rope, dict):
+            raise ConvertError(f"{path}: rope_scaling must be an object, not {rope!r}")
+        rope = dict(rope)
+        if "rope_type" not in rope and "type" in rope:
+            rope["rope_type"] = rope["type"]
+        theta = rope.get("rope_theta", _find(cfg, ["rope_theta", "rotary_emb_base"], defaults["rope_theta"]))
+        eps = _find(cfg, ["rms_norm_eps", "norm_eps"], defaults["rms_norm_eps"])
+        for name, v in (("rope_theta", theta), ("rms_norm_eps", eps)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise ConvertError(f"{path}: {name} must be a positive number, not {v!r}")
+        tie = cfg.get("tie_word_embeddings")
+        return cls(hf_arch, n_layer, n_embd, n_ff, n_head, n_head_kv, hd, "head_dim" in cfg, n_vocab,
+                   n_ctx, float(theta), float(eps), rope, tie if isinstance(tie, bool) else None,
+                   bool(cfg.get("attention_bias", False))), spec
+
+
+@dataclass(frozen=True)
+class Mapped:
+    name: str              # GGUF name
+    shape: tuple           # expected numpy shape
+    permute_heads: int     # 0, or the number of heads whose rows get the RoPE permutation
+    required: bool
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+SKIPPED = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+
+
+def layer_tensors(spec: ArchSpec, hp: HParams, i: int) -> dict[str, Mapped]:
+    q, kv, e, ff = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, hp.n_embd, hp.n_ff
+    pq = hp.n_head if spec.permute_qk else 0
+    pk = hp.n_head_kv if spec.permute_qk else 0
+    b = f"blk.{i}."
+    m = {
+        "input_layernorm.weight": Mapped(b + "attn_norm.weight", (e,), 0, True),
+        "self_attn.q_proj.weight": Mapped(b + "attn_q.weight", (q, e), pq, True),
+        "self_attn.k_proj.weight": Mapped(b + "attn_k.weight", (kv, e), pk, True),
+        "self_attn.v_proj.weight": Mapped(b + "attn_v.weight", (kv, e), 0, True),
+        "self_attn.o_proj.weight": Mapped(b + "attn_output.weight", (e, q), 0, True),
+        "post_attention_layernorm.weight": Mapped(b + "ffn_norm.weight", (e,), 0, True),
+        "mlp.gate_proj.weight": Mapped(b + "ffn_gate.weight", (ff, e), 0, True),
+        "mlp.up_proj.weight": Mapped(b + "ffn_up.weight", (ff, e), 0, True),
+        "mlp.down_proj.weight": Mapped(b + "ffn_down.weight", (e, ff), 0, True),
+    }
+    bias_required = spec.qkv_bias or hp.attention_bias
+    m["self_attn.q_proj.bias"] = Mapped(b + "attn_q.bias", (q,), pq, bias_required)
+    m["self_attn.k_proj.bias"] = Mapped(b + "attn_k.bias", (kv,), pk, bias_required)
+    m["self_attn.v_proj.bias"] = Mapped(b + "attn_v.bias", (kv,), 0, bias_required)
+    m["self_attn.o_proj.bias"] = Mapped(b + "attn_output.bias", (e,), 0, hp.attention_bias and not spec.qkv_bias)
+    return m
+
+
+def global_tensors(hp: HParams) -> dict[str, Mapped]:
+    return {
+        "model.embed_tokens.weight": Mapped("token_embd.weight", (hp.n_vocab, hp.n_embd), 0, True),
+        "model.norm.weight": Mapped("output_norm.weight", (hp.n_embd,), 0, True),
+        # tied embeddings: no lm_head; required only when config says the embeddings are not tied
+        "lm_head.weight": Mapped("output.weight", (hp.n_vocab, hp.n_embd), 0, hp.tie_embeddings is False),
+    }
+
+
+def map_tensor(spec: ArchSpec, hp: HParams, hf_name: str) -> Mapped | None:
+    """GGUF mapping of checkpoint tensor `hf_name`; None for tensors llama.cpp drops; ConvertError if unknown."""
+    if hf_name.endswith(SKIPPED):
+        return None
+    g = global_tensors(hp).get(hf_name)
+    if g is not None:
+        return g
+    m = _LAYER.match(hf_name)
+    if m:
+        i = int(m.group(1))
+        if i >= hp.n_layer:
+            raise ConvertError(f"tensor {hf_name!r} is for layer {i} but config.json has num_hidden_layers = {hp.n_layer}")
+        t = layer_tensors(spec, hp, i).get(m.group(2))
+        if t is not None:
+            return t
+    raise ConvertError(f"unexpected tensor {hf_name!r} for {hp.hf_arch} (cannot map it to a GGUF name)")
+
+
+def expected_tensors(spec: ArchSpec, hp: HParams) -> dict[str, Mapped]:
+    """Every HF tensor name this architecture can have -> mapping (required flag included)."""
+    out = dict(global_tensors(hp))
+    for i in range(hp.n_layer):
+        out.update({f"model.layers.{i}.{k}": v for k, v in layer_tensors(spec, hp, i).items()})
+    return out
+
+
+def llama3_rope_factors(hp: HParams) -> list[float] | None:
+    """rope_freqs.weight for rope_type llama3, as llama.cpp's generate_extra_tensors computes it."""
+    if str(hp.rope.get("rope_type", "")).lower() != "llama3":
+        return None
+    import numpy as np
+    base = hp.rope.get("rope_theta", hp.rope_theta)
+    dim = hp.head_dim
+    freqs = 1.0 / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    factor = hp.rope.get("factor", 8.0)
+    lo = hp.rope.get("low_freq_factor", 1.0)
+    hi = hp.rope.get("high_freq_factor", 4.0)
+    old = hp.rope.get("original_max_position_embeddings", 8192)
+    lo_wav, hi_wav = old / lo, old / hi
+    f32 = np.float32
+    out = []
+    for f in freqs.astype(np.float32):            # float32 throughout, as the torch code computes it
+        wav = f32(2 * math.pi) / f
+        if wav < hi_wav:
+            out.append(1.0)
+        elif wav > lo_wav:
+            out.append(float(factor))
+        else:
+            smooth = (f32(old) / wav - f32(lo)) / f32(hi - lo)
+            out.append(float(f32(1) / ((f32(1) - smooth) / f32(factor) + smooth)))
+    return out
