@@ -1,0 +1,270 @@
+"""Tiny Hugging Face checkpoints made on the fly for the converter tests, and a float64 reference forward.
+
+    make_llama_spm(dir)   LlamaForCausalLM, bf16 weights, SentencePiece tokenizer.model trained here
+    make_llama_bpe(dir)   LlamaForCausalLM, f16 weights in 2 shards + index, BPE tokenizer.json (llama-bpe)
+    make_qwen2(dir)       Qwen2ForCausalLM, f32 weights, q/k/v biases, tied embeddings, BPE (qwen2)
+    reference_logits(dir, ids) -> float64 [len(ids), n_vocab], straight from the safetensors weights
+
+All weights are exactly representable in float16, so an f16 conversion is lossless and a runtime's
+logits can be compared to the float64 forward at 1e-3. Fixed seeds: the folders are the same on
+every run.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+TEXT = """The quick brown fox jumps over the lazy dog. A small model reads a small text.
+Once upon a time there was a little robot who liked to count: one, two, three, 42, 1999.
+Hello world! How are you today? I am fine, thank you. Numbers like 3.14 and 2.71 are famous.
+She said: "Let's go to the market and buy apples, bread, and cheese." They walked together.
+Rivers flow to the sea; mountains rise to the sky. The weather was cold, then warm again.
+Programming in Python is fun: def f(x): return x * 2. Lists, dicts and sets are useful.
+"""
+
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+# ---------------------------------------------------------------------------------------------
+def _f16_exact(a: np.ndarray, bf16: bool = False) -> np.ndarray:
+    """float32 values exact in float16 (and in bfloat16 if asked): no subnormals, 7-bit mantissas."""
+    a = a.astype(np.float32)
+    a[np.abs(a) < 2.0 ** -13] = 0.0
+    if bf16:
+        u = a.view(np.uint32)
+        u = (u + np.uint32(0x8000)) & np.uint32(0xFFFF0000)     # round to bf16 (no ties at these values)
+        a = u.view(np.float32)
+    return a.astype(np.float16).astype(np.float32)
+
+
+def make_weights(cfg: dict, seed: int, bias: bool, tied: bool, bf16: bool) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    e, ff, nh, nkv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = e // nh
+    V, L = cfg["vocab_size"], cfg["num_hidden_layers"]
+
+    def mat(r, c, scale):
+        return _f16_exact(rng.standard_normal((r, c)) * scale, bf16)
+
+    def vec(n, center, scale):
+        return _f16_exact(center + rng.standard_normal(n) * scale, bf16)
+
+    w = {"model.embed_tokens.weight": mat(V, e, 0.5), "model.norm.weight": vec(e, 1.0, 0.1)}
+    if not tied:
+        w["lm_head.weight"] = mat(V, e, 0.1)
+    for i in range(L):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = vec(e, 1.0, 0.1)
+        w[p + "post_attention_layernorm.weight"] = vec(e, 1.0, 0.1)
+        w[p + "self_attn.q_proj.weight"] = mat(nh * hd, e, 0.15)
+        w[p + "self_attn.k_proj.weight"] = mat(nkv * hd, e, 0.15)
+        w[p + "self_attn.v_proj.weight"] = mat(nkv * hd, e, 0.15)
+        w[p + "self_attn.o_proj.weight"] = mat(e, nh * hd, 0.15)
+        w[p + "mlp.gate_proj.weight"] = mat(ff, e, 0.15)
+        w[p + "mlp.up_proj.weight"] = mat(ff, e, 0.15)
+        w[p + "mlp.down_proj.weight"] = mat(e, ff, 0.15)
+        if bias:
+            w[p + "self_attn.q_proj.bias"] = vec(nh * hd, 0.0, 0.2)
+            w[p + "self_attn.k_proj.bias"] = vec(nkv * hd, 0.0, 0.2)
+            w[p + "self_attn.v_proj.bias"] = vec(nkv * hd, 0.0, 0.2)
+    return w
+
+
+def save_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str) -> None:
+    """Write float32 `tensors` as F32/F16/BF16 safetensors (bf16 by hand: numpy has none)."""
+    header, blobs, off = {}, [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        if dtype == "F32":
+            raw = a.tobytes()
+        elif dtype == "F16":
+            raw = a.astype("<f2").tobytes()
+        else:
+            raw = (a.view(np.uint32) >> np.uint32(16)).astype("<u2").tobytes()
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    header["__metadata__"] = {"format": "pt"}
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little"))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
+def _config(arch: str, model_type: str, vocab: int, **extra) -> dict:
+    cfg = {"architectures": [arch], "model_type": model_type, "hidden_size": 64, "intermediate_size": 96,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": vocab,
+           "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "hidden_act": "silu", "torch_dtype": "float32"}
+    cfg.update(extra)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers
+# ---------------------------------------------------------------------------------------------
+def train_spm(path: Path, vocab_size: int = 320) -> int:
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    lines = [ln for ln in TEXT.splitlines() if ln] * 4
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1,
+                                   minloglevel=2, hard_vocab_limit=False)
+    path.write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    return sp.vocab_size()
+
+
+def train_bpe(path: Path, regex: str, specials: list[str], vocab_size: int, bos: str | None) -> int:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT] * 3, trainer=trainer)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(str(path))
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the three fixtures
+# ---------------------------------------------------------------------------------------------
+def make_llama_spm(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    n = train_spm(d / "tokenizer.model")
+    cfg = _config("LlamaForCausalLM", "llama", n, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    save_safetensors(d / "model.safetensors", make_weights(cfg, 1, False, False, bf16=True), "BF16")
+    return d
+
+
+def make_llama_bpe(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    n = train_bpe(d / "tokenizer.json", LLAMA3_REGEX, specials, 400, bos="<|begin_of_text|>")
+    cfg = _config("LlamaForCausalLM", "llama", n, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+                  rope_theta=500000.0)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": CHAT_TEMPLATE}))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 2]}))
+    w = make_weights(cfg, 2, False, False, bf16=False)
+    names = sorted(w)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    weight_map = {}
+    for fn, ns in shards.items():
+        save_safetensors(d / fn, {k: w[k] for k in ns}, "F16")
+        weight_map.update({k: fn for k in ns})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return d
+
+
+def make_qwen2(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    n = train_bpe(d / "tokenizer.json", QWEN2_REGEX, specials, 380, bos=None)
+    cfg = _config("Qwen2ForCausalLM", "qwen2", n, bos_token_id=0, eos_token_id=2, tie_word_embeddings=True,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6, sliding_window=256, use_sliding_window=False)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "add_prefix_space": False, "chat_template": CHAT_TEMPLATE}))
+    save_safetensors(d / "model.safetensors", make_weights(cfg, 3, True, True, bf16=False), "F32")
+    return d
+
+
+MAKERS = {"llama_spm": make_llama_spm, "llama_bpe": make_llama_bpe, "qwen2": make_qwen2}
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 reference forward of the original weights (Hugging Face semantics, no permutation)
+# ---------------------------------------------------------------------------------------------
+def load_weights(d: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        raw = f.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        for name, m in header.items():
+            if name == "__metadata__":
+                continue
+            b, e = m["data_offsets"]
+            buf = raw[8 + n + b:8 + n + e]
+            if m["dtype"] == "BF16":
+                a = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+            else:
+                a = np.frombuffer(buf, {"F16": "<f2", "F32": "<f4"}[m["dtype"]])
+            out[name] = a.astype(np.float64).reshape(m["shape"])
+    return out
+
+
+def reference_logits(d: Path, ids: list[int]) -> np.ndarray:
+    cfg = json.loads((d / "config.json").read_text())
+    w = load_weights(d)
+    e, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = e // nh
+    eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+    T = len(ids)
+
+    def rms(x, g):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+    def rope(x):                     # x: (T, heads, hd), HF rotate_half convention
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        rot = np.concatenate([-x2, x1], -1)
+        return x * cos[:, None, :] + rot * sin[:, None, :]
+
+    x = w["model.embed_tokens.weight"][ids]
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, w[p + "input_layernorm.weight"])
+        q = h @ w[p + "self_attn.q_proj.weight"].T + w.get(p + "self_attn.q_proj.bias", 0)
+        k = h @ w[p + "self_attn.k_proj.weight"].T + w.get(p + "self_attn.k_proj.bias", 0)
+        v = h @ w[p + "self_attn.v_proj.weight"].T + w.get(p + "self_attn.v_proj.bias", 0)
+        q, k, v = rope(q.reshape(T, nh, hd)), rope(k.reshape(T, nkv, hd)), v.reshape(T, nkv, hd)
+        rep = nh // nkv
+        k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = np.einsum("hts,shd->thd", s, v).reshape(T, nh * hd)
+        x = x + o @ w[p + "self_attn.o_proj.weight"].T
+        h = rms(x, w[p + "post_attention_layernorm.weight"])
+        g = h @ w[p + "mlp.gate_proj.weight"].T
+        u = h @ w[p + "mlp.up_proj.weight"].T
+        x = x + ((g / (1 + np.exp(-g))) * u) @ w[p + "mlp.down_proj.weight"].T
+    x = rms(x, w["model.norm.weight"])
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    return x @ head.T
