@@ -20,3 +20,19 @@ def recipes() -> dict[str, str]:
     """Names of the --type recipes and what they do."""
     from infer.quant.recipes import RECIPES
     return {name: r.description for name, r in RECIPES.items()}
+
+
+# `infer.convert` is both this package and the library call `infer.convert(src, dst, type=...)`:
+# the package object itself is callable, so importing a submodule (which rebinds the attribute
+# `infer.convert` to the package) can never shadow the function.
+import sys as _sys
+import types as _types
+
+
+class _CallablePackage(_types.ModuleType):
+    def __call__(self, src, dst=None, type: str = "q8_0", *, force: bool = False, dry_run: bool = False,
+                 progress=None):
+        return convert(src, dst, type, force=force, dry_run=dry_run, progress=progress)
+
+
+_sys.modules[__name__].__class__ = _CallablePackage

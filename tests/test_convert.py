@@ -260,3 +260,15 @@ def test_reference_forward_is_sane(fixtures):
 
 def test_errors_are_infer_errors():
     assert issubclass(ConvertError, InferError)
+
+
+def test_package_is_callable(fixtures, tmp_path):
+    """`infer.convert(...)` works whether `infer.convert` is the package or its function."""
+    import infer
+    import infer.convert as pkg
+    import infer.convert.pipeline  # noqa: F401  (rebinding the parent attribute must not matter)
+    s = pkg(fixtures["qwen2"], tmp_path / "a.gguf", "q8_0")
+    assert s.n_tensors == 26 and (tmp_path / "a.gguf").exists()
+    assert callable(infer.convert)
+    s = infer.convert(fixtures["qwen2"], None, type="f16", dry_run=True)
+    assert s.dry_run and s.type == "f16"
