@@ -14,6 +14,10 @@ Prints (markdown):
   4. peak memory of our q8_0 conversion against 1.3 x the largest tensor + 200 MB;
   5. llama-cpp-python loading our files and its greedy 64 tokens on our file vs on llama.cpp's
      file (and vs infer's greedy tokens on our file when infer.LLM exists).
+  6. with --fixtures: the test fixtures (tests/convert_fixtures.py) and variants (Mistral alias, llama3 /
+     linear / yarn rope scaling) converted by both sides, f16 and q8_0, compared whole-file. llama.cpp
+     refuses BPE vocabularies whose hash it does not know, so for those its pre-tokenizer name is
+     given (llama-bpe / qwen2: what ours detects from the pre-tokenizer's structure).
 Nothing here is asserted in tests; it is run by hand.
 """
 from __future__ import annotations
@@ -139,17 +143,75 @@ def greedy_infer(path: Path, prompt_ids: list[int], n: int = 64) -> list[int] | 
     return out
 
 
+FORCE_PRE_DRIVER = r"""
+import os, sys, runpy
+root = os.environ["LLAMACPP_DIR"]
+sys.path.insert(0, root)
+sys.argv = [os.path.join(root, "convert_hf_to_gguf.py")] + sys.argv[1:]
+import conversion.base as base
+orig = base.TextModel.get_vocab_base_pre
+def patched(self, tokenizer):
+    try:
+        return orig(self, tokenizer)
+    except NotImplementedError:          # a test vocabulary: use the name given
+        return os.environ["FORCE_PRE"]
+base.TextModel.get_vocab_base_pre = patched
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def fixtures_section(llamacpp: Path, ref_python: str, work: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import convert_fixtures as cf
+    from infer.convert import convert
+    root = work / "fixtures"
+    variants = {
+        "llama_spm": ("llama_spm", None), "llama_bpe": ("llama_bpe", None), "qwen2": ("qwen2", None),
+        "mistral": ("llama_spm", lambda c: c.update(architectures=["MistralForCausalLM"], model_type="mistral")),
+        "llama3_rope": ("llama_bpe", lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 32.0,
+                        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+        "linear_rope": ("llama_spm", lambda c: c.update(rope_scaling={"type": "linear", "factor": 4.0})),
+        "qwen2_yarn": ("qwen2", lambda c: c.update(rope_scaling={"type": "yarn", "factor": 4.0,
+                       "original_max_position_embeddings": 64})),
+    }
+    print("## Test fixtures: whole files, ours vs llama.cpp's converter\n")
+    print("| fixture | type | tokenizer.ggml.pre | identical |\n|---|---|---|---|")
+    for name, (base, edit) in variants.items():
+        d = root / name
+        if not d.exists():
+            cf.MAKERS[base](d)
+            if edit:
+                cfg = json.loads((d / "config.json").read_text())
+                edit(cfg)
+                (d / "config.json").write_text(json.dumps(cfg))
+        for t in ("f16", "q8_0"):
+            ours, theirs = root / f"{name}-{t}.ours.gguf", root / f"{name}-{t}.llamacpp.gguf"
+            s = convert(d, ours, t, force=True)
+            import gguf
+            pre = gguf.GGUFReader(ours).fields["tokenizer.ggml.pre"].contents()
+            env = dict(os.environ, LLAMACPP_DIR=str(llamacpp), FORCE_PRE=pre)
+            r = subprocess.run([ref_python, "-c", FORCE_PRE_DRIVER, str(d), "--outtype", t, "--outfile", str(theirs)],
+                               capture_output=True, text=True, env=env)
+            same = r.returncode == 0 and ours.read_bytes() == theirs.read_bytes()
+            print(f"| {name} | {t} | {pre} | {same if r.returncode == 0 else 'llama.cpp failed'} |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("hf_dir", type=Path)
     ap.add_argument("--llamacpp", type=Path, default=None)
     ap.add_argument("--ref-python", default=os.environ.get("REF_PYTHON", "/work/refvenv/bin/python"))
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--fixtures", action="store_true", help="also compare the test fixtures (needs --llamacpp)")
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="convert_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     hf = a.hf_dir
     print(f"# infer convert vs llama.cpp on {hf}\n")
+
+    if a.fixtures and a.llamacpp:
+        fixtures_section(a.llamacpp, a.ref_python, work)
 
     # warm the Numba cache once so the timings below are of conversions, not of compilation
     subprocess.run([sys.executable, "-c", OUR_CONVERT, str(hf), str(work / "warm.gguf"), "q4_1"], check=True,

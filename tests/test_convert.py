@@ -272,3 +272,42 @@ def test_package_is_callable(fixtures, tmp_path):
     assert callable(infer.convert)
     s = infer.convert(fixtures["qwen2"], None, type="f16", dry_run=True)
     assert s.dry_run and s.type == "f16"
+
+
+def _variant(src: Path, root: Path, edit) -> Path:
+    d = root / src.name                      # same folder name: same general.name
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_mistral_is_the_llama_path(fixtures, tmp_path):
+    d = _variant(fixtures["llama_spm"], tmp_path / "m", lambda c: c.update(architectures=["MistralForCausalLM"],
+                                                                         model_type="mistral", sliding_window=4096))
+    convert(fixtures["llama_spm"], tmp_path / "llama.gguf", "q8_0")
+    convert(d, tmp_path / "mistral.gguf", "q8_0")
+    assert (tmp_path / "llama.gguf").read_bytes() == (tmp_path / "mistral.gguf").read_bytes()
+
+
+def test_rope_scaling_metadata_and_llama3_factors(fixtures, tmp_path):
+    d = _variant(fixtures["llama_bpe"], tmp_path / "l3", lambda c: c.update(rope_scaling={
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}))
+    convert(d, tmp_path / "l3.gguf", "q8_0")
+    kv, tensors = fields(tmp_path / "l3.gguf")
+    f = np.asarray(tensors["rope_freqs.weight"].data)
+    assert tensors["rope_freqs.weight"].tensor_type.name == "F32" and f.shape == (8,)
+    freqs = 1.0 / 500000.0 ** (np.arange(0, 16, 2) / 16)
+    wav = 2 * np.pi / freqs
+    smooth = (64 / wav - 1) / 3
+    want = np.where(wav < 16, 1.0, np.where(wav > 64, 32.0, 1 / ((1 - smooth) / 32 + smooth)))
+    assert np.allclose(f, want, rtol=1e-5)
+    assert "llama.rope.scaling.type" not in kv
+    d = _variant(fixtures["qwen2"], tmp_path / "y", lambda c: c.update(rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}))
+    convert(d, tmp_path / "y.gguf", "q8_0")
+    kv, _ = fields(tmp_path / "y.gguf")
+    assert kv["qwen2.rope.scaling.type"] == "yarn" and kv["qwen2.rope.scaling.factor"] == 4.0
+    assert kv["qwen2.rope.scaling.original_context_length"] == 64
