@@ -254,6 +254,10 @@ def _stream_tensor(ckpt: Checkpoint, t: TensorPlan, out: StreamWriter, tick: Cal
         x = ckpt.read_f32(e, r0 * cols, (r1 - r0) * cols).reshape(r1 - r0, cols)
         if t.permute_heads:
             x = np.ascontiguousarray(x.reshape(-1, 2, hd // 2, cols).swapaxes(1, 2)).reshape(r1 - r0, cols)
+        if t.qtype.block_size > 1 and not np.isfinite(x).all():
+            bad = np.argwhere(~np.isfinite(x))[0]
+            raise ConvertError(f"{e.path}: tensor {e.name!r} has a non-finite value ({x[tuple(bad)]}) in row "
+                               f"{r0 + int(bad[0])}; it cannot be quantized (convert to f16/f32 to keep it as is)")
         b = _encode(x, t.qtype)
         out.write(b)
         tick(b.nbytes)

@@ -311,3 +311,15 @@ def test_rope_scaling_metadata_and_llama3_factors(fixtures, tmp_path):
     kv, _ = fields(tmp_path / "y.gguf")
     assert kv["qwen2.rope.scaling.type"] == "yarn" and kv["qwen2.rope.scaling.factor"] == 4.0
     assert kv["qwen2.rope.scaling.original_context_length"] == 64
+
+
+def test_non_finite_weights_refused_for_block_types(tmp_path):
+    d = tmp_path / "nan" / "m"
+    cf.make_qwen2(d)
+    w = cf.load_weights(d)
+    w["model.layers.1.mlp.up_proj.weight"][3, 7] = np.nan
+    cf.save_safetensors(d / "model.safetensors", w, "F32")
+    with pytest.raises(ConvertError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' has a non-finite value \(nan\) in row 3"):
+        convert(d, tmp_path / "o.gguf", "q4_0")
+    assert not (tmp_path / "o.gguf").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
+    convert(d, tmp_path / "o.gguf", "f32")             # float types keep the value as it is
