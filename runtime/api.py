@@ -1,0 +1,196 @@
+"""LLM: the embedding facade (model + tokenizer + KV cache + the tokens it holds)."""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .errors import ContextError, InferError, TokenizerError
+from .generate import Chunk, Engine, Stats, generate_tokens
+from .sampling import Sampler, SamplingParams
+
+log = logging.getLogger("infer")
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: list
+    finish_reason: str
+    stats: Stats
+
+
+def default_threads() -> int:
+    """Physical cores available to this process (logical CPUs when that cannot be told)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:
+        return os.cpu_count() or 1
+    cores = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            phys = core = None
+            proc = None
+            for line in f:
+                k, _, v = line.partition(":")
+                k = k.strip()
+                if k == "processor":
+                    proc = int(v)
+                elif k == "physical id":
+                    phys = v.strip()
+                elif k == "core id":
+                    core = v.strip()
+                    if proc in cpus:
+                        cores.add((phys, core))
+    except OSError:
+        pass
+    return max(1, len(cores) or len(cpus))
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class LLM:
+    """A GGUF model ready to generate text.
+
+    >>> with infer.LLM("model.gguf", n_ctx=2048) as llm:
+    ...     for chunk in llm.stream("Once upon a time", max_tokens=32):
+    ...         print(chunk.text, end="")
+    """
+
+    def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None,
+                 n_batch: int = 512, seed: int | None = None):
+        from .config import ModelConfig
+        from .gguf_file import GGUFFile
+        from .models import load_model
+        from .tokenizer import Tokenizer
+
+        self.path = os.fspath(path)
+        self._gf = GGUFFile(self.path)
+        try:
+            self.config = ModelConfig.from_metadata(self._gf.metadata, self.path)
+            self.tokenizer = Tokenizer.from_metadata(self._gf.metadata, self.path)
+            if self.tokenizer.n_vocab != self.config.n_vocab:
+                raise TokenizerError(f"{self.path}: vocabulary has {self.tokenizer.n_vocab} tokens but the "
+                                     f"model has {self.config.n_vocab} output rows")
+            self.model = load_model(self._gf, self.config)
+        except BaseException:
+            self._gf.close()
+            raise
+        if n_ctx is None:
+            n_ctx = min(4096, self.config.n_ctx_train)
+        if n_ctx < 1 or n_batch < 1:
+            raise InferError(f"n_ctx and n_batch must be positive (got {n_ctx}, {n_batch})")
+        self.n_ctx = int(n_ctx)
+        self.n_threads = int(n_threads or default_threads())
+        self.seed = seed
+        self._set_threads()
+        self.engine = Engine(self.model, self.n_ctx, min(n_batch, self.n_ctx), self.n_threads)
+        self.metadata = self._gf.metadata
+
+    def _set_threads(self):
+        import numba
+        numba.set_num_threads(max(1, min(self.n_threads, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(self.n_threads, user_api="blas")
+        except ImportError:  # pragma: no cover - a declared dependency
+            pass
+
+    # --- tokens ---------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids, skip_special: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special=skip_special)
+
+    # --- running --------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt, add_bos, special):
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt, add_bos=add_bos, special=special)
+        else:
+            ids = [int(t) for t in prompt]
+            for t in ids:
+                self.tokenizer._check(t)
+        if not ids:
+            raise ContextError("empty prompt: nothing to run")
+        if len(ids) >= self.n_ctx:
+            raise ContextError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx} tokens "
+                               f"(raise n_ctx / -c, or shorten the prompt)")
+        return ids
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits (len(ids), n_vocab) for every position of `ids`, run in a fresh context."""
+        ids = self._prompt_ids(ids, None, False) if not isinstance(ids, str) else self._prompt_ids(ids, None, False)
+        self._set_threads()
+        self.engine.reset()
+        out = self.engine.prefill(ids, all_logits=True)
+        return out
+
+    def stream(self, prompt, max_tokens: int = 256, sampling: SamplingParams | None = None,
+               stop: list[str] | None = None, add_bos: bool | None = None,
+               special: bool = False) -> Iterator[Chunk]:
+        """Generate from `prompt` (text or token ids), yielding Chunks of new text. The last chunk
+        has finish_reason "stop" (end of generation or a stop string), "length" (max_tokens) or
+        "context" (the context is full), and the stats. Closing the generator stops decoding."""
+        ids = self._prompt_ids(prompt, add_bos, special)
+        sampling = sampling or SamplingParams(seed=self.seed)
+        if sampling.seed is None and self.seed is not None:
+            sampling = sampling.replace(seed=self.seed)
+        sampler = Sampler(sampling)
+        self._set_threads()
+        return self._stream(ids, max_tokens, sampler, stop or [])
+
+    def _stream(self, ids, max_tokens, sampler, stop):
+        from .tokenizer import StreamingDetokenizer
+        stats = Stats()
+        detok = StreamingDetokenizer(self.tokenizer, skip_special=True)
+        stop_ids = frozenset(self.tokenizer.eot_ids)
+        held = ""                   # text that may be the start of a stop string
+        max_stop = max((len(s) for s in stop), default=0)
+        for tok, reason in generate_tokens(self.engine, ids, sampler, max(1, max_tokens), stop_ids, stats):
+            text = "" if reason == "stop" else detok.add(tok)
+            if reason is not None:
+                text += detok.flush()
+            if stop:
+                held += text
+                cut = min((i for i in (held.find(s) for s in stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    yield Chunk(held[:cut], tok, "stop", stats)
+                    return
+                if reason is None:
+                    safe = len(held) - (max_stop - 1)
+                    text, held = held[:max(0, safe)], held[max(0, safe):]
+                else:
+                    text, held = held, ""
+            yield Chunk(text, tok, reason, stats if reason else None)
+
+    def generate(self, prompt, max_tokens: int = 256, sampling: SamplingParams | None = None,
+                 stop: list[str] | None = None, add_bos: bool | None = None, special: bool = False) -> Completion:
+        parts, toks = [], []
+        chunk = None
+        for chunk in self.stream(prompt, max_tokens, sampling, stop, add_bos, special):
+            parts.append(chunk.text)
+            toks.append(chunk.token)
+        return Completion("".join(parts), toks, chunk.finish_reason, chunk.stats)
+
+    # --- lifetime -------------------------------------------------------------------------------
+    def close(self):
+        gf, self._gf = getattr(self, "_gf", None), None
+        self.engine = self.model = None
+        if gf is not None:
+            gf.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"LLM({self.path!r}, n_ctx={self.n_ctx}, n_threads={self.n_threads})"
