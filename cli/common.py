@@ -1,0 +1,26 @@
+"""Options shared by the commands, and helpers to build sampling parameters from them."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+Threads = typer.Option(None, "-t", "--threads", envvar="INFER_THREADS", help="Threads (default: physical cores).")
+Ctx = typer.Option(4096, "-c", "--ctx", envvar="INFER_CTX", help="Context length in tokens.")
+Temp = typer.Option(0.8, "--temp", envvar="INFER_TEMP", help="Temperature; 0 is greedy.")
+TopK = typer.Option(40, "--top-k", help="Top-k (0: off).")
+TopP = typer.Option(0.95, "--top-p", help="Top-p (1: off).")
+MinP = typer.Option(0.05, "--min-p", help="Min-p (0: off).")
+RepeatPenalty = typer.Option(1.0, "--repeat-penalty", help="Repeat penalty (1: off).")
+Seed = typer.Option(None, "--seed", envvar="INFER_SEED", help="Random seed (same seed, same text).")
+
+
+def sampling(temp, top_k, top_p, min_p, repeat_penalty, seed: Optional[int]):
+    from infer.sampling import SamplingParams
+    return SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repeat_penalty=repeat_penalty, seed=seed)
+
+
+def model_ctx(ctx: int, path: str) -> int:
+    """-c larger than the model's training context is capped silently only when left at default."""
+    return ctx
