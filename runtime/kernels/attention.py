@@ -11,6 +11,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .ops import softmax_inplace
 from .qmatmul import FM
 
 
@@ -22,25 +23,16 @@ def attend_one(q, kc, vc, n_filled, scale, n_heads, n_kv, head_dim, scores, out)
     for h in prange(n_heads):
         kvh = h // group
         qo = h * head_dim
-        mx = -np.inf
         for j in range(n_filled):
             s = np.float32(0.0)
             for d in range(head_dim):
                 s += q[qo + d] * kc[kvh, j, d]
-            s *= scale
-            scores[h, j] = s
-            if s > mx:
-                mx = s
-        tot = np.float32(0.0)
-        for j in range(n_filled):
-            e = np.float32(math.exp(scores[h, j] - mx))
-            scores[h, j] = e
-            tot += e
-        inv = np.float32(1.0) / tot
+            scores[h, j] = s * scale
+        softmax_inplace(scores[h], n_filled)
         for d in range(head_dim):
             out[qo + d] = 0.0
         for j in range(n_filled):
-            p = scores[h, j] * inv
+            p = scores[h, j]
             for d in range(head_dim):
                 out[qo + d] += p * vc[kvh, j, d]
 

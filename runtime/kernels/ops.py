@@ -70,22 +70,28 @@ def silu_mul(g, u, out):
 
 
 @njit(cache=True, fastmath=FM)
+def softmax_inplace(v, k):
+    """In place softmax over v[:k]."""
+    mx = -np.inf
+    for j in range(k):
+        if v[j] > mx:
+            mx = v[j]
+    s = np.float32(0.0)
+    for j in range(k):
+        e = np.float32(math.exp(v[j] - mx))
+        v[j] = e
+        s += e
+    inv = np.float32(1.0) / s
+    for j in range(k):
+        v[j] *= inv
+
+
+@njit(cache=True, fastmath=FM)
 def softmax_rows(x, n_valid):
     """In place softmax over the first n_valid[i] entries of each row; the rest set to 0."""
     n, m = x.shape
     for i in range(n):
         k = n_valid[i]
-        mx = -np.inf
-        for j in range(k):
-            if x[i, j] > mx:
-                mx = x[i, j]
-        s = np.float32(0.0)
-        for j in range(k):
-            e = np.float32(math.exp(x[i, j] - mx))
-            x[i, j] = e
-            s += e
-        inv = np.float32(1.0) / s
-        for j in range(k):
-            x[i, j] *= inv
+        softmax_inplace(x[i], k)
         for j in range(k, m):
             x[i, j] = 0.0
