@@ -125,7 +125,8 @@ class LlamaModel:
         for r0 in range(0, rows, tile):
             r1 = min(rows, r0 + tile)
             w = s.wbuf[:(r1 - r0) * cols].reshape(r1 - r0, cols)
-            qm.dequant_matrix(self.wu8, tab, self.sc, r0, r1, w, s.tmp)
+            # serial: OpenBLAS's threads spin after a call and would fight Numba's for the cores
+            qm.dequant_rows(self.wu8, tab, self.sc, r0, r1, w, s.tmp[0])
             np.matmul(h, w.T, out=out[:, r0:r1])
 
     def prefill(self, s, kv, tokens, all_logits=False):
