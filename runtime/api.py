@@ -110,7 +110,7 @@ class LLM:
         return self.tokenizer.decode(ids, skip_special=skip_special)
 
     # --- running --------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt, add_bos, special):
+    def _prompt_ids(self, prompt, add_bos, special, room: int = 1):
         if isinstance(prompt, str):
             ids = self.tokenize(prompt, add_bos=add_bos, special=special)
         else:
@@ -119,14 +119,14 @@ class LLM:
                 self.tokenizer._check(t)
         if not ids:
             raise ContextError("empty prompt: nothing to run")
-        if len(ids) >= self.n_ctx:
+        if len(ids) + room > self.n_ctx:
             raise ContextError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx} tokens "
                                f"(raise n_ctx / -c, or shorten the prompt)")
         return ids
 
     def logits(self, ids) -> np.ndarray:
         """Logits (len(ids), n_vocab) for every position of `ids`, run in a fresh context."""
-        ids = self._prompt_ids(ids, None, False) if not isinstance(ids, str) else self._prompt_ids(ids, None, False)
+        ids = self._prompt_ids(ids, None, False, room=0)
         self._set_threads()
         self.engine.reset()
         out = self.engine.prefill(ids, all_logits=True)
