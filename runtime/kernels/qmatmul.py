@@ -95,8 +95,8 @@ def dequant_rows(wu8, tab, sc, r0, r1, dst, tmp_u32):
                     p = off + r * rb + b * ts + (ts - 16)
                     for i in range(16):
                         q = wu8[p + i]
-                        dst[r - r0, b * QK + i] = d * np.float32(q & 15) + m
-                        dst[r - r0, b * QK + 16 + i] = d * np.float32(q >> 4) + m
+                        dst[r - r0, b * QK + i] = d * np.float32(np.int32(q & 15)) + m
+                        dst[r - r0, b * QK + 16 + i] = d * np.float32(np.int32(q >> 4)) + m
 
 
 @njit(cache=True, fastmath=FM, parallel=True)
@@ -169,10 +169,10 @@ def _mv_q4(wu8, off, cols, ts, sc, soff, moff, x, xsum, out, o0, r0, r1):
                 xl = x[xb + i]
                 xh = x[xb + 16 + i]
                 v0 = w[0, b, q0 + i]; v1 = w[1, b, q0 + i]; v2 = w[2, b, q0 + i]; v3 = w[3, b, q0 + i]
-                s0 += np.float32(v0 & 15) * xl + np.float32(v0 >> 4) * xh
-                s1 += np.float32(v1 & 15) * xl + np.float32(v1 >> 4) * xh
-                s2 += np.float32(v2 & 15) * xl + np.float32(v2 >> 4) * xh
-                s3 += np.float32(v3 & 15) * xl + np.float32(v3 >> 4) * xh
+                s0 += np.float32(np.int32(v0 & 15)) * xl + np.float32(np.int32(v0 >> 4)) * xh
+                s1 += np.float32(np.int32(v1 & 15)) * xl + np.float32(np.int32(v1 >> 4)) * xh
+                s2 += np.float32(np.int32(v2 & 15)) * xl + np.float32(np.int32(v2 >> 4)) * xh
+                s3 += np.float32(np.int32(v3 & 15)) * xl + np.float32(np.int32(v3 >> 4)) * xh
             if is_q4_1:
                 xs = xsum[b]
                 m = moff + r * nb + b
@@ -195,7 +195,7 @@ def _mv_q4(wu8, off, cols, ts, sc, soff, moff, x, xsum, out, o0, r0, r1):
             s0 = np.float32(0.0)
             for i in range(16):
                 v = w1[b, q0 + i]
-                s0 += np.float32(v & 15) * x[b * QK + i] + np.float32(v >> 4) * x[b * QK + 16 + i]
+                s0 += np.float32(np.int32(v & 15)) * x[b * QK + i] + np.float32(np.int32(v >> 4)) * x[b * QK + 16 + i]
             if is_q4_1:
                 a0 += sc[soff + r * nb + b] * s0 + sc[moff + r * nb + b] * xsum[b]
             else:
