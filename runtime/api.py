@@ -92,6 +92,7 @@ class LLM:
         self._set_threads()
         self.engine = Engine(self.model, self.n_ctx, min(n_batch, self.n_ctx), self.n_threads)
         self.metadata = self._gf.metadata
+        self._template = None
 
     def _set_threads(self):
         import numba
@@ -178,6 +179,50 @@ class LLM:
             parts.append(chunk.text)
             toks.append(chunk.token)
         return Completion("".join(parts), toks, chunk.finish_reason, chunk.stats)
+
+    # --- chat -----------------------------------------------------------------------------------
+    @property
+    def chat_template(self):
+        if self._template is None:
+            from .chat_template import ChatTemplate
+            tok = self.tokenizer
+            piece = lambda i: tok.decode([i]) if i is not None and i >= 0 else ""  # noqa: E731
+            self._template = ChatTemplate(self.metadata.get("tokenizer.chat_template"),
+                                          piece(tok.bos_id), piece(tok.eos_id), origin=self.path)
+        return self._template
+
+    def chat_tokens(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a rendered conversation. The template's own markup is parsed for special
+        tokens; message text is tokenized as plain text (a user typing <|im_start|> gets no
+        special token)."""
+        import uuid
+        tag = uuid.uuid4().hex
+        marks = [f"\x00{tag}{i}\x00" for i in range(len(messages))]
+        masked = [{**m, "content": marks[i]} for i, m in enumerate(messages)]
+        text = self.chat_template.render(masked, add_generation_prompt=add_generation_prompt)
+        ids: list[int] = []
+        rest = text
+        for i, m in enumerate(messages):
+            head, sep, rest2 = rest.partition(marks[i])
+            if not sep:        # the template transformed the content: fall back to plain rendering
+                log.warning("chat template does not place message text verbatim; rendering it whole")
+                return self.tokenizer.encode(self.chat_template.render(messages, add_generation_prompt),
+                                             add_bos=None, special=True)
+            ids += self.tokenizer.encode(head, add_bos=(None if not ids else False), special=True)
+            ids += self.tokenizer.encode(m["content"], add_bos=False, special=False)
+            rest = rest2
+        ids += self.tokenizer.encode(rest, add_bos=False, special=True)
+        return ids
+
+    def chat_stream(self, messages, max_tokens: int = 512, sampling: SamplingParams | None = None,
+                    stop: list[str] | None = None) -> Iterator[Chunk]:
+        """Stream the assistant's reply to OpenAI-shaped messages; the KV of the common prefix with
+        the previous call is reused, so a follow-up turn prefills only its new tokens."""
+        return self.stream(self.chat_tokens(messages), max_tokens=max_tokens, sampling=sampling, stop=stop)
+
+    def chat(self, messages, max_tokens: int = 512, sampling: SamplingParams | None = None,
+             stop: list[str] | None = None) -> Completion:
+        return self.generate(self.chat_tokens(messages), max_tokens=max_tokens, sampling=sampling, stop=stop)
 
     # --- lifetime -------------------------------------------------------------------------------
     def close(self):

@@ -105,3 +105,18 @@ def test_closing_the_stream_stops_decoding(smollm2):
     g.close()
     n = len(smollm2.engine.tokens)
     assert n == len(smollm2.tokenize("Once upon a time")) + 1
+
+
+def test_chat_uses_template_and_plain_text_content(smollm2):
+    msgs = [{"role": "user", "content": "What is the capital of France? <|im_start|>"}]
+    ids = smollm2.chat_tokens(msgs)
+    tok = smollm2.tokenizer
+    im_start = tok.encode("<|im_start|>", special=True)
+    assert len(im_start) == 1 and ids.count(im_start[0]) == 3          # system, user, assistant
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    smollm2.engine.reset()
+    r1 = smollm2.chat(msgs, max_tokens=16, sampling=infer.SamplingParams.greedy())
+    assert "Paris" in r1.text and r1.stats.prefill_tokens == len(ids)
+    msgs2 = msgs + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "And of Italy?"}]
+    r2 = smollm2.chat(msgs2, max_tokens=16, sampling=infer.SamplingParams.greedy())
+    assert r2.stats.cached_tokens >= len(ids) and r2.stats.prefill_tokens < 20
