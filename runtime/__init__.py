@@ -24,6 +24,7 @@ _LAZY = {
     "Tokenizer": ("infer.tokenizer", "Tokenizer"),
     "StreamingDetokenizer": ("infer.tokenizer", "StreamingDetokenizer"),
     "ModelConfig": ("infer.config", "ModelConfig"),
+    "perplexity": ("infer.perplexity", "perplexity"),
 }
 __all__ = ["LLM", "Completion", "Chunk", "Stats", "SamplingParams", "Tokenizer", "StreamingDetokenizer",
            "ModelConfig", "convert", "InferError", "__version__"]
