@@ -115,12 +115,13 @@ def dequant_matrix(wu8, tab, sc, r0, r1, dst, tmp_u32_2d):
 # the per-block sums of x (used by Q4_0's -8 offset and Q4_1's mins).
 
 @njit(cache=True, fastmath=FM)
-def _mv_q8_0(wi8, off, cols, sc, soff, x, out, o0, r0, r1):
+def _mv_q8_0(wi8, off, rows, cols, sc, soff, x, out, o0, r0, r1):
     nb = cols // QK
     rb = nb * 34
+    wall = wi8[off: off + rows * rb].reshape((rows, nb, 34))   # one view per call, not per tile
     r = r0
     while r + 4 <= r1:
-        w = wi8[off + r * rb: off + (r + 4) * rb].reshape((4, nb, 34))
+        w = wall[r:r + 4]
         a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
         s = soff + r * nb
         for b in range(nb):
@@ -139,7 +140,7 @@ def _mv_q8_0(wi8, off, cols, sc, soff, x, out, o0, r0, r1):
         out[o0 + r] = a0; out[o0 + r + 1] = a1; out[o0 + r + 2] = a2; out[o0 + r + 3] = a3
         r += 4
     while r < r1:
-        w1 = wi8[off + r * rb: off + (r + 1) * rb].reshape((nb, 34))
+        w1 = wall[r]
         a0 = np.float32(0.0)
         for b in range(nb):
             s0 = np.float32(0.0)
@@ -151,15 +152,16 @@ def _mv_q8_0(wi8, off, cols, sc, soff, x, out, o0, r0, r1):
 
 
 @njit(cache=True, fastmath=FM)
-def _mv_q4(wu8, off, cols, ts, sc, soff, moff, x, xsum, out, o0, r0, r1):
+def _mv_q4(wu8, off, rows, cols, ts, sc, soff, moff, x, xsum, out, o0, r0, r1):
     """Q4_0 (ts=18, offset -8) and Q4_1 (ts=20, per-block min)."""
     nb = cols // QK
     rb = nb * ts
     q0 = ts - 16
     is_q4_1 = ts == 20
+    wall = wu8[off: off + rows * rb].reshape((rows, nb, ts))
     r = r0
     while r + 4 <= r1:
-        w = wu8[off + r * rb: off + (r + 4) * rb].reshape((4, nb, ts))
+        w = wall[r:r + 4]
         a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
         s = soff + r * nb
         for b in range(nb):
@@ -189,7 +191,7 @@ def _mv_q4(wu8, off, cols, ts, sc, soff, moff, x, xsum, out, o0, r0, r1):
         out[o0 + r] = a0; out[o0 + r + 1] = a1; out[o0 + r + 2] = a2; out[o0 + r + 3] = a3
         r += 4
     while r < r1:
-        w1 = wu8[off + r * rb: off + (r + 1) * rb].reshape((nb, ts))
+        w1 = wall[r]
         a0 = np.float32(0.0)
         for b in range(nb):
             s0 = np.float32(0.0)
@@ -240,11 +242,11 @@ def matvec_rows(wu8, tab, sc, x, xsum, out, o0, r0, r1, tmp_u32):
     """out[o0 + r] = W[r] . x for rows r0..r1 of the tensor described by `tab`."""
     off, t, cols = tab[TAB_OFF], tab[TAB_TYPE], tab[TAB_COLS]
     if t == T_Q8_0:
-        _mv_q8_0(wu8.view(np.int8), off, cols, sc, tab[TAB_SOFF], x, out, o0, r0, r1)
+        _mv_q8_0(wu8.view(np.int8), off, tab[TAB_ROWS], cols, sc, tab[TAB_SOFF], x, out, o0, r0, r1)
     elif t == T_Q4_0:
-        _mv_q4(wu8, off, cols, 18, sc, tab[TAB_SOFF], 0, x, xsum, out, o0, r0, r1)
+        _mv_q4(wu8, off, tab[TAB_ROWS], cols, 18, sc, tab[TAB_SOFF], 0, x, xsum, out, o0, r0, r1)
     elif t == T_Q4_1:
-        _mv_q4(wu8, off, cols, 20, sc, tab[TAB_SOFF], tab[TAB_MOFF], x, xsum, out, o0, r0, r1)
+        _mv_q4(wu8, off, tab[TAB_ROWS], cols, 20, sc, tab[TAB_SOFF], tab[TAB_MOFF], x, xsum, out, o0, r0, r1)
     elif t == T_F32:
         _mv_f32(wu8[off:off + tab[TAB_ROWS] * cols * 4].view(np.float32), cols, x, out, o0, r0, r1)
     else:
