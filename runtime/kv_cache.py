@@ -30,6 +30,12 @@ class KVCache:
         self.kpos[s] = s
         return s
 
+    def next_slot(self) -> int:
+        """The slot of the next single token (decode), its position recorded; allocates nothing."""
+        s = self.offset
+        self.kpos[s] = s
+        return s
+
     def trim(self, n_keep: int):
         """Forget everything after the first n_keep tokens (prefix reuse)."""
         self.offset = min(self.offset, n_keep)

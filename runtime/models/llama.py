@@ -192,11 +192,12 @@ class LlamaModel:
     def decode(self, s, kv, token):
         """One token at position kv.offset; returns logits (n_vocab,) (a view into s)."""
         c = self.cfg
-        slot = kv.slots_for(1)[0]
+        slot = kv.next_slot()
+        s.posv[0] = kv.kpos[slot]
         decode_step(self.wu8, self.sc, self.vec, self.tab, self.vtab, self.embd, self.out,
                     self.out_norm, c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_ff,
                     c.rope_dim, self.rope_mode, np.float32(c.norm_eps), c.attn_bias,
-                    int(token), int(kv.kpos[slot]), int(slot), kv.offset + 1, kv.k, kv.v,
+                    int(token), s.posv, int(slot), kv.offset + 1, kv.k, kv.v,
                     self.inv_freq, s.x, s.xn, s.qkv, s.att, s.scores, s.gu, s.xsum, s.starts,
                     s.tmp, s.logits, s.offs3, s.offs2, s.offs1, s.chunk)
         kv.offset += 1
@@ -234,6 +235,7 @@ class Scratch:
         self.gu = np.zeros(2 * c.n_ff, f)
         self.xsum = np.zeros(max(c.dim, c.n_ff, c.q_dim) // 32 + 1, f)
         self.starts = np.zeros(4, np.int64)
+        self.posv = np.zeros(1, np.int64)          # position of the token being decoded
         import numba
         self.tmp = np.zeros((numba.config.NUMBA_NUM_THREADS, max(m.max_cols, c.dim)), np.uint32)
         self.logits = np.zeros(c.n_vocab, f)
@@ -263,14 +265,14 @@ def _rmsnorm1(x, w, eps, out):
 
 @njit(cache=True, fastmath=FM)
 def decode_step(wu8, sc, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_heads, n_kv,
-                head_dim, n_ff, rope_dim, rope_mode, eps, attn_bias, token, pos, slot, n_filled,
+                head_dim, n_ff, rope_dim, rope_mode, eps, attn_bias, token, posv, slot, n_filled,
                 kcache, vcache, inv_freq, x, xn, qkv, att, scores, gu, xsum, starts, tmp, logits,
                 offs3, offs2, offs1, chunk):
-    """The whole forward pass of one token, writing its K/V into `slot` and logits into `logits`."""
+    """The whole forward pass of one token at position posv[0], writing its K/V into `slot` and
+    logits into `logits`. Allocates nothing."""
     q_dim = n_heads * head_dim
     kv_dim = n_kv * head_dim
     qm.dequant_rows(wu8, embd, sc, token, token + 1, x.reshape((1, dim)), tmp[0])
-    posv = np.full(1, pos, np.int64)
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for li in range(n_layers):
         t = tab[li]
