@@ -15,6 +15,8 @@ from numba import get_thread_id, njit, prange
 
 from infer.quant.types import BF16, F16, F32, Q4_0, Q4_1, Q8_0
 
+from . import simd
+
 FM = {"reassoc", "contract", "nsz", "arcp"}   # fastmath flags that allow vectorized reductions
 
 T_F32, T_F16, T_Q4_0, T_Q4_1, T_Q8_0, T_BF16 = F32.id, F16.id, Q4_0.id, Q4_1.id, Q8_0.id, BF16.id
@@ -239,16 +241,20 @@ def _mv_16(w16, is_bf16, cols, x, out, o0, r0, r1, tmp_u32):
 
 @njit(cache=True, fastmath=FM)
 def matvec_rows(wu8, tab, sc, x, xsum, out, o0, r0, r1, tmp_u32):
-    """out[o0 + r] = W[r] . x for rows r0..r1 of the tensor described by `tab`."""
+    """out[o0 + r] = W[r] . x for rows r0..r1 of the tensor described by `tab`.
+    Quantized and 16-bit types run the vector-IR kernels of simd.py; the scalar kernels above
+    serve F32 and 16-bit rows whose length is not a multiple of 32."""
     off, t, cols = tab[TAB_OFF], tab[TAB_TYPE], tab[TAB_COLS]
     if t == T_Q8_0:
-        _mv_q8_0(wu8.view(np.int8), off, tab[TAB_ROWS], cols, sc, tab[TAB_SOFF], x, out, o0, r0, r1)
+        simd.rows_q8_0(wu8, off, cols, sc, tab[TAB_SOFF], x, out, o0, r0, r1)
     elif t == T_Q4_0:
-        _mv_q4(wu8, off, tab[TAB_ROWS], cols, 18, sc, tab[TAB_SOFF], 0, x, xsum, out, o0, r0, r1)
+        simd.rows_q4_0(wu8, off, cols, sc, tab[TAB_SOFF], x, out, o0, r0, r1)
     elif t == T_Q4_1:
-        _mv_q4(wu8, off, tab[TAB_ROWS], cols, 20, sc, tab[TAB_SOFF], tab[TAB_MOFF], x, xsum, out, o0, r0, r1)
+        simd.rows_q4_1(wu8, off, cols, sc, tab[TAB_SOFF], tab[TAB_MOFF], x, xsum, out, o0, r0, r1)
     elif t == T_F32:
         _mv_f32(wu8[off:off + tab[TAB_ROWS] * cols * 4].view(np.float32), cols, x, out, o0, r0, r1)
+    elif cols % 32 == 0:
+        simd.rows_16(wu8, off, cols, t == T_BF16, x, out, o0, r0, r1)
     else:
         w16 = wu8[off:off + tab[TAB_ROWS] * cols * 2].view(np.uint16)
         _mv_16(w16, t == T_BF16, cols, x, out, o0, r0, r1, tmp_u32)
