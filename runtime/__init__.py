@@ -9,11 +9,50 @@ Importing this package compiles nothing and prints nothing: the heavy modules lo
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 from .errors import (ContextError, ConvertError, GGUFError, InferError, MetadataError,  # noqa: F401
                      StateError, TemplateError, TensorError, TokenizerError, UnsupportedError)
 
 __version__ = "0.1.0"
+
+
+def _jit_cache_dir() -> str:
+    """Where Numba keeps the compiled kernels: one directory per state of the package's sources.
+    Numba checks only the timestamp of the file that defines a cached function, so after an
+    upgrade a cached caller (the fused decode step) would keep the old code of a kernel it calls
+    from another file; keying the directory on every source file avoids that, and keeps the cache
+    out of site-packages (which may be read-only)."""
+    import hashlib
+    here = os.path.dirname(os.path.abspath(__file__))
+    roots = [here, os.path.join(os.path.dirname(here), "quant")]
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("infer.quant")
+        if spec and spec.submodule_search_locations:
+            roots = [here, *spec.submodule_search_locations]
+    except (ImportError, ValueError):
+        pass
+    h = hashlib.sha256(__version__.encode())
+    for root in roots:
+        for dirpath, dirnames, files in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    st = os.stat(os.path.join(dirpath, f))
+                    h.update(f"{dirpath}/{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "infer", "numba-" + h.hexdigest()[:16])
+
+
+if "NUMBA_CACHE_DIR" not in os.environ:
+    try:
+        os.environ["NUMBA_CACHE_DIR"] = _jit_cache_dir()
+        if "numba" in sys.modules:          # numba imported first: its config is already read
+            sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+    except OSError:                          # no home directory: numba's own default applies
+        pass
 
 _LAZY = {
     "LLM": ("infer.api", "LLM"),
