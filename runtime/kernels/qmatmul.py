@@ -248,7 +248,7 @@ def matvec_rows(wu8, tab, sc, x, xsum, out, o0, r0, r1, tmp_u32):
     if t == T_Q8_0:
         simd.rows_q8_0(wu8, off, cols, sc, tab[TAB_SOFF], x, out, o0, r0, r1)
     elif t == T_Q4_0:
-        simd.rows_q4_0(wu8, off, cols, sc, tab[TAB_SOFF], x, out, o0, r0, r1)
+        simd.rows_q4_0(wu8, off, cols, sc, tab[TAB_SOFF], x, xsum, out, o0, r0, r1)
     elif t == T_Q4_1:
         simd.rows_q4_1(wu8, off, cols, sc, tab[TAB_SOFF], tab[TAB_MOFF], x, xsum, out, o0, r0, r1)
     elif t == T_F32:
@@ -296,7 +296,7 @@ def matvec_group(wu8, tabs, sc, x, xsum, out, out_offs, chunk, starts, tmp_u32_2
         if t == T_Q8_0:
             simd.rows_q8_0(wu8, off, cols, sc, tabs[j, TAB_SOFF], x, out, o0, r0, r1)
         elif t == T_Q4_0:
-            simd.rows_q4_0(wu8, off, cols, sc, tabs[j, TAB_SOFF], x, out, o0, r0, r1)
+            simd.rows_q4_0(wu8, off, cols, sc, tabs[j, TAB_SOFF], x, xsum, out, o0, r0, r1)
         elif t == T_Q4_1:
             simd.rows_q4_1(wu8, off, cols, sc, tabs[j, TAB_SOFF], tabs[j, TAB_MOFF], x, xsum, out, o0, r0, r1)
         else:

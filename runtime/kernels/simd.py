@@ -15,7 +15,7 @@ kernels up to summation order.
 Every kernel: `kernel(w, woff, rstride, nb, x, sc, soff, out, o0, nrows, xsum, moff)` computes
 out[o0 + k] for k < nrows (1..4) rows starting at byte woff of the uint8 buffer w, rows rstride
 bytes apart, nb blocks of 32 columns; block scales (and Q4_1 mins) in sc at soff + k*nb + b
-(moff likewise), xsum the per-block sums of x (Q4_1).
+(moff likewise), xsum the per-block sums of x (Q4_0's -8 offset, Q4_1's mins).
 """
 from __future__ import annotations
 
@@ -72,20 +72,18 @@ def _block_vecs(builder, kind, base, boff):
             q = _vload(builder, base, builder.add(boff, c(2 + 8 * j)), ir.VectorType(I8, 8))
             out.append(builder.sitofp(q, V8F))
     elif kind in (KIND_Q4_0, KIND_Q4_1):
+        # byte i of the 16 holds column i (low nibble) and column i + 16 (high nibble); each
+        # 8-byte half is widened to <8 x i32> once (vpmovzxbd) and split with and / shift
         hdr = 2 if kind == KIND_Q4_0 else 4
-        q = _vload(builder, base, builder.add(boff, c(hdr)), ir.VectorType(I8, 16))
-        lo = builder.and_(q, ir.Constant(ir.VectorType(I8, 16), [15] * 16))
-        hi = builder.lshr(q, ir.Constant(ir.VectorType(I8, 16), [4] * 16))
-        if kind == KIND_Q4_0:
-            eight = ir.Constant(ir.VectorType(I8, 16), [8] * 16)
-            lo, hi = builder.sub(lo, eight), builder.sub(hi, eight)
-        conv = builder.sitofp if kind == KIND_Q4_0 else builder.uitofp
-        v16f = ir.VectorType(F32, 16)
-        for half in (lo, hi):           # columns 0..15 are the low nibbles, 16..31 the high ones
-            f = conv(half, v16f)        # whole-register conversion, then split into two <8 x float>
-            for k in range(2):
-                idx = ir.Constant(ir.VectorType(I32, 8), list(range(8 * k, 8 * k + 8)))
-                out.append(builder.shuffle_vector(f, f, idx))
+        v8i = ir.VectorType(I32, 8)
+        m15 = ir.Constant(v8i, [15] * 8)
+        s4 = ir.Constant(v8i, [4] * 8)
+        lo, hi = [], []
+        for k in range(2):
+            q = builder.zext(_vload(builder, base, builder.add(boff, c(hdr + 8 * k)), ir.VectorType(I8, 8)), v8i)
+            lo.append(builder.sitofp(builder.and_(q, m15), V8F))
+            hi.append(builder.sitofp(builder.lshr(q, s4), V8F))
+        out = lo + hi             # columns 0-7, 8-15, 16-23, 24-31 (Q4_0's -8 is applied by the caller)
     else:
         for j in range(4):
             h = _vload(builder, base, builder.add(boff, c(16 * j)), ir.VectorType(I16, 8))
@@ -137,11 +135,14 @@ def _make(kind):
                                 dvec = builder.insert_element(ir.Constant(V8F, ir.Undefined), d, ir.Constant(I32, 0))
                                 dvec = builder.shuffle_vector(dvec, dvec, ir.Constant(ir.VectorType(I32, 8), [0] * 8))
                                 acc = _vfma(builder, dvec, t, acc)
-                                if kind == KIND_Q4_1:
+                                if kind == KIND_Q4_1:     # + m * sum(x of the block)
                                     mi = builder.add(moff_, builder.add(builder.mul(c(r), nb_), b))
                                     m = builder.load(builder.gep(scp, [mi]))
                                     xs = builder.load(builder.gep(xsp, [b]))
                                     builder.store(builder.fadd(builder.load(mins[r]), builder.fmul(m, xs)), mins[r])
+                                elif kind == KIND_Q4_0:   # - 8 * d * sum(x of the block)
+                                    xs = builder.load(builder.gep(xsp, [b]))
+                                    builder.store(builder.fadd(builder.load(mins[r]), builder.fmul(d, xs)), mins[r])
                             else:
                                 acc = builder.fadd(acc, t)
                             builder.store(acc, accs[r])
@@ -149,6 +150,8 @@ def _make(kind):
                         s = _hsum(builder, builder.load(accs[r]))
                         if kind == KIND_Q4_1:
                             s = builder.fadd(s, builder.load(mins[r]))
+                        elif kind == KIND_Q4_0:
+                            s = builder.fsub(s, builder.fmul(ir.Constant(F32, 8.0), builder.load(mins[r])))
                         builder.store(s, builder.gep(outp, [builder.add(o0_, c(r))]))
                     builder.branch(end)
             builder.position_at_end(end)
@@ -199,12 +202,12 @@ def rows_q8_0(wu8, off, cols, sc, soff, x, out, o0, r0, r1):
 
 
 @njit(cache=True)
-def rows_q4_0(wu8, off, cols, sc, soff, x, out, o0, r0, r1):
+def rows_q4_0(wu8, off, cols, sc, soff, x, xsum, out, o0, r0, r1):
     nb = cols // 32
     rs = nb * 18
     k = _step(rs)
     for r in range(r0, r1, k):
-        mv_q4_0(wu8, off + r * rs, rs, nb, x, sc, soff + r * nb, out, o0 + r, min(k, r1 - r), x, 0)
+        mv_q4_0(wu8, off + r * rs, rs, nb, x, sc, soff + r * nb, out, o0 + r, min(k, r1 - r), xsum, 0)
 
 
 @njit(cache=True)
