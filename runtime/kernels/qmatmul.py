@@ -11,7 +11,7 @@ Shapes: x is float32 (cols,), out float32 (rows,), a tensor is (rows, cols) row-
 from __future__ import annotations
 
 import numpy as np
-from numba import get_num_threads, get_thread_id, njit, prange
+from numba import get_thread_id, njit, prange
 
 from infer.quant.types import BF16, F16, F32, Q4_0, Q4_1, Q8_0
 
@@ -280,12 +280,6 @@ def matvec_group(wu8, tabs, sc, x, xsum, out, out_offs, chunk, starts, tmp_u32_2
     tmp_u32_2d: (n_threads, max_cols) scratch, one row per thread.
     """
     k = tabs.shape[0]
-    nthr = get_num_threads()
-    if nthr > 1:   # about 8 tasks per thread, so that small matrices still split evenly
-        total = 0
-        for j in range(k):
-            total += tabs[j, TAB_ROWS]
-        chunk = max(16, min(chunk, (total // (nthr * 8)) // ROW_TILE * ROW_TILE))
     starts[0] = 0
     for j in range(k):
         starts[j + 1] = starts[j] + (tabs[j, TAB_ROWS] + chunk - 1) // chunk
