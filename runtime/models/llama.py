@@ -199,7 +199,7 @@ class LlamaModel:
                     c.rope_dim, self.rope_mode, np.float32(c.norm_eps), c.attn_bias,
                     int(token), s.posv, int(slot), kv.offset + 1, kv.k, kv.v,
                     self.inv_freq, s.x, s.xn, s.qkv, s.att, s.scores, s.gu, s.xsum, s.starts,
-                    s.tmp, s.logits, s.offs3, s.offs2, s.offs1, s.chunk)
+                    s.tmp, s.logits, s.offs3, s.offs2, s.offs1, s.chunks)
         kv.offset += 1
         return s.logits
 
@@ -243,7 +243,13 @@ class Scratch:
         self.offs3 = np.array([0, c.q_dim, c.q_dim + c.kv_dim], np.int64)
         self.offs2 = np.array([0, c.n_ff], np.int64)
         self.offs1 = np.zeros(1, np.int64)
-        self.chunk = max(4, 64 if n_threads > 1 else 256)
+        # rows per parallel task for each matvec group of decode_step: qkv, o, gate+up, down, head;
+        # with several threads about 8 tasks per thread so that small matrices split evenly
+        groups = (c.q_dim + 2 * c.kv_dim, c.dim, 2 * c.n_ff, c.dim, c.n_vocab)
+        if n_threads > 1:
+            self.chunks = np.array([max(16, min(64, g // (n_threads * 8)) // 4 * 4) for g in groups], np.int64)
+        else:
+            self.chunks = np.full(len(groups), 256, np.int64)
 
 
 @njit(cache=True, fastmath=FM)
@@ -267,7 +273,7 @@ def _rmsnorm1(x, w, eps, out):
 def decode_step(wu8, sc, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_heads, n_kv,
                 head_dim, n_ff, rope_dim, rope_mode, eps, attn_bias, token, posv, slot, n_filled,
                 kcache, vcache, inv_freq, x, xn, qkv, att, scores, gu, xsum, starts, tmp, logits,
-                offs3, offs2, offs1, chunk):
+                offs3, offs2, offs1, chunks):
     """The whole forward pass of one token at position posv[0], writing its K/V into `slot` and
     logits into `logits`. Allocates nothing."""
     q_dim = n_heads * head_dim
@@ -279,7 +285,7 @@ def decode_step(wu8, sc, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_
         o = vtab[li, V_ATTN_NORM]
         _rmsnorm1(x, vec[o:o + dim], eps, xn)
         qm.block_sums(xn, xsum)
-        qm.matvec_group(wu8, t[K_Q:K_V + 1], sc, xn, xsum, qkv, offs3, chunk, starts, tmp)
+        qm.matvec_group(wu8, t[K_Q:K_V + 1], sc, xn, xsum, qkv, offs3, chunks[0], starts, tmp)
         if attn_bias:
             for j in range(q_dim):
                 qkv[j] += vec[vtab[li, V_BQ] + j]
@@ -296,21 +302,21 @@ def decode_step(wu8, sc, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_
                 vcache[li, hh, slot, d] = qkv[q_dim + kv_dim + hh * head_dim + d]
         attend_one(qkv, kcache[li], vcache[li], n_filled, scale, n_heads, n_kv, head_dim, scores, att)
         qm.block_sums(att, xsum)
-        qm.matvec_group(wu8, t[K_O:K_O + 1], sc, att, xsum, xn, offs1, chunk, starts, tmp)
+        qm.matvec_group(wu8, t[K_O:K_O + 1], sc, att, xsum, xn, offs1, chunks[1], starts, tmp)
         for j in range(dim):
             x[j] += xn[j]
         o = vtab[li, V_FFN_NORM]
         _rmsnorm1(x, vec[o:o + dim], eps, xn)
         qm.block_sums(xn, xsum)
-        qm.matvec_group(wu8, t[K_GATE:K_UP + 1], sc, xn, xsum, gu, offs2, chunk, starts, tmp)
+        qm.matvec_group(wu8, t[K_GATE:K_UP + 1], sc, xn, xsum, gu, offs2, chunks[2], starts, tmp)
         for j in range(n_ff):
             gv = gu[j]
             gu[j] = gv / (np.float32(1.0) + np.float32(math.exp(-gv))) * gu[n_ff + j]
         h = gu[:n_ff]
         qm.block_sums(h, xsum)
-        qm.matvec_group(wu8, t[K_DOWN:K_DOWN + 1], sc, h, xsum, xn, offs1, chunk, starts, tmp)
+        qm.matvec_group(wu8, t[K_DOWN:K_DOWN + 1], sc, h, xsum, xn, offs1, chunks[3], starts, tmp)
         for j in range(dim):
             x[j] += xn[j]
     _rmsnorm1(x, vec[out_norm:out_norm + dim], eps, xn)
     qm.block_sums(xn, xsum)
-    qm.matvec_group(wu8, outt.reshape((1, outt.shape[0])), sc, xn, xsum, logits, offs1, chunk, starts, tmp)
+    qm.matvec_group(wu8, outt.reshape((1, outt.shape[0])), sc, xn, xsum, logits, offs1, chunks[4], starts, tmp)
