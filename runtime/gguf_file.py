@@ -46,6 +46,9 @@ class TensorInfo:
         return int(np.prod(self.shape)) if self.shape else 1
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     __slots__ = ("buf", "pos", "size", "path")
 
@@ -75,6 +78,32 @@ class _Cursor:
         except UnicodeDecodeError:
             return raw.decode("utf-8", errors="replace")
 
+    def strings(self, n, what):
+        """n strings in a row (vocabularies, merges): one tight loop, same checks as string()."""
+        buf, size, out = self.buf, self.size, []
+        pos = self.pos
+        u64 = _U64.unpack_from
+        append = out.append
+        for _ in range(n):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, what)
+            (ln,) = u64(buf, pos)
+            pos += 8
+            if pos + ln > size:
+                self.pos = pos
+                if ln > size:
+                    raise GGUFError(f"{self.path}: corrupt string length {ln} in {what} at offset {pos - 8}")
+                self.need(ln, what)
+            raw = bytes(buf[pos:pos + ln])
+            pos += ln
+            try:
+                append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                append(raw.decode("utf-8", errors="replace"))
+        self.pos = pos
+        return out
+
     def value(self, vtype, what):
         if vtype in _SCALAR:
             fmt, dt = _SCALAR[vtype]
@@ -93,7 +122,7 @@ class _Cursor:
             if itype == T_STRING:
                 if n > self.size // 8:
                     raise GGUFError(f"{self.path}: corrupt array length {n} in {what}")
-                return [self.string(what) for _ in range(n)]
+                return self.strings(n, what)
             if itype == T_ARRAY:
                 return [self.value(T_ARRAY, what) for _ in range(n)]
             raise GGUFError(f"{self.path}: unknown array item type {itype} in {what}")
