@@ -47,6 +47,19 @@ def decode_f16_row(u16, start, n, tmp_u32, tmp_f32, dst, dst_off):
 
 
 @njit(cache=True, fastmath=FM)
+def block_f16_field(raw, type_size, at, out):
+    """out[i] = the f16 at byte `at` of block i of `raw` (uint8, whole blocks of type_size bytes) as
+    float32: the block scales (at 0) and Q4_1 mins (at 2), decoded once at load time."""
+    n = out.shape[0]
+    bits = out.view(np.uint32)
+    for i in range(n):
+        p = i * type_size + at
+        bits[i] = _f16_bits_to_f32_bits(np.uint32(raw[p]) | (np.uint32(raw[p + 1]) << np.uint32(8)))
+    for i in range(n):
+        out[i] *= TWO112
+
+
+@njit(cache=True, fastmath=FM)
 def decode_bf16_row(u16, start, n, tmp_u32, tmp_f32, dst, dst_off):
     for i in range(n):
         tmp_u32[i] = np.uint32(u16[start + i]) << np.uint32(16)

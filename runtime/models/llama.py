@@ -69,14 +69,17 @@ class LlamaModel:
             row = np.zeros(TAB_WIDTH, np.int64)
             row[:4] = (t.offset, t.qtype.id, rows, cols)
             if t.qtype.block_size == 32:
-                raw = gf.raw(name).reshape(rows, cols // 32, t.qtype.type_size)
+                raw = gf.raw(name).reshape(-1)
+                nblk = rows * (cols // 32)
                 row[qm.TAB_SOFF] = self._sc_len
-                scales.append(np.ascontiguousarray(raw[:, :, 0:2]).view(np.float16).astype(np.float32).ravel())
-                self._sc_len += scales[-1].size
+                scales.append(np.empty(nblk, np.float32))
+                qm.block_f16_field(raw, t.qtype.type_size, 0, scales[-1])
+                self._sc_len += nblk
                 if t.qtype.name == "Q4_1":
                     row[qm.TAB_MOFF] = self._sc_len
-                    scales.append(np.ascontiguousarray(raw[:, :, 2:4]).view(np.float16).astype(np.float32).ravel())
-                    self._sc_len += scales[-1].size
+                    scales.append(np.empty(nblk, np.float32))
+                    qm.block_f16_field(raw, t.qtype.type_size, 2, scales[-1])
+                    self._sc_len += nblk
             return row
 
         L = c.n_layers
