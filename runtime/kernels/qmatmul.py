@@ -73,6 +73,12 @@ def dequant_rows(wu8, tab, sc, r0, r1, dst, tmp_u32):
     off, t, cols = tab[TAB_OFF], tab[TAB_TYPE], tab[TAB_COLS]
     soff, moff = tab[TAB_SOFF], tab[TAB_MOFF]
     tmp_f32 = tmp_u32.view(np.float32)
+    if t != T_F32 and cols % 32 == 0 and dst.shape[1] == cols and dst.strides[1] == 4 \
+            and dst.strides[0] == 4 * cols:
+        kind = simd.KIND_Q8_0 if t == T_Q8_0 else simd.KIND_Q4_0 if t == T_Q4_0 else \
+            simd.KIND_Q4_1 if t == T_Q4_1 else simd.KIND_F16 if t == T_F16 else simd.KIND_BF16
+        simd.dequant_rows(wu8, kind, off, cols, sc, soff, moff, r0, r1, dst)
+        return
     if t == T_F32:
         wf = wu8[off:off + tab[TAB_ROWS] * cols * 4].view(np.float32)
         for r in range(r0, r1):

@@ -162,6 +162,50 @@ def _make(kind):
     return kernel
 
 
+def _bcast(builder, v):
+    vec = builder.insert_element(ir.Constant(V8F, ir.Undefined), v, ir.Constant(I32, 0))
+    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(I32, 8), [0] * 8))
+
+
+def _make_dequant(kind):
+    """dequant(w, woff, nb, sc, soff, moff, dst, doff): one row of nb blocks at byte woff to
+    float32 dst[doff:doff + 32*nb] (scales at sc[soff + b], Q4_1 mins at sc[moff + b])."""
+    bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20, KIND_F16: 64, KIND_BF16: 64}[kind]
+
+    @intrinsic
+    def dequant(typingctx, w, woff, nb, sc, soff, moff, dst, doff):
+        sig = types.void(w, woff, nb, sc, soff, moff, dst, doff)
+
+        def codegen(context, builder, signature, args):
+            w_, woff_, nb_, sc_, soff_, moff_, dst_, doff_ = args
+            at = signature.args
+            wp = builder.bitcast(context.make_array(at[0])(context, builder, w_).data, I8.as_pointer())
+            scp = context.make_array(at[3])(context, builder, sc_).data
+            dp = context.make_array(at[6])(context, builder, dst_).data
+            c = lambda v: ir.Constant(I64, v)  # noqa: E731
+            with cgutils.for_range(builder, nb_) as loop:
+                b = loop.index
+                qv = _block_vecs(builder, kind, wp, builder.add(woff_, builder.mul(b, c(bsize))))
+                if kind in (KIND_Q8_0, KIND_Q4_0, KIND_Q4_1):
+                    d = builder.load(builder.gep(scp, [builder.add(soff_, b)]))
+                    if kind == KIND_Q4_1:
+                        m = builder.load(builder.gep(scp, [builder.add(moff_, b)]))
+                    elif kind == KIND_Q4_0:
+                        m = builder.fmul(ir.Constant(F32, -8.0), d)
+                    dv = _bcast(builder, d)
+                    mv = _bcast(builder, m) if kind != KIND_Q8_0 else None
+                    qv = [builder.fmul(dv, q) if mv is None else _vfma(builder, dv, q, mv) for q in qv]
+                base = builder.add(doff_, builder.mul(b, c(32)))
+                for j in range(4):
+                    p = builder.gep(dp, [builder.add(base, c(8 * j))])
+                    builder.store(qv[j], builder.bitcast(p, V8F.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dequant
+
+
 def _row_switch(builder, nrows):
     """`switch nrows` with one block per row count 1..MAXR (the code is specialised per count);
     returns [(block, count)] and the join block."""
@@ -179,6 +223,11 @@ mv_q4_0 = _make(KIND_Q4_0)
 mv_q4_1 = _make(KIND_Q4_1)
 mv_f16 = _make(KIND_F16)
 mv_bf16 = _make(KIND_BF16)
+dq_q8_0 = _make_dequant(KIND_Q8_0)
+dq_q4_0 = _make_dequant(KIND_Q4_0)
+dq_q4_1 = _make_dequant(KIND_Q4_1)
+dq_f16 = _make_dequant(KIND_F16)
+dq_bf16 = _make_dequant(KIND_BF16)
 
 
 # --- row-range drivers (the signature of the scalar kernels in qmatmul.py) ----------------------
@@ -231,3 +280,26 @@ def rows_16(wu8, off, cols, is_bf16, x, out, o0, r0, r1):
             mv_bf16(wu8, off + r * rs, rs, nb, x, x, 0, out, o0 + r, min(k, r1 - r), x, 0)
         else:
             mv_f16(wu8, off + r * rs, rs, nb, x, x, 0, out, o0 + r, min(k, r1 - r), x, 0)
+
+
+@njit(cache=True)
+def dequant_rows(wu8, kind, off, cols, sc, soff, moff, r0, r1, dst):
+    """dst[:r1-r0, :cols] = rows r0..r1 as float32 (dst C-contiguous, cols a multiple of 32);
+    kind: KIND_* of this module."""
+    nb = cols // 32
+    flat = dst.reshape(-1)
+    if kind == KIND_Q8_0:
+        for r in range(r0, r1):
+            dq_q8_0(wu8, off + r * nb * 34, nb, sc, soff + r * nb, 0, flat, (r - r0) * cols)
+    elif kind == KIND_Q4_0:
+        for r in range(r0, r1):
+            dq_q4_0(wu8, off + r * nb * 18, nb, sc, soff + r * nb, 0, flat, (r - r0) * cols)
+    elif kind == KIND_Q4_1:
+        for r in range(r0, r1):
+            dq_q4_1(wu8, off + r * nb * 20, nb, sc, soff + r * nb, moff + r * nb, flat, (r - r0) * cols)
+    elif kind == KIND_F16:
+        for r in range(r0, r1):
+            dq_f16(wu8, off + r * cols * 2, nb, sc, 0, 0, flat, (r - r0) * cols)
+    else:
+        for r in range(r0, r1):
+            dq_bf16(wu8, off + r * cols * 2, nb, sc, 0, 0, flat, (r - r0) * cols)
