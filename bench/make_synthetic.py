@@ -74,8 +74,12 @@ def metadata(recipe, vocab_file: Path, s=SHAPES):
     from infer.gguf_file import GGUFFile
     w = MetaRecorder("llama")
     w.add_type("model")
-    w.add_name(f"synthetic 1.1B (TinyLlama-1.1B shapes, SmolLM2 vocabulary, random weights) {recipe.name}")
-    w.add_size_label("1.1B")
+    if s == SHAPES:
+        w.add_name(f"synthetic 1.1B (TinyLlama-1.1B shapes, SmolLM2 vocabulary, random weights) {recipe.name}")
+        w.add_size_label("1.1B")
+    else:
+        w.add_name(f"synthetic llama (dim {s['dim']}, {s['n_layers']} layers, SmolLM2 vocabulary, random "
+                   f"weights) {recipe.name}")
     a = "llama"
     w.add_uint32(f"{a}.block_count", s["n_layers"])
     w.add_uint32(f"{a}.context_length", s["n_ctx"])
@@ -103,28 +107,31 @@ def metadata(recipe, vocab_file: Path, s=SHAPES):
 
 
 def write_files(out_dir: Path, types: list[str], seed: int = 0, force: bool = False,
-                vocab_file: Path | None = None, log=print) -> list[Path]:
+                vocab_file: Path | None = None, log=print, shapes: dict | None = None,
+                prefix: str = "synth-1.1b") -> list[Path]:
+    """Write OUT_DIR/{prefix}-{type}.gguf for each type; `shapes` overrides SHAPES (tests use tiny ones)."""
     from infer.convert.gguf_writer import StreamWriter, TensorSlot
     from infer.quant.quantize import quantize_rows
     from infer.quant.recipes import get_recipe, plan_type
 
     vocab_file = Path(vocab_file) if vocab_file else smollm2_gguf()
     recipes = [get_recipe(t) for t in types]
-    dsts = [out_dir / f"synth-1.1b-{r.name}.gguf" for r in recipes]
+    s = {**SHAPES, **(shapes or {})}
+    dsts = [out_dir / f"{prefix}-{r.name}.gguf" for r in recipes]
     for d in dsts:
         if d.exists() and not force:
             raise SystemExit(f"error: {d} exists (use --force)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _, n_vocab = metadata(recipes[0], vocab_file)
-    tensors = tensor_list(n_vocab)
+    _, n_vocab = metadata(recipes[0], vocab_file, s)
+    tensors = tensor_list(n_vocab, s)
     n_params = sum(int(np.prod(sh)) for _, sh in tensors)
     files, writers, plans, tmps = [], [], [], []
     try:
         for r, d in zip(recipes, dsts):
-            kv, _ = metadata(r, vocab_file)
+            kv, _ = metadata(r, vocab_file, s)
             plan = []
             for name, sh in tensors:
-                qt = plan_type(r, name, sh, SHAPES["n_layers"])
+                qt = plan_type(r, name, sh, s["n_layers"])
                 plan.append((name, sh, qt))
             slots = [TensorSlot(n, sh, qt.id, (int(np.prod(sh[:-1])) if len(sh) > 1 else 1) * qt.row_bytes(sh[-1]))
                      for n, sh, qt in plan]
