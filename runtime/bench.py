@@ -178,42 +178,45 @@ def run_bench(path, threads=(1,), n_prompt: int = 512, n_gen: int = 128, reps: i
     toks = [int(t) for t in rng.integers(0, info.n_vocab, size=max(n_prompt, n_gen))]
     rows = []
     for t in threads:
-        gc.collect()
+        gc.collect()                  # the previous context's map and buffers go before the next loads
         llm = LLM(path, n_ctx=n_ctx, n_threads=t, n_batch=min(n_batch, n_ctx))
         try:
-            set_threads(t)
-            e = llm.engine
-            if n_prompt:
-                if warmup:
-                    say(f"{info.label}, {t} threads: pp{n_prompt} warm-up")
-                    time_prefill(e, toks[:n_prompt])
-                pp, ttft = [], []
-                for i in range(reps):
-                    say(f"{info.label}, {t} threads: pp{n_prompt} run {i + 1}/{reps}")
-                    s, f = time_prefill(e, toks[:n_prompt])
-                    pp.append(n_prompt / s)
-                    ttft.append(f)
-                rows.append(_record(info, t, n_prompt, 0, pp, n_batch, ttft=ttft))
-            if n_gen:
-                if warmup:
-                    say(f"{info.label}, {t} threads: tg{n_gen} warm-up")
-                    time_decode(e, toks[:min(n_gen, 16)])
-                tg = []
-                for i in range(reps):
-                    say(f"{info.label}, {t} threads: tg{n_gen} run {i + 1}/{reps}")
-                    tg.append(n_gen / time_decode(e, toks[:n_gen]))
-                rows.append(_record(info, t, 0, n_gen, tg, n_batch))
-            layer = threading_layer()
-            rss = peak_rss_bytes()
-            for r in rows:
-                if r["n_threads"] == t:
-                    r["threading_layer"] = layer
-                    r["peak_rss_bytes"] = rss
+            rows += _measure(llm.engine, info, t, toks, n_prompt, n_gen, reps, n_batch, warmup, say)
         finally:
             llm.close()
             del llm
     for r in rows:
         r["infer_version"] = __version__
+    return rows
+
+
+def _measure(e, info, t, toks, n_prompt, n_gen, reps, n_batch, warmup, say) -> list[dict]:
+    set_threads(t)
+    rows = []
+    if n_prompt:
+        if warmup:
+            say(f"{info.label}, {t} threads: pp{n_prompt} warm-up")
+            time_prefill(e, toks[:n_prompt])
+        pp, ttft = [], []
+        for i in range(reps):
+            say(f"{info.label}, {t} threads: pp{n_prompt} run {i + 1}/{reps}")
+            s, f = time_prefill(e, toks[:n_prompt])
+            pp.append(n_prompt / s)
+            ttft.append(f)
+        rows.append(_record(info, t, n_prompt, 0, pp, n_batch, ttft=ttft))
+    if n_gen:
+        if warmup:
+            say(f"{info.label}, {t} threads: tg{n_gen} warm-up")
+            time_decode(e, toks[:min(n_gen, 16)])
+        tg = []
+        for i in range(reps):
+            say(f"{info.label}, {t} threads: tg{n_gen} run {i + 1}/{reps}")
+            tg.append(n_gen / time_decode(e, toks[:n_gen]))
+        rows.append(_record(info, t, 0, n_gen, tg, n_batch))
+    layer, rss = threading_layer(), peak_rss_bytes()
+    for r in rows:
+        r["threading_layer"] = layer
+        r["peak_rss_bytes"] = rss
     return rows
 
 
