@@ -219,7 +219,12 @@ def main(argv=None):
                 return fail(f"{path}: no such file")
             skipped.append(f"{label} ({path} missing)")
             continue
-        models.append((label, path))
+        from infer.bench import model_info
+        from infer.errors import InferError
+        try:
+            models.append((label, path, model_info(path)))
+        except InferError as e:
+            return fail(str(e))
     if not models:
         return fail("no model files found; " + HOW_TO_MAKE)
     try:
@@ -230,7 +235,7 @@ def main(argv=None):
         print(f"warning: {max(threads)} threads but this process may use {cpus} CPU(s): "
               f"the threads will share cores", file=sys.stderr)
 
-    from infer.bench import cpu_name, model_info
+    from infer.bench import cpu_name
     import numpy as np
 
     def say(msg):
@@ -241,9 +246,8 @@ def main(argv=None):
     if a.membw_mb:
         say("read bandwidth ...")
         bw_runs.append(measure_bandwidth(a.infer_python, threads, a.membw_mb))
-    cells = []
-    for label, path in models:
-        info = model_info(path)
+    cells, errors = [], []
+    for label, path, info in models:
         rng = np.random.default_rng(a.seed)
         toks = [int(x) for x in rng.integers(0, info.n_vocab, size=max(a.pp, a.tg))]
         for t in threads:
@@ -253,10 +257,17 @@ def main(argv=None):
                 for kind in order:
                     say(f"{label}, {t} thread(s), round {rnd + 1}/{a.rounds}: {kind}")
                     py = a.infer_python if kind == "infer" else a.peer_python
-                    runs[kind].append(run_worker(py, kind, path, t, a.pp, a.tg, a.reps, toks, a.timeout))
+                    try:
+                        runs[kind].append(run_worker(py, kind, path, t, a.pp, a.tg, a.reps, toks, a.timeout))
+                    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+                        say(f"  failed: {e}")
+                        errors.append(f"{label}, {t} threads, {kind}: {e}")
             cell = {"model": label, "path": path, "threads": t, "file_size": info.file_size,
                     "bytes_per_token": info.bytes_per_token, "n_params": info.n_params}
             for kind, rs in runs.items():
+                if not rs:
+                    cell[kind] = None
+                    continue
                 pp = [x for r in rs for x in r["pp"]]
                 tg = [x for r in rs for x in r["tg"]]
                 cell[kind] = {"pp": _med(pp), "tg": _med(tg), "ttft_ms": 1000 * _med([x for r in rs for x in r["ttft"]]),
@@ -277,7 +288,7 @@ def main(argv=None):
         for k, v in r.items():
             bw[k] = max(bw.get(k, 0.0), v)
     report = {"cpu": cpu_name(), "threads": threads, "pp": a.pp, "tg": a.tg, "rounds": a.rounds, "reps": a.reps,
-              "read_bandwidth_gbps": bw, "read_bandwidth_runs": bw_runs, "cells": cells, "skipped": skipped,
+              "read_bandwidth_gbps": bw, "read_bandwidth_runs": bw_runs, "cells": cells, "skipped": skipped, "errors": errors,
               "seconds": time.time() - t_start, "peer_python": a.peer_python, "infer_python": a.infer_python}
     print(to_markdown(report, a))
     if a.json:
@@ -292,19 +303,25 @@ def main(argv=None):
 def _row(c, bw, a) -> str:
     i, l = c["infer"], c["llama"]
 
-    def ratio(x, y):
-        return f"{x / y:.2f}" if y else "-"
+    def v(rec, key, fmt="{:.1f}"):
+        return fmt.format(rec[key]) if rec else "failed"
 
-    def share(gbps):
+    def ratio(key):
+        return f"{i[key] / l[key]:.2f}" if (i and l and l[key]) else "-"
+
+    def share(rec):
+        if not rec:
+            return "failed"
+        g = rec["decode_gbps"]
         b = bw.get(str(c["threads"]))
-        return f"{gbps:.1f} ({100 * gbps / b:.0f}%)" if b else f"{gbps:.1f}"
+        return f"{g:.1f} ({100 * g / b:.0f}%)" if b else f"{g:.1f}"
     cells = [c["model"], str(c["threads"])]
     if a.pp:
-        cells += [f"{i['pp']:.1f}", f"{l['pp']:.1f}", ratio(i["pp"], l["pp"])]
+        cells += [v(i, "pp"), v(l, "pp"), ratio("pp")]
     if a.tg:
-        cells += [f"{i['tg']:.1f}", f"{l['tg']:.1f}", ratio(i["tg"], l["tg"]), share(i["decode_gbps"]),
-                  share(l["decode_gbps"])]
-    cells += [f"{i['peak_rss'] / 2**20:.0f}", f"{l['peak_rss'] / 2**20:.0f}"]
+        cells += [v(i, "tg"), v(l, "tg"), ratio("tg"), share(i), share(l)]
+    rss = "{:.0f}"
+    cells += [v(i and {"m": i["peak_rss"] / 2**20}, "m", rss), v(l and {"m": l["peak_rss"] / 2**20}, "m", rss)]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -324,10 +341,12 @@ def to_markdown(rep, a) -> str:
             f"{k} thread{'s' if k != '1' else ''} {v:.1f} GB/s" for k, v in bw.items() if k != "numpy")
             + (f"; numpy a.sum() {bw['numpy']:.1f} GB/s" if "numpy" in bw else ""))
     if rep["cells"]:
-        c = rep["cells"][0]
+        ver = next((c["llama"]["version"] for c in rep["cells"] if c["llama"]), "?")
+        layer = next((c["infer"]["threading_layer"] for c in rep["cells"] if c["infer"]), "?")
         out.append(f"tokens/s are medians of {a.rounds} rounds x {a.reps} runs; llama-cpp-python "
-                   f"{c['llama'].get('version')} (flash_attn=True), infer threading layer "
-                   f"{c['infer'].get('threading_layer')}; CPU: {rep['cpu']}")
+                   f"{ver} (flash_attn=True), infer's Numba threading layer {layer}; CPU: {rep['cpu']}")
+    if rep["errors"]:
+        out.append("failed: " + "; ".join(rep["errors"]))
     if rep["skipped"]:
         out.append("skipped: " + "; ".join(rep["skipped"]) + f" ({HOW_TO_MAKE})")
     return "\n".join(out)
