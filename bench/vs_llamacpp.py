@@ -143,11 +143,14 @@ def worker_membw(a) -> dict:      # --tokens carries the thread counts, --pp the
 
 
 # --- the orchestrator -----------------------------------------------------------------------------
+WORKER_ENV = dict(os.environ)
+
+
 def run_worker(python: str, kind: str, model: str, threads: int, pp: int, tg: int, reps: int,
                tokens: list[int], timeout: float) -> dict:
     cmd = [python, str(HERE), "--worker", kind, "--model", model, "--threads", str(threads),
            "--pp", str(pp), "--tg", str(tg), "--reps", str(reps), "--tokens", ",".join(map(str, tokens))]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=WORKER_ENV)
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"{kind} worker failed on {model} ({threads} threads): {tail}")
@@ -159,8 +162,11 @@ def _med(xs):
 
 
 def measure_bandwidth(python: str, threads: list[int], mb: int) -> dict:
-    r = run_worker(python, "membw", "-", 0, mb, 0, 0, threads, timeout=600)
-    return {k: v for k, v in r.items()}
+    try:
+        return run_worker(python, "membw", "-", 0, mb, 0, 0, threads, timeout=600)
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+        print(f"warning: read bandwidth not measured: {e}", file=sys.stderr)
+        return {}
 
 
 def main(argv=None):
@@ -234,6 +240,8 @@ def main(argv=None):
     if max(threads) > cpus:
         print(f"warning: {max(threads)} threads but this process may use {cpus} CPU(s): "
               f"the threads will share cores", file=sys.stderr)
+        # Numba's pool defaults to the CPUs available; let infer run as many threads as llama.cpp
+        WORKER_ENV.setdefault("NUMBA_NUM_THREADS", str(max(threads)))
 
     from infer.bench import cpu_name
     import numpy as np
@@ -280,6 +288,9 @@ def main(argv=None):
                     cell[kind]["threading_layer"] = rs[0].get("threading_layer")
             cells.append(cell)
             say(_row(cell, {}, a))
+            if cell["infer"] and cell["infer"]["threading_layer"] == "workqueue" and t > 1:
+                say("warning: Numba's threading layer is 'workqueue' (no OpenMP/TBB): infer's multi-thread "
+                    "figures suffer")
     if a.membw_mb:
         say("read bandwidth (again) ...")
         bw_runs.append(measure_bandwidth(a.infer_python, threads, a.membw_mb))
@@ -290,7 +301,7 @@ def main(argv=None):
     report = {"cpu": cpu_name(), "threads": threads, "pp": a.pp, "tg": a.tg, "rounds": a.rounds, "reps": a.reps,
               "read_bandwidth_gbps": bw, "read_bandwidth_runs": bw_runs, "cells": cells, "skipped": skipped, "errors": errors,
               "seconds": time.time() - t_start, "peer_python": a.peer_python, "infer_python": a.infer_python}
-    print(to_markdown(report, a))
+    print(to_markdown(report, a), file=sys.stderr if a.json == "-" else sys.stdout)
     if a.json:
         text = json.dumps(report, indent=2)
         if a.json == "-":
