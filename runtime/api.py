@@ -64,7 +64,7 @@ class LLM:
     """
 
     def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None,
-                 n_batch: int = 512, seed: int | None = None):
+                 n_batch: int = 512, seed: int | None = None, int8_activations: bool = True):
         from .config import ModelConfig
         from .gguf_file import GGUFFile
         from .models import load_model
@@ -90,7 +90,10 @@ class LLM:
         self.n_threads = int(n_threads or default_threads())
         self.seed = seed
         self._set_threads()
-        self.engine = Engine(self.model, self.n_ctx, min(n_batch, self.n_ctx), self.n_threads)
+        # int8_activations: decode's quantized matvecs quantize the activations to int8 per block
+        # of 32, as llama.cpp does (AVX2 hosts; ~1.4x faster on Q4 weights, logits within ~1e-2);
+        # False keeps float32 activations (results equal to a float reference up to rounding)
+        self.engine = Engine(self.model, self.n_ctx, min(n_batch, self.n_ctx), self.n_threads, int8_activations)
         self.metadata = self._gf.metadata
         self._template = None
 

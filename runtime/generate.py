@@ -44,13 +44,13 @@ class Chunk:
 
 
 class Engine:
-    def __init__(self, model, n_ctx: int, n_batch: int, n_threads: int):
+    def __init__(self, model, n_ctx: int, n_batch: int, n_threads: int, int8_activations: bool = True):
         self.model = model
         self.cfg = model.cfg
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.kv = KVCache(self.cfg, n_ctx)
-        self.scratch = model.new_scratch(n_batch, n_ctx, n_threads)
+        self.scratch = model.new_scratch(n_batch, n_ctx, n_threads, int8_activations)
         self.tokens: list[int] = []           # tokens whose K/V are in the cache, in order
 
     def reset(self):

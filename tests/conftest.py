@@ -32,6 +32,7 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
     import infer
-    llm = infer.LLM(smollm2_path, n_ctx=512)
+    # float activations: the reference tests compare against float32 transformers / llama.cpp
+    llm = infer.LLM(smollm2_path, n_ctx=512, int8_activations=False)
     yield llm
     llm.close()

@@ -6,7 +6,7 @@ import pytest
 from gguf import GGMLQuantizationType as GT
 from gguf import quants
 
-from infer.kernels import ops, qmatmul as qm
+from infer.kernels import ops, qmatmul as qm, simd
 from infer.kernels.attention import attend_one, masked_softmax
 
 TYPES = {"F32": GT.F32, "F16": GT.F16, "BF16": GT.BF16, "Q8_0": GT.Q8_0, "Q4_0": GT.Q4_0, "Q4_1": GT.Q4_1}
@@ -72,6 +72,49 @@ def test_dequant_and_matvec(tname, shape):
         want = ref.astype(np.float64) @ x
         assert nmse(out[5:], want) <= 5e-4 * 1e-3   # far tighter than the issue's 5e-4
         assert np.isnan(out[:5]).all()              # nothing written outside the result
+
+
+@pytest.mark.skipif(not simd.HAVE_AVX2, reason="int8 activation kernels need AVX2")
+@pytest.mark.parametrize("tname", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("shape", [(1, 32), (5, 64), (7, 96), (13, 4096), (64, 576), (3, 11008)])
+def test_int8_activation_matvec(tname, shape):
+    """int8-activation kernels == the dequantized weights (gguf reference) times the dequantized
+    int8 activations: the only error left is float rounding (the int8 rounding of x is exact here
+    because the reference uses the same quantized x)."""
+    rng = np.random.default_rng([7, list(TYPES).index(tname), *shape])
+    rows, cols = shape
+    w = rng.standard_normal(shape).astype(np.float32) * 0.05
+    buf, tab, sc, ref = pack(w, tname)
+    x = rng.standard_normal(cols).astype(np.float32)
+    x[3] = 9.0                                    # an outlier channel, as LLM activations have
+    nb = cols // 32
+    cap = 4 * (cols // 32 + 1)
+    xsum, xq = np.zeros(cols // 32 + 1, np.float32), np.zeros(cols, np.int8)
+    xd, xsq = np.zeros(cols // 32 + 1, np.float32), np.zeros(cap, np.float32)
+    qm.prep_x(x, xsum, xq, xd, xsq, True)
+    xhat = (xq.astype(np.float64).reshape(nb, 32) * xd[:nb, None]).ravel()
+    assert np.abs(xhat - x).max() <= np.abs(x).max() / 254 + 1e-6   # half a step of the largest block
+    out = np.full(rows + 3, np.nan, np.float32)
+    tmp = np.zeros((8, cols), np.uint32)
+    qm.matvec_group(buf, tab.reshape(1, -1), sc, x, xsum, out, np.array([3]), 8, np.zeros(4, np.int64),
+                    tmp, xq, xd, xsq)
+    want = ref.astype(np.float64) @ xhat
+    cen = np.zeros((rows, cols))
+    if tname == "Q4_1":
+        # Q4_1 re-centres its unsigned quants: the value d*q + m is taken as d*(q - 8) on the
+        # quantized x plus (m + 8d) on the exact block sums of x (see simd._make_i8)
+        d = sc[tab[qm.TAB_SOFF]:tab[qm.TAB_SOFF] + rows * nb].reshape(rows, nb, 1).astype(np.float64)
+        m = sc[tab[qm.TAB_MOFF]:tab[qm.TAB_MOFF] + rows * nb].reshape(rows, nb, 1).astype(np.float64)
+        cen = np.broadcast_to(m + 8 * d, (rows, nb, 32)).reshape(rows, cols)
+        want = (ref - cen) @ xhat + cen @ x.astype(np.float64)
+    assert nmse(out[3:], want) <= 1e-10
+    assert np.isnan(out[:3]).all()
+    # and against the float kernels: the int8 rounding of x is the whole difference, bounded by
+    # sum |centred weight| * |x - xhat| per row
+    outf = np.zeros(rows, np.float32)
+    qm.matvec_group(buf, tab.reshape(1, -1), sc, x, xsum, outf, np.array([0]), 8, np.zeros(4, np.int64), tmp)
+    bound = np.abs(ref - cen) @ np.abs(x - xhat)
+    assert (np.abs(out[3:] - outf) <= bound + 1e-4 * (1 + np.abs(outf))).all()
 
 
 def test_matvec_group_several_tensors():

@@ -118,8 +118,8 @@ class LlamaModel:
         return self.vec[o:o + n]
 
     # ------------------------------------------------------------------------------------------
-    def new_scratch(self, n_batch, n_slots, n_threads):
-        return Scratch(self, n_batch, n_slots, n_threads)
+    def new_scratch(self, n_batch, n_slots, n_threads, int8_activations=True):
+        return Scratch(self, n_batch, n_slots, n_threads, int8_activations)
 
     def _matmul(self, s, tab, h, out):
         """out (n, rows) = h (n, cols) @ W.T, W dequantized in tiles into s.wbuf."""
@@ -202,7 +202,8 @@ class LlamaModel:
                     c.rope_dim, self.rope_mode, np.float32(c.norm_eps), c.attn_bias,
                     int(token), s.posv, int(slot), kv.offset + 1, kv.k, kv.v,
                     self.inv_freq, s.x, s.xn, s.qkv, s.att, s.scores, s.gu, s.xsum, s.starts,
-                    s.tmp, s.logits, s.offs3, s.offs2, s.offs1, s.chunks)
+                    s.tmp, s.logits, s.offs3, s.offs2, s.offs1, s.chunks,
+                    s.xq, s.xd, s.xsq, s.use_i8)
         kv.offset += 1
         return s.logits
 
@@ -210,7 +211,7 @@ class LlamaModel:
 class Scratch:
     """Every activation buffer of a context, allocated once (nothing is allocated per token)."""
 
-    def __init__(self, m: LlamaModel, n_batch, n_slots, n_threads):
+    def __init__(self, m: LlamaModel, n_batch, n_slots, n_threads, int8_activations=True):
         c = m.cfg
         f = np.float32
         self.n_batch = n_batch
@@ -237,6 +238,11 @@ class Scratch:
         self.scores = np.zeros((c.n_heads, n_slots), f)
         self.gu = np.zeros(2 * c.n_ff, f)
         self.xsum = np.zeros(max(c.dim, c.n_ff, c.q_dim) // 32 + 1, f)
+        # int8 activations for the quantized matvecs (AVX2 only; see kernels/simd.py)
+        self.use_i8 = bool(int8_activations and qm.simd.HAVE_AVX2)
+        self.xq = np.zeros(max(c.dim, c.n_ff, c.q_dim), np.int8)
+        self.xd = np.zeros_like(self.xsum)
+        self.xsq = np.zeros(4 * self.xsum.shape[0], f)   # see qmatmul.prep_x
         self.starts = np.zeros(4, np.int64)
         self.posv = np.zeros(1, np.int64)          # position of the token being decoded
         import numba
@@ -273,10 +279,20 @@ def _rmsnorm1(x, w, eps, out):
 
 
 @njit(cache=True, fastmath=FM)
+def _mv(wu8, tabs, sc, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
+    """One matvec group of decode_step: float activations, or int8 ones when use_i8."""
+    qm.prep_x(x, xsum, xq, xd, xsq, use_i8)
+    if use_i8:
+        qm.matvec_group(wu8, tabs, sc, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq)
+    else:
+        qm.matvec_group(wu8, tabs, sc, x, xsum, out, offs, chunk, starts, tmp)
+
+
+@njit(cache=True, fastmath=FM)
 def decode_step(wu8, sc, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_heads, n_kv,
                 head_dim, n_ff, rope_dim, rope_mode, eps, attn_bias, token, posv, slot, n_filled,
                 kcache, vcache, inv_freq, x, xn, qkv, att, scores, gu, xsum, starts, tmp, logits,
-                offs3, offs2, offs1, chunks):
+                offs3, offs2, offs1, chunks, xq, xd, xsq, use_i8):
     """The whole forward pass of one token at position posv[0], writing its K/V into `slot` and
     logits into `logits`. Allocates nothing."""
     q_dim = n_heads * head_dim
@@ -287,8 +303,7 @@ def decode_step(wu8, sc, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_
         t = tab[li]
         o = vtab[li, V_ATTN_NORM]
         _rmsnorm1(x, vec[o:o + dim], eps, xn)
-        qm.block_sums(xn, xsum)
-        qm.matvec_group(wu8, t[K_Q:K_V + 1], sc, xn, xsum, qkv, offs3, chunks[0], starts, tmp)
+        _mv(wu8, t[K_Q:K_V + 1], sc, xn, xsum, qkv, offs3, chunks[0], starts, tmp, xq, xd, xsq, use_i8)
         if attn_bias:
             for j in range(q_dim):
                 qkv[j] += vec[vtab[li, V_BQ] + j]
@@ -304,22 +319,19 @@ def decode_step(wu8, sc, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_
                 kcache[li, hh, slot, d] = qkv[q_dim + hh * head_dim + d]
                 vcache[li, hh, slot, d] = qkv[q_dim + kv_dim + hh * head_dim + d]
         attend_one(qkv, kcache[li], vcache[li], n_filled, scale, n_heads, n_kv, head_dim, scores, att)
-        qm.block_sums(att, xsum)
-        qm.matvec_group(wu8, t[K_O:K_O + 1], sc, att, xsum, xn, offs1, chunks[1], starts, tmp)
+        _mv(wu8, t[K_O:K_O + 1], sc, att, xsum, xn, offs1, chunks[1], starts, tmp, xq, xd, xsq, use_i8)
         for j in range(dim):
             x[j] += xn[j]
         o = vtab[li, V_FFN_NORM]
         _rmsnorm1(x, vec[o:o + dim], eps, xn)
-        qm.block_sums(xn, xsum)
-        qm.matvec_group(wu8, t[K_GATE:K_UP + 1], sc, xn, xsum, gu, offs2, chunks[2], starts, tmp)
+        _mv(wu8, t[K_GATE:K_UP + 1], sc, xn, xsum, gu, offs2, chunks[2], starts, tmp, xq, xd, xsq, use_i8)
         for j in range(n_ff):
             gv = gu[j]
             gu[j] = gv / (np.float32(1.0) + np.float32(math.exp(-gv))) * gu[n_ff + j]
         h = gu[:n_ff]
-        qm.block_sums(h, xsum)
-        qm.matvec_group(wu8, t[K_DOWN:K_DOWN + 1], sc, h, xsum, xn, offs1, chunks[3], starts, tmp)
+        _mv(wu8, t[K_DOWN:K_DOWN + 1], sc, h, xsum, xn, offs1, chunks[3], starts, tmp, xq, xd, xsq, use_i8)
         for j in range(dim):
             x[j] += xn[j]
     _rmsnorm1(x, vec[out_norm:out_norm + dim], eps, xn)
-    qm.block_sums(xn, xsum)
-    qm.matvec_group(wu8, outt.reshape((1, outt.shape[0])), sc, xn, xsum, logits, offs1, chunks[4], starts, tmp)
+    _mv(wu8, outt.reshape((1, outt.shape[0])), sc, xn, xsum, logits, offs1, chunks[4], starts, tmp,
+        xq, xd, xsq, use_i8)
