@@ -119,8 +119,55 @@ def _run(llm, text, source, n_ctx, n_chunks, progress):
     return im
 
 
-def load_imatrix(path) -> ImportanceMatrix:
-    return ImportanceMatrix.load(Path(path))
+def float_type_for(plan) -> str:
+    """The float type a checkpoint is calibrated in: bf16 when its matrices are all bf16 (lossless),
+    else f16."""
+    mats = [t for t in plan.tensors if t.src is not None and len(t.shape) == 2]
+    return "bf16" if mats and all(t.src.dtype == "BF16" for t in mats) else "f16"
+
+
+def convert_calibrated(src, dst, type: str, text, *, n_ctx: int = 512, n_chunks: int | None = None,
+                       force: bool = False, n_threads: int | None = None, imatrix_out=None,
+                       calib_progress: Callable[[int, int], None] | None = None, progress=None):
+    """`infer convert SRC -o DST --type TYPE --calibrate TEXT` as a library call: convert the Hugging
+    Face folder `src` to a temporary float GGUF (bf16 or f16, next to dst), calibrate it on `text`,
+    then write dst with the importance matrix (q4_0, q4_1, q4_0_mixed, q4_1_mixed). The temporary
+    file is always removed. Returns (ConvertSummary, ImportanceMatrix); imatrix_out also saves the
+    matrix. Needs free disk space for the float copy (2 bytes per weight)."""
+    from infer.convert.pipeline import (ConvertSummary, _check_dst, attach_imatrix, make_plan,
+                                        write_plan)
+    from infer.errors import ConvertError
+    t0 = time.perf_counter()
+    dst = Path(dst)
+    _check_dst(dst, force)
+    plan = make_plan(src, type)
+    try:
+        if not any(t.qtype.name in ("Q4_0", "Q4_1") for t in plan.tensors):
+            raise ConvertError(f"--type {plan.recipe.name} has no Q4_0/Q4_1 tensors: calibration only applies "
+                               f"to q4_0, q4_1 and the mixed recipes")
+        if not isinstance(text, (str, bytes)) and not read_text(text):
+            raise InferError(f"{text}: text is empty")
+        ftype = float_type_for(plan)
+        tmp = dst.parent / f".{dst.name}.{os.getpid()}.calib-{ftype}.gguf"
+        try:
+            fplan = make_plan(src, ftype)
+            try:
+                write_plan(fplan, tmp, force=True)
+            finally:
+                fplan.checkpoint.close()
+            im = calibrate(tmp, text, n_ctx=n_ctx, n_chunks=n_chunks, n_threads=n_threads,
+                           progress=calib_progress)
+        finally:
+            tmp.unlink(missing_ok=True)
+        im.model["file"] = Path(src).name
+        if imatrix_out is not None:
+            im.save(imatrix_out)
+        attach_imatrix(plan, im)
+        write_plan(plan, dst, force=force, progress=progress)
+    finally:
+        plan.checkpoint.close()
+    return (ConvertSummary(Path(src), dst, plan.recipe.name, plan.spec.gguf_arch, len(plan.tensors),
+                           plan.file_size, time.perf_counter() - t0, False, plan.vocab, plan.tensors), im)
 
 
 # `infer.calibrate` is both this module and the library call `infer.calibrate(model, text, ...)`
