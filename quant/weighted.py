@@ -12,15 +12,16 @@ minimize sum_j c_j (x_j - wq_j)^2:
 
   Q4_0  x ~= d * q, q in -8..7. For a fixed inverse scale s the best integers are
         q_j = clamp(round(s x_j)), and for fixed integers the best scale is d = sum c x q / sum c q^2
-        (error reduction (sum c x q)^2 / sum c q^2). As s sweeps from 0 to infinity (both signs) the
-        integers change one step at a time, at s = (k + 1/2) / |x_j|: sorting those events and
-        updating the two sums at each one visits every rounding that can be optimal, so the block
-        gets the exact minimum of the weighted error (not a grid of candidate scales).
+        (error reduction (sum c x q)^2 / sum c q^2). As s sweeps up (both signs) the integers change
+        one step at a time, at s = (k + 1/2) / |x_j|: sorting those events and updating the two sums
+        at each one visits every rounding that can be optimal, so the block gets the exact minimum
+        of the weighted error over all scales between max|x| / 24.5 and max|x| / 2.5 (round-to-max
+        is max|x| / 8), not a grid of candidate scales.
   Q4_1  x ~= d * q + m, q in 0..15. A grid of clipped ranges [lo, hi] inside [min, max] gives
         candidate integers; (d, m) is the weighted least-squares fit of each; the best one is then
         refined by alternating (integers given (d, m), then (d, m) given the integers).
 
-The scales are then rounded to float16 (numpy's cast, as the reference codecs do) and the integers
+Rows are searched in parallel (Numba prange). The scales are then rounded to float16 (numpy's cast, as the reference codecs do) and the integers
 recomputed for the rounded scale (and minimum), which is optimal for it. The output is standard
 Q4_0 / Q4_1 blocks: any GGUF runtime reads them.
 
@@ -30,7 +31,7 @@ Q4_0 / Q4_1 blocks: any GGUF runtime reads them.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .types import Q4_0, Q4_1, QType
 
@@ -106,17 +107,17 @@ def _q4_0_scale(x, c, ev_t, ev_j, q):
     return best_d
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def q4_0_scales_kernel(x, c, scales):
-    """x: (n_rows, n_cols) f32; c: (n_cols,) f64 weights; scales: (n_rows, nb) f32 out."""
+    """x: (n_rows, n_cols) f32; c: (n_cols,) f64 weights; scales: (n_rows, nb) f32 out. Rows in parallel."""
     n_rows, n_cols = x.shape
     nb = n_cols // QK
-    ev_t = np.empty(QK * 8, np.float64)
-    ev_j = np.empty(QK * 8, np.int64)
-    q = np.zeros(QK, np.float64)
-    xb = np.empty(QK, np.float64)
-    cb = np.empty(QK, np.float64)
-    for r in range(n_rows):
+    for r in prange(n_rows):
+        ev_t = np.empty(QK * 8, np.float64)
+        ev_j = np.empty(QK * 8, np.int64)
+        q = np.zeros(QK, np.float64)
+        xb = np.empty(QK, np.float64)
+        cb = np.empty(QK, np.float64)
         for b in range(nb):
             for j in range(QK):
                 xb[j] = x[r, b * QK + j]
@@ -164,7 +165,7 @@ def _fit_dm(x, c, q):
 
 
 @njit(cache=True)
-def _q4_1_block(x, c, q, qbest):
+def _q4_1_block(x, c, q):
     n = x.shape[0]
     lo = x[0]
     hi = x[0]
@@ -199,20 +200,20 @@ def _q4_1_block(x, c, q, qbest):
     return best_d, best_m
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def q4_1_scales_kernel(x, c, scales, mins):
+    """x: (n_rows, n_cols) f32; c: (n_cols,) f64 weights; scales, mins: (n_rows, nb) f32 out."""
     n_rows, n_cols = x.shape
     nb = n_cols // QK
-    q = np.zeros(QK, np.int64)
-    qbest = np.zeros(QK, np.int64)
-    xb = np.empty(QK, np.float64)
-    cb = np.empty(QK, np.float64)
-    for r in range(n_rows):
+    for r in prange(n_rows):
+        q = np.zeros(QK, np.int64)
+        xb = np.empty(QK, np.float64)
+        cb = np.empty(QK, np.float64)
         for b in range(nb):
             for j in range(QK):
                 xb[j] = x[r, b * QK + j]
                 cb[j] = c[b * QK + j]
-            d, m = _q4_1_block(xb, cb, q, qbest)
+            d, m = _q4_1_block(xb, cb, q)
             scales[r, b] = d
             mins[r, b] = m
 
