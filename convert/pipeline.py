@@ -224,12 +224,14 @@ def make_plan(src, type: str = "q8_0") -> Plan:
         raise
 
 
-def _encode(x: np.ndarray, qt: QType, importance: np.ndarray | None = None) -> np.ndarray:
-    if importance is not None and qt.name in ("Q4_0", "Q4_1"):
-        from infer.quant.weighted import quantize_rows_weighted
-        return quantize_rows_weighted(x, qt, importance)
+def _encode(x: np.ndarray, qt: QType) -> np.ndarray:
     from infer.quant.quantize import quantize_rows
     return quantize_rows(x, qt)
+
+
+def _encode_weighted(x: np.ndarray, qt: QType, importance: np.ndarray) -> np.ndarray:
+    from infer.quant.weighted import quantize_rows_weighted
+    return quantize_rows_weighted(x, qt, importance)
 
 
 def identity(hp: HParams, spec: ArchSpec) -> dict:
@@ -280,7 +282,9 @@ def _stream_tensor(ckpt: Checkpoint, t: TensorPlan, out: StreamWriter, tick: Cal
         tick(b.nbytes)
         return
     rows, cols = t.shape
-    importance = imatrix.importance(t.name) if imatrix is not None else None
+    importance = None
+    if imatrix is not None and t.qtype.name in ("Q4_0", "Q4_1"):
+        importance = imatrix.importance(t.name)      # None for an untied token_embd (a lookup table)
     step = max(1, BAND_ELEMENTS // cols)
     if t.permute_heads:
         hd = rows // t.permute_heads
@@ -294,7 +298,7 @@ def _stream_tensor(ckpt: Checkpoint, t: TensorPlan, out: StreamWriter, tick: Cal
             bad = np.argwhere(~np.isfinite(x))[0]
             raise ConvertError(f"{e.path}: tensor {e.name!r} has a non-finite value ({x[tuple(bad)]}) in row "
                                f"{r0 + int(bad[0])}; it cannot be quantized (convert to f16/f32 to keep it as is)")
-        b = _encode(x, t.qtype, importance)
+        b = _encode(x, t.qtype) if importance is None else _encode_weighted(x, t.qtype, importance)
         out.write(b)
         tick(b.nbytes)
         del x, b
