@@ -9,7 +9,8 @@ One command, each step cached in --out (delete a file, or pass --fresh, to redo 
      (not the evaluation text, and none of them derived from it) -> calib.txt;
      calib.imatrix.npz = infer.calibrate(f16.gguf, calib.txt, n_ctx 512);
   3. infer's files: q8_0, q4_0, q4_1, q4_0_mixed, q4_1_mixed, each plain (round-to-max) and the
-     q4 ones also calibrated (imatrix=calib.imatrix.npz);
+     q4 ones also calibrated (imatrix=calib.imatrix.npz); and q4_0 calibrated on a text of another
+     kind (the first three chapters of Vim's user manual, when installed);
   4. llama.cpp's files from the same f16.gguf (bench/_llamacpp_side.py, run by a Python with
      llama-cpp-python): llama_model_quantize q8_0, q4_0, q4_0 --pure, q4_1, q4_1 --pure, q4_k_m, and
      its importance-weighted Q4_0/Q4_1 (ggml_quantize_chunk with infer's importance matrix) of the pure
@@ -39,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 LICENSES = Path("/usr/share/common-licenses")
 EVAL = LICENSES / "GPL-3"
 CALIB = ["Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic"]
+VIM = [Path(f"/usr/share/vim/vim90/doc/usr_0{i}.txt") for i in (1, 2, 3)]   # a second calibration text
 N_CTX = 512
 
 
@@ -118,6 +120,20 @@ class Bench:
                     infer.convert(a.hf, f, type=t, imatrix=stats, force=True)
                     self.notes.append(f"{t} calibrated conversion: {time.perf_counter() - t0:.0f} s")
                 self.files.append((f"{t} + imatrix", "infer", f, None))
+        # robustness: the same q4_0 calibrated on a text of another kind (a software manual)
+        vim = [p for p in VIM if p.exists()]
+        if vim:
+            calib2 = self.p("calib-vim.txt")
+            calib2.write_bytes(b"".join(p.read_bytes() for p in vim))
+            stats2 = self.p("calib-vim.imatrix.npz")
+            if self.fresh(stats2):
+                log(f"calibrate f16 on {calib2}")
+                infer.calibrate(f16, calib2, n_ctx=N_CTX, n_threads=a.threads).save(stats2)
+            f = self.p("q4_0-cal-vim.gguf")
+            if self.fresh(f):
+                log("convert q4_0 calibrated on the vim manual")
+                infer.convert(a.hf, f, type="q4_0", imatrix=stats2, force=True)
+            self.files.append(("q4_0 + imatrix (vim manual)", "infer", f, None))
         if a.no_llamacpp:
             return
         for t, pure in (("q8_0", False), ("q4_0", False), ("q4_0", True), ("q4_1", False), ("q4_1", True),
