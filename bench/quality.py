@@ -18,8 +18,9 @@ One command, each step cached in --out (delete a file, or pass --fresh, to redo 
      weights; infer has no K-quant kernels);
   5. every file scored on /usr/share/common-licenses/GPL-3 at n_ctx 512 by infer.perplexity with KL
      divergence against f16's log-probabilities (top-32 + rest);
-  6. must-show 1: the perplexity of the shipped SmolLM2 Q4_1 GGUF and of f16.gguf computed by
-     llama.cpp (llama-cpp-python logits_all=True, llama-perplexity's chunks and scoring) vs infer.
+  6. must-show 1: the perplexity of the shipped SmolLM2 Q4_1 GGUF, of f16.gguf and of infer's
+     calibrated q4_0 computed by llama.cpp (llama-cpp-python logits_all=True, llama-perplexity's
+     chunks and scoring) vs infer's.
 
 Writes quality.md (and quality.json) in --out; with --readme, replaces the README's table between
 <!-- quality-table --> and <!-- /quality-table -->. Heavy: ~40 min on one core.
@@ -190,7 +191,8 @@ class Bench:
         self.agree = []
         if self.a.no_llamacpp:
             return
-        for label, f in (("shipped SmolLM2 Q4_1", shipped_q4_1()), ("f16.gguf", self.p("f16.gguf"))):
+        for label, f in (("shipped SmolLM2 Q4_1", shipped_q4_1()), ("f16.gguf", self.p("f16.gguf")),
+                         ("infer's calibrated q4_0", self.p("q4_0-cal.gguf"))):
             if f is None:
                 continue
             out = self.p(f"llamacpp-ppl-{f.stem}.json")
@@ -200,8 +202,9 @@ class Bench:
             ref = json.loads(out.read_text())
             with infer.LLM(f, n_ctx=N_CTX, n_threads=self.a.threads) as llm:
                 ours_tokens = llm.tokenizer.encode(read_text(EVAL), add_bos=None)
-                r = infer.perplexity(llm, EVAL, n_ctx=N_CTX) if f.name != "f16.gguf" else None
-            ppl = r.ppl if r is not None else json.loads(self.p("scores.json").read_text())["f16.gguf"]["ppl"]
+                r = infer.perplexity(llm, EVAL, n_ctx=N_CTX) if f.parent != self.out else None
+            cached = json.loads(self.p("scores.json").read_text())
+            ppl = r.ppl if r is not None else cached[f.name]["ppl"]
             self.agree.append(dict(label=label, file=str(f), infer=ppl, llamacpp=ref["ppl"],
                                    same_tokens=ours_tokens == ref["tokens"], chunks=ref["n_chunks"]))
 
