@@ -10,10 +10,12 @@ pipeline.py (plan, then write). Importing this package loads none of them.
 from __future__ import annotations
 
 
-def convert(src, dst=None, type: str = "q8_0", *, force: bool = False, dry_run: bool = False, progress=None):
-    """Convert the Hugging Face folder `src` to GGUF file `dst`; see infer.convert.pipeline.convert."""
+def convert(src, dst=None, type: str = "q8_0", *, force: bool = False, dry_run: bool = False, progress=None,
+            imatrix=None):
+    """Convert the Hugging Face folder `src` to GGUF file `dst`; see infer.convert.pipeline.convert.
+    imatrix: an importance matrix (infer.calibrate(...) or its saved file) for calibrated q4_0/q4_1."""
     from .pipeline import convert as _convert
-    return _convert(src, dst, type, force=force, dry_run=dry_run, progress=progress)
+    return _convert(src, dst, type, force=force, dry_run=dry_run, progress=progress, imatrix=imatrix)
 
 
 def recipes() -> dict[str, str]:
@@ -31,8 +33,8 @@ import types as _types
 
 class _CallablePackage(_types.ModuleType):
     def __call__(self, src, dst=None, type: str = "q8_0", *, force: bool = False, dry_run: bool = False,
-                 progress=None):
-        return convert(src, dst, type, force=force, dry_run=dry_run, progress=progress)
+                 progress=None, imatrix=None):
+        return convert(src, dst, type, force=force, dry_run=dry_run, progress=progress, imatrix=imatrix)
 
 
 _sys.modules[__name__].__class__ = _CallablePackage

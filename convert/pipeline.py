@@ -64,6 +64,7 @@ class Plan:
     vocab: str
     checkpoint: Checkpoint
     header: bytes = b""
+    imatrix: object = None       # an ImportanceMatrix: Q4_0/Q4_1 blocks minimize the weighted error
 
     @property
     def file_size(self) -> int:
@@ -228,7 +229,43 @@ def _encode(x: np.ndarray, qt: QType) -> np.ndarray:
     return quantize_rows(x, qt)
 
 
-def _stream_tensor(ckpt: Checkpoint, t: TensorPlan, out: StreamWriter, tick: Callable[[int], None]) -> None:
+def _encode_weighted(x: np.ndarray, qt: QType, importance: np.ndarray) -> np.ndarray:
+    from infer.quant.weighted import quantize_rows_weighted
+    return quantize_rows_weighted(x, qt, importance)
+
+
+def identity(hp: HParams, spec: ArchSpec) -> dict:
+    """The model identity an importance matrix records (quant/imatrix.py IDENTITY)."""
+    return {"arch": spec.gguf_arch, "n_layers": hp.n_layer, "n_embd": hp.n_embd, "n_ff": hp.n_ff,
+            "n_heads": hp.n_head, "n_kv_heads": hp.n_head_kv, "n_vocab": hp.n_vocab}
+
+
+def attach_imatrix(plan: Plan, imatrix) -> None:
+    """Use `imatrix` (an ImportanceMatrix or a path to one) for the plan's Q4_0/Q4_1 tensors, after
+    checking that it belongs to this model (ImatrixError, an InferError, if not)."""
+    from infer.quant.imatrix import ImportanceMatrix
+    what = str(imatrix) if not isinstance(imatrix, ImportanceMatrix) else "importance matrix"
+    if not isinstance(imatrix, ImportanceMatrix):
+        imatrix = ImportanceMatrix.load(imatrix)
+    shapes = {t.name: t.shape for t in plan.tensors if t.qtype.name in ("Q4_0", "Q4_1") and t.src is not None}
+    if not shapes:
+        raise ConvertError(f"--type {plan.recipe.name} has no Q4_0/Q4_1 tensors: an importance matrix only "
+                           f"applies to q4_0, q4_1 and the mixed recipes")
+    imatrix.check_model(identity(plan.hp, plan.spec), shapes, what)
+    plan.imatrix = imatrix
+    # recorded as llama-quantize records its imatrix (quantize.imatrix.*)
+    import gguf
+    w = MetaRecorder(plan.spec.gguf_arch)
+    w.add_string("quantize.imatrix.file", os.path.basename(what))
+    w.add_string("quantize.imatrix.dataset", str(imatrix.source.get("text", "")))
+    w.add_uint32("quantize.imatrix.entries_count", len(imatrix))
+    w.add_uint32("quantize.imatrix.chunks_count", int(imatrix.source.get("n_chunks", 0)))
+    plan.kv = plan.kv + [kv for kv in w.items() if kv[0] != gguf.Keys.General.ARCHITECTURE]
+    plan.header = header_bytes(plan.kv, plan.slots())
+
+
+def _stream_tensor(ckpt: Checkpoint, t: TensorPlan, out: StreamWriter, tick: Callable[[int], None],
+                   imatrix=None) -> None:
     if t.data is not None:
         b = _encode(t.data.reshape(1, -1), t.qtype)
         out.write(b)
@@ -245,6 +282,9 @@ def _stream_tensor(ckpt: Checkpoint, t: TensorPlan, out: StreamWriter, tick: Cal
         tick(b.nbytes)
         return
     rows, cols = t.shape
+    importance = None
+    if imatrix is not None and t.qtype.name in ("Q4_0", "Q4_1"):
+        importance = imatrix.importance(t.name)      # None for an untied token_embd (a lookup table)
     step = max(1, BAND_ELEMENTS // cols)
     if t.permute_heads:
         hd = rows // t.permute_heads
@@ -258,7 +298,7 @@ def _stream_tensor(ckpt: Checkpoint, t: TensorPlan, out: StreamWriter, tick: Cal
             bad = np.argwhere(~np.isfinite(x))[0]
             raise ConvertError(f"{e.path}: tensor {e.name!r} has a non-finite value ({x[tuple(bad)]}) in row "
                                f"{r0 + int(bad[0])}; it cannot be quantized (convert to f16/f32 to keep it as is)")
-        b = _encode(x, t.qtype)
+        b = _encode(x, t.qtype) if importance is None else _encode_weighted(x, t.qtype, importance)
         out.write(b)
         tick(b.nbytes)
         del x, b
@@ -289,7 +329,7 @@ def write_plan(plan: Plan, dst: Path, force: bool = False, progress: ProgressFn 
                     done += n
                     if progress is not None:
                         progress(name, done, total)
-                _stream_tensor(plan.checkpoint, t, out, tick)
+                _stream_tensor(plan.checkpoint, t, out, tick, plan.imatrix)
             out.finish()
             f.flush()
             os.fsync(f.fileno())
@@ -317,12 +357,14 @@ def _check_dst(dst: Path, force: bool) -> None:
 
 
 def convert(src, dst=None, type: str = "q8_0", *, force: bool = False, dry_run: bool = False,
-            progress: ProgressFn | None = None) -> ConvertSummary:
+            progress: ProgressFn | None = None, imatrix=None) -> ConvertSummary:
     """Convert the Hugging Face folder `src` to the GGUF file `dst` with recipe `type`.
 
     type: f32, f16, bf16, q8_0 (default), q4_0, q4_1, q4_0_mixed, q4_1_mixed (see infer.quant.recipes).
     dry_run: validate and plan only (dst may be None); the summary's n_bytes is the expected size.
     progress: called as progress(tensor_name, bytes_done, bytes_total) while writing.
+    imatrix: an ImportanceMatrix (infer.calibrate) or the path of a saved one: the Q4_0 / Q4_1
+        tensors get the blocks that minimize the importance-weighted error (quant/weighted.py).
     Raises ConvertError (an InferError) with a one-line message on any bad input; leaves no output then.
     """
     t0 = time.perf_counter()
@@ -333,6 +375,8 @@ def convert(src, dst=None, type: str = "q8_0", *, force: bool = False, dry_run: 
         _check_dst(dst, force)          # fail before the (possibly slow) planning
     plan = make_plan(src, type)
     try:
+        if imatrix is not None:
+            attach_imatrix(plan, imatrix)
         if not dry_run:
             write_plan(plan, dst, force=force, progress=progress)
     finally:

@@ -64,9 +64,11 @@ _LAZY = {
     "StreamingDetokenizer": ("infer.tokenizer", "StreamingDetokenizer"),
     "ModelConfig": ("infer.config", "ModelConfig"),
     "perplexity": ("infer.perplexity", "perplexity"),
+    "calibrate": ("infer.calibrate", "calibrate"),
+    "ImportanceMatrix": ("infer.quant.imatrix", "ImportanceMatrix"),
 }
 __all__ = ["LLM", "Completion", "Chunk", "Stats", "SamplingParams", "Tokenizer", "StreamingDetokenizer",
-           "ModelConfig", "convert", "InferError", "__version__"]
+           "ModelConfig", "convert", "perplexity", "calibrate", "ImportanceMatrix", "InferError", "__version__"]
 
 
 def __getattr__(name):

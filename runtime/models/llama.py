@@ -30,6 +30,8 @@ NATIVE = {qm.T_F32, qm.T_F16, qm.T_BF16, qm.T_Q8_0, qm.T_Q4_0, qm.T_Q4_1}
 class LlamaModel:
     def __init__(self, gf, cfg):
         self.gf, self.cfg = gf, cfg
+        self.observer = None    # calibration: observer(tensor_name, h) before each prefill matmul
+        self._names = {}        # tensor file offset -> name (for the observer)
         c = cfg
         src = gf.path
         vecs, scales = [], []
@@ -68,6 +70,7 @@ class LlamaModel:
                                        f"(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
             row = np.zeros(TAB_WIDTH, np.int64)
             row[:4] = (t.offset, t.qtype.id, rows, cols)
+            self._names[t.offset] = name
             if t.qtype.block_size == 32:
                 raw = gf.raw(name).reshape(-1)
                 nblk = rows * (cols // 32)
@@ -123,6 +126,8 @@ class LlamaModel:
 
     def _matmul(self, s, tab, h, out):
         """out (n, rows) = h (n, cols) @ W.T, W dequantized in tiles into s.wbuf."""
+        if self.observer is not None:
+            self.observer(self._names[int(tab[0])], h)
         rows, cols = int(tab[TAB_ROWS]), int(tab[TAB_COLS])
         tile = s.wbuf.shape[0] // cols
         for r0 in range(0, rows, tile):
