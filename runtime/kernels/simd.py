@@ -57,6 +57,20 @@ def _vfma(builder, a, b, c):
     return builder.call(f, [a, b, c])
 
 
+def _decl(builder, name, ret, argtys):
+    mod = builder.module
+    f = mod.globals.get(name)
+    if f is None:
+        f = ir.Function(mod, ir.FunctionType(ret, argtys), name=name)
+    return f
+
+
+def _prefetch(builder, base, off):
+    """Software prefetch of the cache line at byte `off` of `base` (read, keep in all levels)."""
+    f = _decl(builder, "llvm.prefetch.p0", ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
+    builder.call(f, [builder.gep(base, [off]), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
 def _hsum(builder, v):
     s = builder.extract_element(v, ir.Constant(I32, 0))
     for i in range(1, 8):
@@ -321,17 +335,13 @@ def _host_has_avx2() -> bool:
 
 
 HAVE_AVX2 = _host_has_avx2()
+# int8 kernels run one row per pass (one sequential stream) and prefetch PF_DIST bytes ahead:
+# from DRAM, one thread, Q8_0 rows of 2048-5632 columns: ~10.5 GB/s without, 12-15 GB/s with
+# (distances 2048-4096 measured best; 256-1024 did not help)
+PF_DIST = 2048
 V32B = ir.VectorType(I8, 32)
 V16S = ir.VectorType(I16, 16)
 V8I = ir.VectorType(I32, 8)
-
-
-def _decl(builder, name, ret, argtys):
-    mod = builder.module
-    f = mod.globals.get(name)
-    if f is None:
-        f = ir.Function(mod, ir.FunctionType(ret, argtys), name=name)
-    return f
 
 
 def _dot_u8s8(builder, u, s):
@@ -370,6 +380,8 @@ def _make_i8(kind):
                         for r in range(nr):
                             roff = builder.add(woff_, builder.mul(c(r), rstride_))
                             boff = builder.add(roff, builder.mul(b, c(bsize)))
+                            if PF_DIST:
+                                _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
                             if kind == KIND_Q8_0:
                                 wv = _vload(builder, wp, builder.add(boff, c(2)), V32B)
                                 neg = builder.icmp_signed("<", wv, ir.Constant(V32B, [0] * 32))
@@ -450,7 +462,7 @@ def rows_i8(kind, wu8, off, cols, sc, soff, moff, xq, xd, xs, out, o0, r0, r1):
     nb = cols // 32
     bs = 34 if kind == KIND_Q8_0 else (18 if kind == KIND_Q4_0 else 20)
     rs = nb * bs
-    k = _step(rs)
+    k = 1
     for r in range(r0, r1, k):
         n = min(k, r1 - r)
         if kind == KIND_Q8_0:
