@@ -50,6 +50,29 @@ def stream_nll(llm, ids, label):
     return nll, time.perf_counter() - t0
 
 
+def prefill_nll(llm, ids, label):
+    """NLL of ids[1:] when the text is run as one long prompt: chunks as Engine.prefill cuts them under
+    "shift" (the free slots, then shift_block tokens evicted before each chunk runs)."""
+    eng = llm.engine
+    eng.reset()
+    nll = np.full(len(ids), np.nan)
+    t0 = time.perf_counter()
+    i = 0
+    while i < len(ids):
+        chunk = ids[i:i + eng.chunk_len()]
+        z = eng.model.prefill(eng.scratch, eng.kv, chunk, all_logits=True).astype(np.float64)
+        eng.tokens.extend(chunk)
+        m = z.max(axis=1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(z - m).sum(axis=1)))
+        for j in range(len(chunk)):
+            if i + j + 1 < len(ids):
+                nll[i + j + 1] = lse[j] - z[j, ids[i + j + 1]]
+        i += len(chunk)
+        if (i // 1000) != ((i - len(chunk)) // 1000):
+            print(f"  {label}: {i}/{len(ids)} tokens, {i / (time.perf_counter() - t0):.1f} tok/s", file=sys.stderr)
+    return nll, time.perf_counter() - t0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?", default=None)
@@ -58,6 +81,8 @@ def main():
     ap.add_argument("--keep", type=int, nargs="+", default=[4, 0])
     ap.add_argument("--chunk-ctx", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=None, help="only the first N tokens (whole chunks)")
+    ap.add_argument("--modes", nargs="+", default=["decode"], choices=["decode", "prefill"],
+                    help="decode: token by token (sliding window); prefill: the text as one long prompt")
     ap.add_argument("-t", "--threads", type=int, default=1)
     a = ap.parse_args()
     model = a.model or smollm2()
@@ -72,17 +97,20 @@ def main():
              "scored": int(ref.n_tokens_scored), "seconds": ref.seconds}]
     print(f"text: {a.file}, {len(ids)} tokens ({n_chunks} chunks of {C}); model {Path(model).name}", file=sys.stderr)
     print(f"chunked n_ctx {C}: PPL {ref.ppl:.4f} +/- {ref.ppl_stderr:.4f}", file=sys.stderr)
-    for keep in a.keep:
-        with infer.LLM(model, n_ctx=a.ring, context_policy="shift", n_keep=keep, n_threads=a.threads) as ring:
-            nll, secs = stream_nll(ring, ids, f"ring {a.ring} keep {keep}")
-            assert ring.engine.kv.offset == a.ring and ring.engine.kv.nbytes == ring.engine.kv.k.nbytes * 2
-        same, err = ppl_stats(nll[scored])
-        allp, _ = ppl_stats(nll[a.ring:])
-        rows.append({"method": f"ring {a.ring}, shift, keep {keep}", "ppl": same, "stderr": err,
-                     "ppl_all": allp, "scored": int(len(scored)), "seconds": secs,
-                     "ratio": same / ref.ppl})
-        print(f"ring {a.ring} keep {keep}: PPL {same:.4f} (same tokens; {same / ref.ppl - 1:+.2%} vs chunked), "
-              f"{allp:.4f} on every token after {a.ring}", file=sys.stderr)
+    for mode in a.modes:
+        for keep in a.keep:
+            label = f"ring {a.ring}, shift, keep {keep}" + (", token by token" if mode == "decode" else
+                                                             ", as one prompt")
+            with infer.LLM(model, n_ctx=a.ring, context_policy="shift", n_keep=keep, n_threads=a.threads) as ring:
+                run = stream_nll if mode == "decode" else prefill_nll
+                nll, secs = run(ring, ids, label)
+                assert ring.engine.kv.offset == a.ring and ring.engine.kv.pos == len(ids) - (mode == "decode")
+            same, err = ppl_stats(nll[scored])
+            allp, _ = ppl_stats(nll[a.ring:])
+            rows.append({"method": label, "ppl": same, "stderr": err, "ppl_all": allp, "scored": int(len(scored)),
+                         "seconds": secs, "ratio": same / ref.ppl})
+            print(f"{label}: PPL {same:.4f} (same tokens; {same / ref.ppl - 1:+.2%} vs chunked), "
+                  f"{allp:.4f} on every token after {a.ring}", file=sys.stderr)
     print(f"\n| method | PPL (same {len(scored)} tokens) | vs chunked | PPL (every token after {a.ring}) | time |")
     print("|---|---|---|---|---|")
     for r in rows:

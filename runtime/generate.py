@@ -84,6 +84,14 @@ class Engine:
         self.kv.reset()
         self.tokens = []
 
+    def chunk_len(self) -> int:
+        """Tokens the next prefill chunk may hold: n_batch, or under "shift" the free slots, or when
+        the ring is full `shift_block` (evicted before the chunk runs)."""
+        if self.policy == "shift":
+            room = self.kv.room
+            return min(self.n_batch, room if room > 0 else self.shift_block)
+        return self.n_batch
+
     def prefill(self, tokens, all_logits=False, reuse=True):
         """Bring the context to hold `tokens`; returns logits of the last token (or of all newly
         processed tokens when all_logits). Reuses the longest common prefix already cached."""
@@ -103,11 +111,7 @@ class Engine:
             out, logits = [], None
             i = keep
             while i < n:
-                size = self.n_batch
-                if self.policy == "shift":
-                    room = self.kv.room
-                    size = min(size, room if room > 0 else self.shift_block)
-                chunk = tokens[i:i + size]
+                chunk = tokens[i:i + self.chunk_len()]
                 logits = self.model.prefill(self.scratch, self.kv, chunk, all_logits=all_logits)
                 self.tokens.extend(int(t) for t in chunk)
                 i += len(chunk)

@@ -139,17 +139,22 @@ def reindexed_reference(llm_ring, llm_ref):
     llm_ref.engine.tokens = [0] * n
 
 
-@pytest.mark.parametrize("keep", [4, 0])
-def test_shift_scores_like_reindexed_cache(smollm2_path, keep):
-    """After the window has slid by a hundred positions, the next token's logits equal those of a
-    linear cache holding the same keys and values re-indexed from position 0 (llama.cpp's shift):
-    the sinks' virtual positions and the window's absolute ones give the logical distances."""
+@pytest.mark.parametrize("keep,path", [(4, "decode"), (0, "decode"), (4, "prefill")])
+def test_shift_scores_like_reindexed_cache(smollm2_path, keep, path):
+    """After the window has slid by a hundred positions (token by token, or by a prompt run in
+    chunks that evict), the next token's logits equal those of a linear cache holding the same keys
+    and values re-indexed from position 0 (llama.cpp's shift): the sinks' virtual positions and the
+    window's absolute ones give the logical distances."""
     with infer.LLM(smollm2_path, n_ctx=40, context_policy="shift", n_keep=keep, n_threads=1) as ring, \
             infer.LLM(smollm2_path, n_ctx=40, n_threads=1) as ref:
         ids = gpl_ids(ring, 140)
-        ring.engine.prefill(ids[:30])
-        for t in ids[30:130]:
-            ring.engine.decode(t)
+        if path == "prefill":
+            ring.engine.prefill(ids[:130])
+            assert ring.engine.shift_block == 4 and ring.engine.tokens == ids[:130]
+        else:
+            ring.engine.prefill(ids[:30])
+            for t in ids[30:130]:
+                ring.engine.decode(t)
         assert ring.engine.kv.pos == 130 and ring.engine.kv.wrapped
         for t in ids[130:134]:
             reindexed_reference(ring, ref)
