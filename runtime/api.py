@@ -64,7 +64,21 @@ class LLM:
     """
 
     def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None,
-                 n_batch: int = 512, seed: int | None = None, int8_activations: bool = True):
+                 n_batch: int = 512, seed: int | None = None, context_policy: str = "stop",
+                 n_keep: int = 4, sampling: SamplingParams | None = None,
+                 int8_activations: bool = True):
+        """n_ctx: context length in tokens (default: the model's, at most 4096).
+        context_policy: what happens when the context is full. "stop" (default): generation ends
+        with finish_reason "context" and a prompt longer than the context is refused. "shift":
+        the first n_keep tokens stay (attention sinks) and the oldest of the others make room
+        (a sliding window, RoPE positions shifted as llama.cpp's context shift does), so prompts,
+        conversations and generations can be of any length.
+        seed: seeds the session's random generator (used by calls whose SamplingParams has no seed
+        of its own; it is saved and restored with save_state/load_state).
+        sampling: the default SamplingParams of calls that give none (`llm.sampling`, settable).
+        int8_activations: decode's quantized matvecs quantize the activations to int8 per block
+        of 32, as llama.cpp does (AVX2 hosts; faster, logits within ~1 of float); False keeps
+        float32 activations (results equal a float reference up to rounding)."""
         from .config import ModelConfig
         from .gguf_file import GGUFFile
         from .models import load_model
@@ -84,18 +98,42 @@ class LLM:
             raise
         if n_ctx is None:
             n_ctx = min(4096, self.config.n_ctx_train)
-        if n_ctx < 1 or n_batch < 1:
-            raise InferError(f"n_ctx and n_batch must be positive (got {n_ctx}, {n_batch})")
-        self.n_ctx = int(n_ctx)
-        self.n_threads = int(n_threads or default_threads())
-        self.seed = seed
-        self._set_threads()
-        # int8_activations: decode's quantized matvecs quantize the activations to int8 per block
-        # of 32, as llama.cpp does (AVX2 hosts; ~1.4x faster on Q4 weights, logits within ~1e-2);
-        # False keeps float32 activations (results equal to a float reference up to rounding)
-        self.engine = Engine(self.model, self.n_ctx, min(n_batch, self.n_ctx), self.n_threads, int8_activations)
+        try:
+            if n_ctx < 1 or n_batch < 1:
+                raise InferError(f"n_ctx and n_batch must be positive (got {n_ctx}, {n_batch})")
+            self.n_ctx = int(n_ctx)
+            self.n_threads = int(n_threads or default_threads())
+            self.seed = seed
+            self.rng = np.random.default_rng(seed)
+            self.sampling = sampling or SamplingParams()
+            self._set_threads()
+            self.engine = Engine(self.model, self.n_ctx, min(n_batch, self.n_ctx), self.n_threads,
+                                 context_policy, n_keep, int8_activations)
+        except BaseException:
+            self._gf.close()
+            raise
         self.metadata = self._gf.metadata
         self._template = None
+        self._fingerprint = None
+
+    @property
+    def context_policy(self) -> str:
+        return self.engine.policy
+
+    @property
+    def n_keep(self) -> int:
+        return self.engine.n_keep
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens run through the context so far (prompt and replies; under "shift" this can exceed
+        what the cache holds, `n_cached`)."""
+        return len(self.engine.tokens)
+
+    @property
+    def n_cached(self) -> int:
+        """Tokens whose keys and values are in the cache (at most n_ctx)."""
+        return self.engine.kv.offset
 
     def _set_threads(self):
         import numba
@@ -123,9 +161,9 @@ class LLM:
                 self.tokenizer._check(t)
         if not ids:
             raise ContextError("empty prompt: nothing to run")
-        if len(ids) + room > self.n_ctx:
+        if len(ids) + room > self.n_ctx and self.engine.policy == "stop":
             raise ContextError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx} tokens "
-                               f"(raise n_ctx / -c, or shorten the prompt)")
+                               f"(raise n_ctx / -c, shorten the prompt, or use context_policy='shift')")
         return ids
 
     def logits(self, ids) -> np.ndarray:
@@ -143,10 +181,7 @@ class LLM:
         has finish_reason "stop" (end of generation or a stop string), "length" (max_tokens) or
         "context" (the context is full), and the stats. Closing the generator stops decoding."""
         ids = self._prompt_ids(prompt, add_bos, special)
-        sampling = sampling or SamplingParams(seed=self.seed)
-        if sampling.seed is None and self.seed is not None:
-            sampling = sampling.replace(seed=self.seed)
-        sampler = Sampler(sampling)
+        sampler = Sampler(sampling or self.sampling, self.rng)
         self._set_threads()
         return self._stream(ids, max_tokens, sampler, stop or [])
 
@@ -227,6 +262,29 @@ class LLM:
              stop: list[str] | None = None) -> Completion:
         return self.generate(self.chat_tokens(messages), max_tokens=max_tokens, sampling=sampling, stop=stop)
 
+    # --- sessions -------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """sha256 identifying the model file (its header and samples of its tensor data)."""
+        if self._fingerprint is None:
+            from .session import model_fingerprint
+            self._fingerprint = model_fingerprint(self._gf)
+        return self._fingerprint
+
+    def save_state(self, path, extra=None):
+        """Save the session to `path` (atomically): the tokens run so far, the filled part of the
+        KV cache, the default sampling parameters, the session random generator, and `extra` (any
+        JSON-serializable data of the caller's). See infer/session.py for the format (no pickle)."""
+        from .session import save
+        save(path, self, extra)
+
+    def load_state(self, path):
+        """Load a session saved by save_state from the same model; returns its `extra`. A file from
+        another model, truncated, or inconsistent raises StateError and leaves this session as it
+        was. The next prompt that starts with the saved tokens prefills only what follows them."""
+        from .session import load
+        return load(path, self)
+
     # --- lifetime -------------------------------------------------------------------------------
     def close(self):
         gf, self._gf = getattr(self, "_gf", None), None
@@ -241,4 +299,5 @@ class LLM:
         self.close()
 
     def __repr__(self):
-        return f"LLM({self.path!r}, n_ctx={self.n_ctx}, n_threads={self.n_threads})"
+        return (f"LLM({self.path!r}, n_ctx={self.n_ctx}, n_threads={self.n_threads}, "
+                f"context_policy={self.context_policy!r})")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ContextError
-from .kv_cache import KVCache
+from .kv_cache import KVCache, RingKVCache
 from .sampling import Sampler
 
 
@@ -43,51 +43,116 @@ class Chunk:
     stats: Stats | None = None
 
 
+POLICIES = ("stop", "shift")
+
+
 class Engine:
-    def __init__(self, model, n_ctx: int, n_batch: int, n_threads: int, int8_activations: bool = True):
+    """One context. `policy` says what happens when it is full: "stop" (a linear KVCache; generation
+    ends with finish_reason "context", a longer prompt is refused) or "shift" (a RingKVCache that
+    keeps the first `n_keep` tokens and a sliding window of the most recent ones; prompts and
+    generations of any length). `tokens` is everything run through the context, in order (under
+    "shift" more than the cache holds)."""
+
+    def __init__(self, model, n_ctx: int, n_batch: int, n_threads: int, policy: str = "stop",
+                 n_keep: int = 4, int8_activations: bool = True):
+        if policy not in POLICIES:
+            raise ContextError(f"context policy must be one of {', '.join(POLICIES)} (got {policy!r})")
         self.model = model
         self.cfg = model.cfg
         self.n_ctx = n_ctx
         self.n_batch = n_batch
-        self.kv = KVCache(self.cfg, n_ctx)
+        self.policy = policy
+        if policy == "shift":
+            self.kv = RingKVCache(self.cfg, n_ctx, n_keep, getattr(model, "inv_freq", None),
+                                  getattr(model, "rope_mode", None))
+            # a prompt run into a full ring evicts this many tokens per chunk, so each of its tokens
+            # sees at least 7/8 of the window (llama.cpp's context shift drops half)
+            self.shift_block = max(1, min(n_batch, self.kv.window // 8))
+        else:
+            self.kv = KVCache(self.cfg, n_ctx)
+        self.n_keep = n_keep if policy == "shift" else 0
         self.scratch = model.new_scratch(n_batch, n_ctx, n_threads, int8_activations)
-        self.tokens: list[int] = []           # tokens whose K/V are in the cache, in order
+        self.tokens: list[int] = []           # tokens run through the cache, in order
+        self.cached = 0
+
+    @property
+    def full(self) -> bool:
+        """No room for another token under the "stop" policy (a ring is never full)."""
+        return self.policy == "stop" and self.kv.offset >= self.n_ctx
 
     def reset(self):
         self.kv.reset()
         self.tokens = []
 
+    def chunk_len(self) -> int:
+        """Tokens the next prefill chunk may hold: n_batch, or under "shift" the free slots, or when
+        the ring is full `shift_block` (evicted before the chunk runs)."""
+        if self.policy == "shift":
+            room = self.kv.room
+            return min(self.n_batch, room if room > 0 else self.shift_block)
+        return self.n_batch
+
     def prefill(self, tokens, all_logits=False, reuse=True):
-        """Bring the cache to hold `tokens`; returns logits of the last token (or of all newly
+        """Bring the context to hold `tokens`; returns logits of the last token (or of all newly
         processed tokens when all_logits). Reuses the longest common prefix already cached."""
         n = len(tokens)
         if n == 0:
             raise ContextError("empty prompt: nothing to run")
-        if n > self.n_ctx:
+        if n > self.n_ctx and (self.policy == "stop" or all_logits):
             raise ContextError(f"prompt of {n} tokens is longer than the context ({self.n_ctx} tokens)")
         keep = 0
         if reuse and not all_logits:
             m = min(len(self.tokens), n - 1)
             while keep < m and self.tokens[keep] == tokens[keep]:
                 keep += 1
-        self.kv.trim(keep)
-        del self.tokens[keep:]
-        out, logits = [], None
-        for i in range(keep, n, self.n_batch):
-            chunk = tokens[i:i + self.n_batch]
-            logits = self.model.prefill(self.scratch, self.kv, chunk, all_logits=all_logits)
-            self.tokens.extend(int(t) for t in chunk)
-            if all_logits:
-                out.append(logits)
+        try:
+            keep = self.kv.trim(keep)
+            del self.tokens[keep:]
+            out, logits = [], None
+            i = keep
+            while i < n:
+                chunk = tokens[i:i + self.chunk_len()]
+                logits = self.model.prefill(self.scratch, self.kv, chunk, all_logits=all_logits)
+                self.tokens.extend(int(t) for t in chunk)
+                i += len(chunk)
+                if all_logits:
+                    out.append(logits)
+        except BaseException:
+            self.reset()          # interrupted half-way: what the cache holds is unknown
+            raise
         self.cached = keep
         return np.concatenate(out) if all_logits else logits
 
     def decode(self, token: int):
-        if self.kv.offset >= self.n_ctx:
+        if self.full:
             raise ContextError(f"context full ({self.n_ctx} tokens)")
-        logits = self.model.decode(self.scratch, self.kv, token)
-        self.tokens.append(int(token))
+        try:
+            logits = self.model.decode(self.scratch, self.kv, token)
+            self.tokens.append(int(token))
+        except BaseException:
+            self.reset()
+            raise
         return logits
+
+    # --- sessions -------------------------------------------------------------------------------
+    def get_state(self) -> tuple[dict, dict]:
+        meta, arrays = self.kv.get_state()
+        meta["policy"] = self.policy
+        arrays["tokens"] = np.asarray(self.tokens, np.int64)
+        return meta, arrays
+
+    def set_state(self, meta: dict, arrays: dict):
+        """Load a state from get_state; raises StateError (leaving this context unchanged) when it
+        does not fit or is inconsistent."""
+        from .errors import StateError
+        tokens = arrays["tokens"]
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu" or len(tokens) != int(meta["pos"]):
+            raise StateError(f"{len(tokens)} tokens for {meta['pos']} positions")
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab):
+            raise StateError("token id out of range")
+        self.kv.set_state(meta, arrays)
+        self.tokens = [int(t) for t in tokens]
+        self.cached = 0
 
 
 def generate_tokens(engine: Engine, prompt: list[int], sampler: Sampler, max_tokens: int,
@@ -116,7 +181,7 @@ def generate_tokens(engine: Engine, prompt: list[int], sampler: Sampler, max_tok
         if n >= max_tokens:
             yield tok, "length"
             return
-        if engine.kv.offset >= engine.n_ctx:
+        if engine.full:
             yield tok, "context"
             return
         yield tok, None

@@ -49,9 +49,13 @@ def apply_repeat_penalty(logits, recent, penalty):
 class Sampler:
     """Stateful sampler: owns the RNG, so the same seed gives the same text."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, rng: np.random.Generator | None = None):
+        """params.seed set: a generator of its own, seeded with it; else `rng` (a session's shared
+        generator) or a freshly seeded one."""
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        if params.seed is not None or rng is None:
+            rng = np.random.default_rng(params.seed)
+        self.rng = rng
 
     def __call__(self, logits: np.ndarray, history) -> int:
         p = self.params

@@ -138,7 +138,7 @@ class LlamaModel:
             np.matmul(h, w.T, out=out[:, r0:r1])
 
     def prefill(self, s, kv, tokens, all_logits=False):
-        """Run tokens (a chunk of at most s.n_batch) at positions kv.offset.. and fill the cache.
+        """Run tokens (a chunk of at most s.n_batch) at positions kv.pos.. and fill the cache.
         Returns logits (n, n_vocab) if all_logits else (n_vocab,) for the last token (views into s)."""
         c = self.cfg
         n = len(tokens)
@@ -153,7 +153,7 @@ class LlamaModel:
         g, u = s.pg[:n], s.pu[:n]
         group = c.n_heads // c.n_kv_heads
         scale = np.float32(1.0 / math.sqrt(c.head_dim))
-        n_filled = kv.offset + n
+        n_filled = kv.offset          # slots_for advanced it (a full ring stays at its size)
         for li in range(c.n_layers):
             t = self.tab[li]
             rmsnorm(x, self.v(li, V_ATTN_NORM), c.norm_eps, h)
@@ -187,7 +187,6 @@ class LlamaModel:
             silu_mul(g, u, g)
             self._matmul(s, t[K_DOWN], g, h)
             x += h
-        kv.offset = n_filled
         if all_logits:
             rmsnorm(x, self.vec[self.out_norm:self.out_norm + c.dim], c.norm_eps, h)
             out = np.empty((n, c.n_vocab), np.float32)
@@ -198,18 +197,17 @@ class LlamaModel:
         return s.logits
 
     def decode(self, s, kv, token):
-        """One token at position kv.offset; returns logits (n_vocab,) (a view into s)."""
+        """One token at position kv.pos; returns logits (n_vocab,) (a view into s)."""
         c = self.cfg
         slot = kv.next_slot()
         s.posv[0] = kv.kpos[slot]
         decode_step(self.wu8, self.sc, self.vec, self.tab, self.vtab, self.embd, self.out,
                     self.out_norm, c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_ff,
                     c.rope_dim, self.rope_mode, np.float32(c.norm_eps), c.attn_bias,
-                    int(token), s.posv, int(slot), kv.offset + 1, kv.k, kv.v,
+                    int(token), s.posv, int(slot), kv.offset, kv.k, kv.v,
                     self.inv_freq, s.x, s.xn, s.qkv, s.att, s.scores, s.gu, s.xsum, s.starts,
                     s.tmp, s.logits, s.offs3, s.offs2, s.offs1, s.chunks,
                     s.xq, s.xd, s.xsq, s.use_i8)
-        kv.offset += 1
         return s.logits
 
 
