@@ -145,8 +145,9 @@ def test_shift_scores_like_reindexed_cache(smollm2_path, keep, path):
     chunks that evict), the next token's logits equal those of a linear cache holding the same keys
     and values re-indexed from position 0 (llama.cpp's shift): the sinks' virtual positions and the
     window's absolute ones give the logical distances."""
-    with infer.LLM(smollm2_path, n_ctx=40, context_policy="shift", n_keep=keep, n_threads=1) as ring, \
-            infer.LLM(smollm2_path, n_ctx=40, n_threads=1) as ref:
+    with infer.LLM(smollm2_path, n_ctx=40, context_policy="shift", n_keep=keep, n_threads=1,
+                   int8_activations=False) as ring, \
+            infer.LLM(smollm2_path, n_ctx=40, n_threads=1, int8_activations=False) as ref:
         ids = gpl_ids(ring, 140)
         if path == "prefill":
             ring.engine.prefill(ids[:130])
