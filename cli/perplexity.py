@@ -35,7 +35,7 @@ def register(app: typer.Typer):
             raise InferError(f"{file}: text is empty")
         import infer
         with _Progress() as progress, infer.LLM(model, n_ctx=ctx, n_threads=threads,
-                                                n_batch=batch or ctx) as llm:
+                                                n_batch=batch or ctx, int8_activations=False) as llm:
             r = run(llm, file, n_ctx=ctx, n_chunks=chunks, progress=progress, kl_base=kl_base, kl=kl,
                     kl_top_k=top_k)
         _report(r, file, kl_base)

@@ -66,7 +66,8 @@ def calibrate(llm_or_path, text, n_ctx: int = 512, n_chunks: int | None = None,
     owned = not hasattr(llm_or_path, "model")
     if owned:
         from .api import LLM
-        llm = LLM(llm_or_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=int(n_batch or n_ctx))
+        llm = LLM(llm_or_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=int(n_batch or n_ctx),
+                  int8_activations=False)
     else:
         llm = llm_or_path
         if llm.n_ctx < n_ctx:

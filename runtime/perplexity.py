@@ -319,7 +319,10 @@ def perplexity(llm_or_path, text, n_ctx: int = 512, n_chunks: int | None = None,
     owned = not hasattr(llm_or_path, "logits")
     if owned:
         from .api import LLM
-        llm = LLM(llm_or_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=int(n_batch or n_ctx))
+        # float32 activations: scores independent of the batch size (short batches would otherwise
+        # take the int8 path of short prompts)
+        llm = LLM(llm_or_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=int(n_batch or n_ctx),
+                  int8_activations=False)
     else:
         llm = llm_or_path
         if llm.n_ctx < n_ctx:

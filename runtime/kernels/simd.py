@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -471,3 +471,146 @@ def rows_i8(kind, wu8, off, cols, sc, soff, moff, xq, xd, xs, out, o0, r0, r1):
             mvi_q4_0(wu8, off + r * rs, rs, nb, xq, xd, sc, soff + r * nb, out, o0 + r, n, xs, 0)
         else:
             mvi_q4_1(wu8, off + r * rs, rs, nb, xq, xd, sc, soff + r * nb, out, o0 + r, n, xs, moff + r * nb)
+
+
+# --- several tokens at once (short prompts) -------------------------------------------------------
+# A prompt of a few tokens through dequantize + BLAS reads every weight as float32 (4 bytes a
+# weight, twice); here each block of a row is loaded and unpacked once and multiplied with up to
+# MAXT tokens' int8 activations, one accumulator per token.
+
+MAXT = 8
+
+
+def _token_switch(builder, ntok):
+    fn = builder.function
+    end = fn.append_basic_block("tok.end")
+    cases = [(fn.append_basic_block(f"tok.{n}"), n) for n in range(1, MAXT + 1)]
+    sw = builder.switch(ntok, end)
+    for bb, n in cases:
+        sw.add_case(ir.Constant(ntok.type, n), bb)
+    return cases, end
+
+
+def _make_i8_multi(kind):
+    bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20}[kind]
+
+    @intrinsic
+    def kernel(typingctx, w, woff, nb, xq, xd, xsq, xs2, t0, ntok, sc, soff, moff, out, orow, ocol):
+        """Row at byte woff times tokens t0..t0+ntok: out[orow + t, ocol] for t < ntok.
+        xq int8 (n, 32*nb); xd, xsq float32 (n, nb); xs2 float32 (n, 2*nb) = [sum x | sum x - xsq]."""
+        sig = types.void(w, woff, nb, xq, xd, xsq, xs2, t0, ntok, sc, soff, moff, out, orow, ocol)
+
+        def codegen(context, builder, signature, args):
+            w_, woff_, nb_, xq_, xd_, xsq_, xs2_, t0_, ntok_, sc_, soff_, moff_, out_, orow_, ocol_ = args
+            at = signature.args
+            arr = lambda i, v: context.make_array(at[i])(context, builder, v)  # noqa: E731
+            wp = builder.bitcast(arr(0, w_).data, I8.as_pointer())
+            xqp = builder.bitcast(arr(3, xq_).data, I8.as_pointer())
+            xdp, xsqp, xs2p = arr(4, xd_).data, arr(5, xsq_).data, arr(6, xs2_).data
+            scp = arr(9, sc_).data
+            oa = arr(12, out_)
+            outp = oa.data
+            ocols = builder.extract_value(oa.shape, 1)
+            c = lambda v: ir.Constant(I64, v)  # noqa: E731
+            accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXT)]
+            mins = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(MAXT)]
+            cols = builder.mul(nb_, c(32))
+            cases, end = _token_switch(builder, ntok_)
+            for bb, nt in cases:
+                with builder.goto_block(bb):
+                    with cgutils.for_range(builder, nb_) as loop:
+                        b = loop.index
+                        boff = builder.add(woff_, builder.mul(b, c(bsize)))
+                        _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
+                        d = builder.load(builder.gep(scp, [builder.add(soff_, b)]))
+                        if kind == KIND_Q8_0:
+                            wv = _vload(builder, wp, builder.add(boff, c(2)), V32B)
+                            neg = builder.icmp_signed("<", wv, ir.Constant(V32B, [0] * 32))
+                            aw = builder.select(neg, builder.neg(wv), wv)
+                        else:
+                            hdr = 2 if kind == KIND_Q4_0 else 4
+                            q = _vload(builder, wp, builder.add(boff, c(hdr)), ir.VectorType(I8, 16))
+                            lo = builder.and_(q, ir.Constant(ir.VectorType(I8, 16), [15] * 16))
+                            hi = builder.lshr(q, ir.Constant(ir.VectorType(I8, 16), [4] * 16))
+                            aw = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+                            if kind == KIND_Q4_1:
+                                m = builder.load(builder.gep(scp, [builder.add(moff_, b)]))
+                        for t in range(nt):
+                            tok = builder.add(t0_, c(t))
+                            xv = _vload(builder, xqp, builder.add(builder.mul(tok, cols), builder.mul(b, c(32))), V32B)
+                            if kind == KIND_Q8_0:
+                                xv = builder.select(neg, builder.neg(xv), xv)
+                            dot = _dot_u8s8(builder, aw, xv)
+                            tb = builder.add(builder.mul(tok, nb_), b)
+                            dx = builder.load(builder.gep(xdp, [tb]))
+                            acc = _vfma(builder, _bcast(builder, builder.fmul(d, dx)),
+                                        builder.sitofp(dot, V8F), builder.load(accs[t]))
+                            builder.store(acc, accs[t])
+                            if kind == KIND_Q4_0:
+                                xsb = builder.load(builder.gep(xsqp, [tb]))
+                                builder.store(builder.fadd(builder.load(mins[t]), builder.fmul(d, xsb)), mins[t])
+                            elif kind == KIND_Q4_1:
+                                t2 = builder.add(builder.mul(tok, builder.mul(nb_, c(2))), b)
+                                xsb = builder.load(builder.gep(xs2p, [t2]))
+                                xcb = builder.load(builder.gep(xs2p, [builder.add(t2, nb_)]))
+                                corr = builder.fadd(builder.fmul(m, xsb),
+                                                    builder.fmul(builder.fmul(ir.Constant(F32, 8.0), d), xcb))
+                                builder.store(builder.fadd(builder.load(mins[t]), corr), mins[t])
+                    for t in range(nt):
+                        s = _hsum(builder, builder.load(accs[t]))
+                        if kind == KIND_Q4_1:
+                            s = builder.fadd(s, builder.load(mins[t]))
+                        elif kind == KIND_Q4_0:
+                            s = builder.fsub(s, builder.fmul(ir.Constant(F32, 8.0), builder.load(mins[t])))
+                        oi = builder.add(builder.mul(builder.add(orow_, c(t)), ocols), ocol_)
+                        builder.store(s, builder.gep(outp, [oi]))
+                    builder.branch(end)
+            builder.position_at_end(end)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
+
+
+mmi_q8_0 = _make_i8_multi(KIND_Q8_0)
+mmi_q4_0 = _make_i8_multi(KIND_Q4_0)
+mmi_q4_1 = _make_i8_multi(KIND_Q4_1)
+
+
+@njit(cache=True)
+def quantize_rows(h, xq, xd, xsq, xs2):
+    """Rows of h (n, cols) to int8 per block: xq (n, cols), xd and xsq (n, nb), xs2 (n, 2*nb) =
+    [sum x | sum x - xsq] per block (see quantize_x and the Q4_1 kernel)."""
+    n, cols = h.shape
+    nb = cols // 32
+    for t in range(n):
+        quantize_x(h[t], xq[t], xd[t], xsq[t])
+        for b in range(nb):
+            s = np.float32(0.0)
+            for i in range(32):
+                s += h[t, b * 32 + i]
+            xs2[t, b] = s
+            xs2[t, nb + b] = s - xsq[t, b]
+
+
+@njit(cache=True, parallel=True)
+def matmul_i8(kind, wu8, off, rows, cols, sc, soff, moff, xq, xd, xsq, xs2, out):
+    """out (n, rows) = x (n, cols) @ W.T for a Q8_0/Q4_0/Q4_1 matrix, x given quantized
+    (quantize_rows); rows in parallel, tokens MAXT at a time."""
+    nb = cols // 32
+    n = xq.shape[0]
+    bs = 34 if kind == KIND_Q8_0 else (18 if kind == KIND_Q4_0 else 20)
+    rs = nb * bs
+    nchunk = (rows + 63) // 64
+    for ch in prange(nchunk):
+        for r in range(ch * 64, min(rows, ch * 64 + 64)):
+            for t0 in range(0, n, MAXT):
+                nt = min(MAXT, n - t0)
+                if kind == KIND_Q8_0:
+                    mmi_q8_0(wu8, off + r * rs, nb, xq, xd, xsq, xs2, t0, nt, sc, soff + r * nb, 0, out, t0, r)
+                elif kind == KIND_Q4_0:
+                    mmi_q4_0(wu8, off + r * rs, nb, xq, xd, xsq, xs2, t0, nt, sc, soff + r * nb, 0, out, t0, r)
+                else:
+                    mmi_q4_1(wu8, off + r * rs, nb, xq, xd, xsq, xs2, t0, nt, sc, soff + r * nb,
+                             moff + r * nb, out, t0, r)

@@ -14,6 +14,7 @@ from numba import njit
 
 from ..errors import TensorError, UnsupportedError
 from ..kernels import qmatmul as qm
+from ..kernels import simd
 from ..kernels.attention import attend_one, masked_softmax
 from ..kernels.ops import ROPE_NEOX, ROPE_NORM, rmsnorm, rope, rope_inv_freq, silu_mul
 from ..kernels.qmatmul import FM, TAB_COLS, TAB_ROWS, TAB_WIDTH
@@ -25,6 +26,10 @@ K_Q, K_K, K_V, K_O, K_GATE, K_UP, K_DOWN = range(7)
 VECS = ("attn_norm.weight", "ffn_norm.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias")
 V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV = range(5)
 NATIVE = {qm.T_F32, qm.T_F16, qm.T_BF16, qm.T_Q8_0, qm.T_Q4_0, qm.T_Q4_1}
+# prompts of at most this many tokens run the quantized matmuls on int8 activations (weights read
+# once, as int8) instead of dequantize + float32 BLAS (see _matmul)
+I8_PREFILL_MAX = 32
+I8_KINDS = {qm.T_Q8_0: simd.KIND_Q8_0, qm.T_Q4_0: simd.KIND_Q4_0, qm.T_Q4_1: simd.KIND_Q4_1}
 
 
 class LlamaModel:
@@ -129,6 +134,18 @@ class LlamaModel:
         if self.observer is not None:
             self.observer(self._names[int(tab[0])], h)
         rows, cols = int(tab[TAB_ROWS]), int(tab[TAB_COLS])
+        n = h.shape[0]
+        kind = I8_KINDS.get(int(tab[qm.TAB_TYPE]))
+        if s.use_i8 and kind is not None and n <= I8_PREFILL_MAX and out.flags.c_contiguous:
+            # a short prompt: int8 activations, each weight block read once for all tokens
+            nb = cols // 32
+            xq = s.pxq[:n * cols].reshape(n, cols)       # contiguous: the kernels index rows by cols
+            xd, xsq = s.pxd[:n * nb].reshape(n, nb), s.pxsq[:n * nb].reshape(n, nb)
+            xs2 = s.pxs2[:2 * n * nb].reshape(n, 2 * nb)
+            simd.quantize_rows(h, xq, xd, xsq, xs2)
+            simd.matmul_i8(kind, self.wu8, int(tab[qm.TAB_OFF]), rows, cols, self.sc, int(tab[qm.TAB_SOFF]),
+                           int(tab[qm.TAB_MOFF]), xq, xd, xsq, xs2, out)
+            return
         tile = s.wbuf.shape[0] // cols
         for r0 in range(0, rows, tile):
             r1 = min(rows, r0 + tile)
@@ -246,6 +263,13 @@ class Scratch:
         self.xq = np.zeros(max(c.dim, c.n_ff, c.q_dim), np.int8)
         self.xd = np.zeros_like(self.xsum)
         self.xsq = np.zeros(4 * self.xsum.shape[0], f)   # see qmatmul.prep_x
+        # short prompts on int8 activations (LlamaModel._matmul)
+        ni = min(nb, I8_PREFILL_MAX)
+        mc = max(c.dim, c.n_ff, c.q_dim)
+        self.pxq = np.zeros(ni * mc, np.int8)
+        self.pxd = np.zeros(ni * (mc // 32), f)
+        self.pxsq = np.zeros(ni * (mc // 32), f)
+        self.pxs2 = np.zeros(2 * ni * (mc // 32), f)
         self.starts = np.zeros(4, np.int64)
         self.posv = np.zeros(1, np.int64)          # position of the token being decoded
         import numba
