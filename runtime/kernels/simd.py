@@ -221,12 +221,12 @@ def _make_dequant(kind):
     return dequant
 
 
-def _row_switch(builder, nrows):
-    """`switch nrows` with one block per row count 1..MAXR (the code is specialised per count);
+def _row_switch(builder, nrows, most=MAXR):
+    """`switch nrows` with one block per count 1..most (the code is specialised per count);
     returns [(block, count)] and the join block."""
     fn = builder.function
     end = fn.append_basic_block("rows.end")
-    cases = [(fn.append_basic_block(f"rows.{n}"), n) for n in range(1, MAXR + 1)]
+    cases = [(fn.append_basic_block(f"rows.{n}"), n) for n in range(1, most + 1)]
     sw = builder.switch(nrows, end)
     for bb, n in cases:
         sw.add_case(ir.Constant(nrows.type, n), bb)
@@ -351,6 +351,45 @@ def _dot_u8s8(builder, u, s):
     return builder.call(_decl(builder, "llvm.x86.avx2.pmadd.wd", V8I, [V16S, V16S]), [p16, ones])
 
 
+def _i8_weights(builder, kind, wp, boff):
+    """A block's quants as 32 unsigned bytes for vpmaddubsw, and (Q8_0) the sign mask that moves
+    the weights' signs onto the activations."""
+    c = lambda v: ir.Constant(I64, v)  # noqa: E731
+    if kind == KIND_Q8_0:
+        wv = _vload(builder, wp, builder.add(boff, c(2)), V32B)
+        neg = builder.icmp_signed("<", wv, ir.Constant(V32B, [0] * 32))
+        return builder.select(neg, builder.neg(wv), wv), neg
+    hdr = 2 if kind == KIND_Q4_0 else 4
+    q = _vload(builder, wp, builder.add(boff, c(hdr)), ir.VectorType(I8, 16))
+    lo = builder.and_(q, ir.Constant(ir.VectorType(I8, 16), [15] * 16))
+    hi = builder.lshr(q, ir.Constant(ir.VectorType(I8, 16), [4] * 16))
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32)))), None
+
+
+def _i8_dot(builder, aw, neg, xv):
+    if neg is not None:
+        xv = builder.select(neg, builder.neg(xv), xv)
+    return _dot_u8s8(builder, aw, xv)
+
+
+def _i8_offset_term(builder, kind, d, m, xsb, xcb):
+    """Per block: Q4_0 accumulates d * dx * sum(xq) (times -8 at the end); Q4_1 adds
+    m * sum(x) + 8 d * (sum(x) - dx * sum(xq)), re-centring its unsigned quants so that the int8
+    rounding error multiplies q - 8 instead of q."""
+    if kind == KIND_Q4_0:
+        return builder.fmul(d, xsb)
+    return builder.fadd(builder.fmul(m, xsb), builder.fmul(builder.fmul(ir.Constant(F32, 8.0), d), xcb))
+
+
+def _i8_result(builder, kind, acc, offs):
+    s = _hsum(builder, acc)
+    if kind == KIND_Q4_1:
+        return builder.fadd(s, offs)
+    if kind == KIND_Q4_0:
+        return builder.fsub(s, builder.fmul(ir.Constant(F32, 8.0), offs))
+    return s
+
+
 def _make_i8(kind):
     bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20}[kind]
 
@@ -382,45 +421,25 @@ def _make_i8(kind):
                             boff = builder.add(roff, builder.mul(b, c(bsize)))
                             if PF_DIST:
                                 _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
-                            if kind == KIND_Q8_0:
-                                wv = _vload(builder, wp, builder.add(boff, c(2)), V32B)
-                                neg = builder.icmp_signed("<", wv, ir.Constant(V32B, [0] * 32))
-                                aw = builder.select(neg, builder.neg(wv), wv)
-                                sx = builder.select(neg, builder.neg(xv), xv)
-                                dot = _dot_u8s8(builder, aw, sx)
-                            else:
-                                hdr = 2 if kind == KIND_Q4_0 else 4
-                                q = _vload(builder, wp, builder.add(boff, c(hdr)), ir.VectorType(I8, 16))
-                                lo = builder.and_(q, ir.Constant(ir.VectorType(I8, 16), [15] * 16))
-                                hi = builder.lshr(q, ir.Constant(ir.VectorType(I8, 16), [4] * 16))
-                                w32 = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-                                dot = _dot_u8s8(builder, w32, xv)
+                            aw, neg = _i8_weights(builder, kind, wp, boff)
+                            dot = _i8_dot(builder, aw, neg, xv)
                             si = builder.add(soff_, builder.add(builder.mul(c(r), nb_), b))
                             d = builder.load(builder.gep(scp, [si]))
                             acc = _vfma(builder, _bcast(builder, builder.fmul(d, dx)),
                                         builder.sitofp(dot, V8F), builder.load(accs[r]))
                             builder.store(acc, accs[r])
-                            if kind == KIND_Q4_1:
-                                # + m * sum(x) + 8 d * (sum(x) - dx * sum(xq)): the second term
-                                # re-centres the unsigned quants, so that the int8 rounding error
-                                # multiplies q - 8 instead of q (xs = [sum(x) | sum(x) - xsq])
-                                mi = builder.add(moff_, builder.add(builder.mul(c(r), nb_), b))
-                                m = builder.load(builder.gep(scp, [mi]))
+                            if kind != KIND_Q8_0:
                                 xsb = builder.load(builder.gep(xsp, [b]))
-                                xcb = builder.load(builder.gep(xsp, [builder.add(b, nb_)]))
-                                corr = builder.fadd(builder.fmul(m, xsb),
-                                                    builder.fmul(builder.fmul(ir.Constant(F32, 8.0), d), xcb))
-                                builder.store(builder.fadd(builder.load(mins[r]), corr), mins[r])
-                            elif kind == KIND_Q4_0:     # - 8 * d * dx * sum(xq of the block)
-                                xsb = builder.load(builder.gep(xsp, [b]))
-                                builder.store(builder.fadd(builder.load(mins[r]), builder.fmul(d, xsb)), mins[r])
+                                m = xcb = None
+                                if kind == KIND_Q4_1:
+                                    mi = builder.add(moff_, builder.add(builder.mul(c(r), nb_), b))
+                                    m = builder.load(builder.gep(scp, [mi]))
+                                    xcb = builder.load(builder.gep(xsp, [builder.add(b, nb_)]))
+                                term = _i8_offset_term(builder, kind, d, m, xsb, xcb)
+                                builder.store(builder.fadd(builder.load(mins[r]), term), mins[r])
                     for r in range(nr):
-                        s = _hsum(builder, builder.load(accs[r]))
-                        if kind == KIND_Q4_1:
-                            s = builder.fadd(s, builder.load(mins[r]))
-                        elif kind == KIND_Q4_0:
-                            s = builder.fsub(s, builder.fmul(ir.Constant(F32, 8.0), builder.load(mins[r])))
-                        builder.store(s, builder.gep(outp, [builder.add(o0_, c(r))]))
+                        res = _i8_result(builder, kind, builder.load(accs[r]), builder.load(mins[r]))
+                        builder.store(res, builder.gep(outp, [builder.add(o0_, c(r))]))
                     builder.branch(end)
             builder.position_at_end(end)
             return context.get_dummy_value()
@@ -481,16 +500,6 @@ def rows_i8(kind, wu8, off, cols, sc, soff, moff, xq, xd, xs, out, o0, r0, r1):
 MAXT = 8
 
 
-def _token_switch(builder, ntok):
-    fn = builder.function
-    end = fn.append_basic_block("tok.end")
-    cases = [(fn.append_basic_block(f"tok.{n}"), n) for n in range(1, MAXT + 1)]
-    sw = builder.switch(ntok, end)
-    for bb, n in cases:
-        sw.add_case(ir.Constant(ntok.type, n), bb)
-    return cases, end
-
-
 def _make_i8_multi(kind):
     bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20}[kind]
 
@@ -515,7 +524,7 @@ def _make_i8_multi(kind):
             accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXT)]
             mins = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(MAXT)]
             cols = builder.mul(nb_, c(32))
-            cases, end = _token_switch(builder, ntok_)
+            cases, end = _row_switch(builder, ntok_, MAXT)
             for bb, nt in cases:
                 with builder.goto_block(bb):
                     with cgutils.for_range(builder, nb_) as loop:
@@ -523,47 +532,30 @@ def _make_i8_multi(kind):
                         boff = builder.add(woff_, builder.mul(b, c(bsize)))
                         _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
                         d = builder.load(builder.gep(scp, [builder.add(soff_, b)]))
-                        if kind == KIND_Q8_0:
-                            wv = _vload(builder, wp, builder.add(boff, c(2)), V32B)
-                            neg = builder.icmp_signed("<", wv, ir.Constant(V32B, [0] * 32))
-                            aw = builder.select(neg, builder.neg(wv), wv)
-                        else:
-                            hdr = 2 if kind == KIND_Q4_0 else 4
-                            q = _vload(builder, wp, builder.add(boff, c(hdr)), ir.VectorType(I8, 16))
-                            lo = builder.and_(q, ir.Constant(ir.VectorType(I8, 16), [15] * 16))
-                            hi = builder.lshr(q, ir.Constant(ir.VectorType(I8, 16), [4] * 16))
-                            aw = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-                            if kind == KIND_Q4_1:
-                                m = builder.load(builder.gep(scp, [builder.add(moff_, b)]))
+                        aw, neg = _i8_weights(builder, kind, wp, boff)
+                        m = builder.load(builder.gep(scp, [builder.add(moff_, b)])) if kind == KIND_Q4_1 else None
                         for t in range(nt):
                             tok = builder.add(t0_, c(t))
                             xv = _vload(builder, xqp, builder.add(builder.mul(tok, cols), builder.mul(b, c(32))), V32B)
-                            if kind == KIND_Q8_0:
-                                xv = builder.select(neg, builder.neg(xv), xv)
-                            dot = _dot_u8s8(builder, aw, xv)
+                            dot = _i8_dot(builder, aw, neg, xv)
                             tb = builder.add(builder.mul(tok, nb_), b)
                             dx = builder.load(builder.gep(xdp, [tb]))
                             acc = _vfma(builder, _bcast(builder, builder.fmul(d, dx)),
                                         builder.sitofp(dot, V8F), builder.load(accs[t]))
                             builder.store(acc, accs[t])
-                            if kind == KIND_Q4_0:
-                                xsb = builder.load(builder.gep(xsqp, [tb]))
-                                builder.store(builder.fadd(builder.load(mins[t]), builder.fmul(d, xsb)), mins[t])
-                            elif kind == KIND_Q4_1:
-                                t2 = builder.add(builder.mul(tok, builder.mul(nb_, c(2))), b)
-                                xsb = builder.load(builder.gep(xs2p, [t2]))
-                                xcb = builder.load(builder.gep(xs2p, [builder.add(t2, nb_)]))
-                                corr = builder.fadd(builder.fmul(m, xsb),
-                                                    builder.fmul(builder.fmul(ir.Constant(F32, 8.0), d), xcb))
-                                builder.store(builder.fadd(builder.load(mins[t]), corr), mins[t])
+                            if kind != KIND_Q8_0:
+                                if kind == KIND_Q4_0:
+                                    xsb, xcb = builder.load(builder.gep(xsqp, [tb])), None
+                                else:
+                                    t2 = builder.add(builder.mul(tok, builder.mul(nb_, c(2))), b)
+                                    xsb = builder.load(builder.gep(xs2p, [t2]))
+                                    xcb = builder.load(builder.gep(xs2p, [builder.add(t2, nb_)]))
+                                term = _i8_offset_term(builder, kind, d, m, xsb, xcb)
+                                builder.store(builder.fadd(builder.load(mins[t]), term), mins[t])
                     for t in range(nt):
-                        s = _hsum(builder, builder.load(accs[t]))
-                        if kind == KIND_Q4_1:
-                            s = builder.fadd(s, builder.load(mins[t]))
-                        elif kind == KIND_Q4_0:
-                            s = builder.fsub(s, builder.fmul(ir.Constant(F32, 8.0), builder.load(mins[t])))
+                        res = _i8_result(builder, kind, builder.load(accs[t]), builder.load(mins[t]))
                         oi = builder.add(builder.mul(builder.add(orow_, c(t)), ocols), ocol_)
-                        builder.store(s, builder.gep(outp, [oi]))
+                        builder.store(res, builder.gep(outp, [oi]))
                     builder.branch(end)
             builder.position_at_end(end)
             return context.get_dummy_value()
