@@ -27,9 +27,10 @@ def test_int8_decode_close_to_float(smollm2, smollm2_path):
                 llm.engine.prefill(ids[:-1], reuse=False)
                 got.append(llm.engine.decode(ids[-1]).copy())
             lf, li = got
-            # measured 0.52-0.66 on these prompts (logit range ~45); float vs float is ~1e-5
-            assert np.abs(lf - li).max() < 1.5
-            assert np.abs(lf - li).mean() < 0.2
+            # int8 in the prompt's prefill (short prompts) and in decode: measured max 0.74-0.95,
+            # mean 0.12-0.16 on these prompts (logit range ~45); float vs float is ~1e-5
+            assert np.abs(lf - li).max() < 2.0
+            assert np.abs(lf - li).mean() < 0.3
             assert lf.argmax() == li.argmax()
             assert not np.array_equal(lf, li)        # the int8 path did run
     finally:
