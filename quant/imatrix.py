@@ -20,13 +20,13 @@ that matmul uses; an untied model's token_embd.weight (a lookup table) has no en
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from infer.errors import InferError
+from infer.npz_file import write_npz_atomic
 
 FORMAT = "infer-imatrix-1"
 IDENTITY = ("arch", "n_layers", "n_embd", "n_ff", "n_heads", "n_kv_heads", "n_vocab")
@@ -113,19 +113,7 @@ class ImportanceMatrix:
             arrays[f"model_{k}"] = np.array(v)
         for k, v in self.source.items():
             arrays[f"source_{k}"] = np.array(v)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise ImatrixError(f"{path}: cannot write the importance matrix ({e.strerror or e})") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_npz_atomic(path, arrays, "the importance matrix", ImatrixError)
         return path
 
     @classmethod

@@ -24,7 +24,7 @@ from typing import Callable
 from infer.quant.imatrix import ImportanceMatrix
 
 from .errors import ContextError, InferError
-from .perplexity import read_text
+from .perplexity import read_text, text_arg
 
 log = logging.getLogger("infer")
 
@@ -47,15 +47,7 @@ def calibrate(llm_or_path, text, n_ctx: int = 512, n_chunks: int | None = None,
     n_chunks: use only the first n_chunks chunks (default: all).
     progress: called after each chunk as progress(chunks_done, n_chunks).
     """
-    if isinstance(text, (str, bytes)):
-        source = "text"
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "surrogateescape")
-    elif isinstance(text, os.PathLike):
-        source = os.fspath(text)
-        text = read_text(text)
-    else:
-        raise InferError(f"calibrate() takes the text as str or a file path, not {type(text).__name__}")
+    text, source = text_arg(text, "calibrate")
     n_ctx = int(n_ctx)
     if n_ctx < MIN_TAIL:
         raise InferError(f"n_ctx must be at least {MIN_TAIL} (got {n_ctx})")

@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ContextError, InferError
+from .npz_file import write_npz_atomic
 
 log = logging.getLogger("infer")
 
@@ -83,6 +84,18 @@ class PerplexityResult:
         """Running PPL after each chunk (what llama-perplexity prints as [1]x,[2]y,...)."""
         per = self.n_tokens_scored // max(1, self.n_chunks)
         return np.exp(np.cumsum(self.chunk_nll) / (per * np.arange(1, self.n_chunks + 1)))
+
+
+def text_arg(text, caller: str) -> tuple[str, str]:
+    """(text, source) from a text argument: a str or bytes is the text itself, a path
+    (os.PathLike) is read with read_text."""
+    if isinstance(text, (str, bytes)):
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "surrogateescape")
+        return text, "text"
+    if isinstance(text, os.PathLike):
+        return read_text(text), os.fspath(text)
+    raise InferError(f"{caller}() takes the text as str or a file path, not {type(text).__name__}")
 
 
 def read_text(path) -> str:
@@ -143,21 +156,6 @@ def _top_k(logp: np.ndarray, k: int):
 
 
 # --- the KL base file -----------------------------------------------------------------------------
-def _write_npz_atomic(path: Path, arrays: dict):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InferError(f"{path}: cannot write KL base file ({e.strerror})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class _KLBase:
@@ -215,12 +213,13 @@ class _KLWriter:
         self.target.append(logp[np.arange(len(logp)), targets].astype(np.float32))
 
     def save(self, path, n_ctx, n_vocab, tokens, model):
-        _write_npz_atomic(path, {
+        write_npz_atomic(path, {
             "format": np.array(KL_FORMAT), "model": np.array(str(model)),
             "n_ctx": np.array(n_ctx, np.int64), "n_vocab": np.array(n_vocab, np.int64),
             "tokens": np.asarray(tokens, np.int32),
             "topk_ids": np.concatenate(self.ids), "topk_logp": np.concatenate(self.top),
-            "rest_logp": np.concatenate(self.rest), "target_logp": np.concatenate(self.target)})
+            "rest_logp": np.concatenate(self.rest), "target_logp": np.concatenate(self.target)},
+            "KL base file")
 
 
 class _KLCompare:
@@ -289,15 +288,7 @@ def perplexity(llm_or_path, text, n_ctx: int = 512, n_chunks: int | None = None,
     """
     if kl_base is not None and kl is not None:
         raise InferError("give at most one of kl_base (write base log-probs) and kl (compare against them)")
-    if isinstance(text, (str, bytes)):
-        source = "text"
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "surrogateescape")
-    elif isinstance(text, os.PathLike):
-        source = os.fspath(text)
-        text = read_text(text)
-    else:
-        raise InferError(f"perplexity() takes the text as str or a file path, not {type(text).__name__}")
+    text, source = text_arg(text, "perplexity")
     n_ctx = int(n_ctx)
     if n_ctx < 4:
         raise InferError(f"n_ctx must be at least 4 (got {n_ctx})")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InferError, StateError
+from .npz_file import write_npz_atomic
 
 FORMAT = "infer-session"
 VERSION = 1
@@ -67,19 +68,7 @@ def save(path, llm, extra=None):
         hb = json.dumps(header).encode()
     except (TypeError, ValueError) as e:
         raise InferError(f"{path}: session data is not JSON-serializable ({e})") from None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, header=np.frombuffer(hb, np.uint8), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise InferError(f"{path}: cannot write session file ({e.strerror or e})") from None
+    write_npz_atomic(path, {"header": np.frombuffer(hb, np.uint8), **arrays}, "session file")
 
 
 def load(path, llm):
