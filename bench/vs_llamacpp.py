@@ -66,8 +66,8 @@ def worker_infer(a) -> dict:
     toks = [int(x) for x in a.tokens.split(",")]
     llm = infer.LLM(a.model, n_ctx=max(a.pp, a.tg) + 16, n_threads=a.threads, n_batch=512)
     load = time.perf_counter() - t0
-    set_threads(a.threads)
     e = llm.engine
+    set_threads(a.threads, e)
     pp, ttft, tg = [], [], []
     if a.pp:
         time_prefill(e, toks[:a.pp])

@@ -109,6 +109,7 @@ class LLM:
             self._set_threads()
             self.engine = Engine(self.model, self.n_ctx, min(n_batch, self.n_ctx), self.n_threads,
                                  context_policy, n_keep, int8_activations)
+            self._set_threads()
         except BaseException:
             self._gf.close()
             raise
@@ -138,9 +139,10 @@ class LLM:
     def _set_threads(self):
         import numba
         numba.set_num_threads(max(1, min(self.n_threads, numba.config.NUMBA_NUM_THREADS)))
+        eng = getattr(self, "engine", None)
         try:
             from threadpoolctl import threadpool_limits
-            threadpool_limits(self.n_threads, user_api="blas")
+            threadpool_limits(self.n_threads if eng is None else eng.scratch.blas_threads, user_api="blas")
         except ImportError:  # pragma: no cover - a declared dependency
             pass
 
@@ -288,6 +290,9 @@ class LLM:
     # --- lifetime -------------------------------------------------------------------------------
     def close(self):
         gf, self._gf = getattr(self, "_gf", None), None
+        eng = getattr(self, "engine", None)
+        if eng is not None:
+            eng.scratch.close()
         self.engine = self.model = None
         if gf is not None:
             gf.close()

@@ -109,12 +109,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def set_threads(n: int) -> None:
+def set_threads(n: int, engine=None) -> None:
+    """Numba's threads, and BLAS's: n, or what the engine's prefill wants (one thread when its
+    matmuls run in Numba, see llama.Scratch.blas_threads)."""
     import numba
     numba.set_num_threads(n)
     try:
         from threadpoolctl import threadpool_limits
-        threadpool_limits(n, user_api="blas")
+        threadpool_limits(n if engine is None else engine.scratch.blas_threads, user_api="blas")
     except ImportError:  # pragma: no cover - a declared dependency
         pass
 
@@ -191,7 +193,7 @@ def run_bench(path, threads=(1,), n_prompt: int = 512, n_gen: int = 128, reps: i
 
 
 def _measure(e, info, t, toks, n_prompt, n_gen, reps, n_batch, warmup, say) -> list[dict]:
-    set_threads(t)
+    set_threads(t, e)
     rows = []
     if n_prompt:
         if warmup:

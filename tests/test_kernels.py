@@ -117,6 +117,49 @@ def test_int8_activation_matvec(tname, shape):
     assert (np.abs(out[3:] - outf) <= bound + 1e-4 * (1 + np.abs(outf))).all()
 
 
+@pytest.mark.skipif(not simd.HAVE_AVX2, reason="int8 activation kernels need AVX2")
+@pytest.mark.parametrize("tname", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("shape,n", [((1, 32), 1), ((5, 64), 8), ((37, 96), 9), ((13, 4096), 13),
+                                     ((70, 576), 23), ((3, 11008), 17)])
+def test_int8_activation_matmul(tname, shape, n):
+    """The prompt's int8 matmul (n tokens x rows, column slices, 8-token groups, a ragged last
+    group) == the dequantized weights times each token's dequantized int8 activations, and
+    equal to the one-token int8 kernel up to float rounding."""
+    rng = np.random.default_rng([11, list(TYPES).index(tname), *shape, n])
+    rows, cols = shape
+    nb = cols // 32
+    w = rng.standard_normal(shape).astype(np.float32) * 0.05
+    buf, tab, sc, ref = pack(w, tname)
+    h = rng.standard_normal((n, cols)).astype(np.float32)
+    h[:, 3] = 9.0
+    kind = {"Q8_0": simd.KIND_Q8_0, "Q4_0": simd.KIND_Q4_0, "Q4_1": simd.KIND_Q4_1}[tname]
+    xq = np.zeros((n, cols), np.int8)
+    xg = np.full(((n + simd.MAXT - 1) // simd.MAXT, 4, nb, simd.MAXT), np.nan, np.float32)
+    simd.quantize_rows(h, xq, xg)
+    out = np.full((n, rows), np.nan, np.float32)
+    simd.matmul_i8(kind, buf, int(tab[0]), rows, cols, sc, int(tab[qm.TAB_SOFF]), int(tab[qm.TAB_MOFF]),
+                   xq, xg, out, 2)
+    xd = xg[:, 0].transpose(0, 2, 1).reshape(-1, nb)[:n]          # (n, nb) scales of the tokens
+    xhat = (xq.astype(np.float64).reshape(n, nb, 32) * xd[:, :, None]).reshape(n, cols)
+    want = xhat @ ref.T.astype(np.float64)
+    if tname == "Q4_1":     # re-centred as in the one-token kernel (test_int8_activation_matvec)
+        d = sc[tab[qm.TAB_SOFF]:tab[qm.TAB_SOFF] + rows * nb].reshape(rows, nb, 1).astype(np.float64)
+        m = sc[tab[qm.TAB_MOFF]:tab[qm.TAB_MOFF] + rows * nb].reshape(rows, nb, 1).astype(np.float64)
+        cen = np.broadcast_to(m + 8 * d, (rows, nb, 32)).reshape(rows, cols)
+        want = xhat @ (ref - cen).T + h.astype(np.float64) @ cen.T
+    assert nmse(out, want) <= 1e-10
+    tmp = np.zeros((8, cols), np.uint32)
+    for t in (0, n - 1):
+        xsum, xq1 = np.zeros(nb + 1, np.float32), np.zeros(cols, np.int8)
+        xd1, xsq1 = np.zeros(nb + 1, np.float32), np.zeros(4 * (nb + 1), np.float32)
+        qm.prep_x(h[t], xsum, xq1, xd1, xsq1, True)
+        one = np.zeros(rows, np.float32)
+        qm.matvec_group(buf, tab.reshape(1, -1), sc, h[t], xsum, one, np.array([0]), 8, np.zeros(4, np.int64),
+                        tmp, xq1, xd1, xsq1)
+        assert np.array_equal(xq1, xq[t])
+        np.testing.assert_allclose(out[t], one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
+
+
 def test_matvec_group_several_tensors():
     rng = np.random.default_rng(1)
     cols = 128

@@ -37,7 +37,7 @@ def attend_one(q, kc, vc, n_filled, scale, n_heads, n_kv, head_dim, scores, out)
                 out[qo + d] += p * vc[kvh, j, d]
 
 
-@njit(cache=True, fastmath=FM)
+@njit(cache=True, fastmath=FM, nogil=True)
 def masked_softmax(s, qpos, group, kpos, n_filled, scale):
     """Prefill scores s (n*group, n_slots) for queries (row t*group+g at position qpos[t]):
     scale, mask slots with kpos > qpos or beyond n_filled, softmax in place."""

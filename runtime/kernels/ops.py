@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .qmatmul import FM
 
@@ -59,11 +59,11 @@ def rope(x, n_heads, head_dim, rope_dim, positions, inv_freq, mode):
                 x[t, b] = x0 * s + x1 * c
 
 
-@njit(cache=True, fastmath=FM)
+@njit(cache=True, fastmath=FM, parallel=True)
 def silu_mul(g, u, out):
-    """out = silu(g) * u, element-wise over (n, ff)."""
+    """out = silu(g) * u, element-wise over (n, ff); rows in parallel (a prompt's chunk)."""
     n, m = g.shape
-    for i in range(n):
+    for i in prange(n):
         for j in range(m):
             v = g[i, j]
             out[i, j] = v / (np.float32(1.0) + np.float32(math.exp(-v))) * u[i, j]

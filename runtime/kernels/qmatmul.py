@@ -347,3 +347,33 @@ def prep_x(x, xsum, xq, xd, xsq, use_i8):
         for b in range(nb):
             xsq[h - nb + b] = xsum[b]
             xsq[h + b] = xsum[b] - xsq[b]
+
+
+@njit(cache=True, parallel=True)
+def matmul_i8_group(wu8, tabs, sc, xq, xg, out, n_threads, starts):
+    """Several Q8_0/Q4_0/Q4_1 matrices on the same int8 activations in one parallel region (the
+    prompt's q/k/v, gate/up): out (n, sum of rows), matrix j's rows at columns from
+    sum(rows of tabs[:j]). starts: (k+1,) int64 scratch."""
+    k = tabs.shape[0]
+    starts[0] = 0
+    for j in range(k):
+        kind = _i8_kind(tabs[j, TAB_TYPE])
+        rt = simd.mm_rows_per_task(tabs[j, TAB_ROWS], tabs[j, TAB_COLS], kind, n_threads)
+        starts[j + 1] = starts[j] + (tabs[j, TAB_ROWS] + rt - 1) // rt
+    for task in prange(starts[k]):
+        j = 0
+        ocol = 0
+        while starts[j + 1] <= task:
+            ocol += tabs[j, TAB_ROWS]
+            j += 1
+        rows, cols = tabs[j, TAB_ROWS], tabs[j, TAB_COLS]
+        kind = _i8_kind(tabs[j, TAB_TYPE])
+        rt = simd.mm_rows_per_task(rows, cols, kind, n_threads)
+        r0 = (task - starts[j]) * rt
+        simd.mm_rows(kind, wu8, tabs[j, TAB_OFF], cols, sc, tabs[j, TAB_SOFF], tabs[j, TAB_MOFF], xq, xg,
+                     out, ocol, r0, min(rows, r0 + rt))
+
+
+@njit(cache=True)
+def _i8_kind(t):
+    return simd.KIND_Q8_0 if t == T_Q8_0 else (simd.KIND_Q4_0 if t == T_Q4_0 else simd.KIND_Q4_1)

@@ -492,70 +492,106 @@ def rows_i8(kind, wu8, off, cols, sc, soff, moff, xq, xd, xs, out, o0, r0, r1):
             mvi_q4_1(wu8, off + r * rs, rs, nb, xq, xd, sc, soff + r * nb, out, o0 + r, n, xs, moff + r * nb)
 
 
-# --- several tokens at once (short prompts) -------------------------------------------------------
-# A prompt of a few tokens through dequantize + BLAS reads every weight as float32 (4 bytes a
-# weight, twice); here each block of a row is loaded and unpacked once and multiplied with up to
-# MAXT tokens' int8 activations, one accumulator per token.
+# --- several tokens at once (prefill) -------------------------------------------------------------
+# Each block of a weight row is loaded and unpacked once and multiplied with up to MAXT tokens'
+# int8 activations, one <8 x float> accumulator per token. The per-block scalars of the tokens
+# (scales, offset sums) sit in `xg` as vectors of MAXT tokens, so that one vmulps gives all MAXT
+# products d_w * d_x and one fma all Q4 offset terms; per token and block the work is the dot
+# product (Q8_0: vpsignb, vpmaddubsw, vpmaddwd), vcvtdq2ps, one lane broadcast and one fma.
+# (The first version did the scalar work per token: about 1.5x slower.)
 
 MAXT = 8
+XG_D, XG_SQ, XG_S, XG_C = range(4)   # xg fields: d_x, d_x*sum(xq), sum(x), sum(x) - d_x*sum(xq)
+
+
+def _psign(builder, x, w):
+    """x with the signs of w (vpsignb: -x where w < 0, 0 where w == 0)."""
+    return builder.call(_decl(builder, "llvm.x86.avx2.psign.b", V32B, [V32B, V32B]), [x, w])
+
+
+def _clobber(builder, ptr):
+    """Compiler barrier: an empty asm that may read and write memory through ptr, so the stores
+    before it stay and the loads after it read memory."""
+    fty = ir.FunctionType(ir.VoidType(), [ptr.type])
+    builder.asm(fty, "", "r,~{memory}", [ptr], side_effect=True)
 
 
 def _make_i8_multi(kind):
     bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20}[kind]
 
     @intrinsic
-    def kernel(typingctx, w, woff, nb, xq, xd, xsq, xs2, t0, ntok, sc, soff, moff, out, orow, ocol):
-        """Row at byte woff times tokens t0..t0+ntok: out[orow + t, ocol] for t < ntok.
-        xq int8 (n, 32*nb); xd, xsq float32 (n, nb); xs2 float32 (n, 2*nb) = [sum x | sum x - xsq]."""
-        sig = types.void(w, woff, nb, xq, xd, xsq, xs2, t0, ntok, sc, soff, moff, out, orow, ocol)
+    def kernel(typingctx, w, woff, nb, b0, nbk, xq, xg, g, ntok, sc, soff, moff, out, orow, ocol):
+        """Blocks b0..b0+nbk of the row at byte woff (nb blocks) times tokens 8g..8g+ntok, added to
+        out[orow + t, ocol] for t < ntok. xq int8 (n, 32*nb); xg float32 (ceil(n/8), 4, nb, 8): per
+        token group, field and block the MAXT tokens' d_x, d_x*sum(xq), sum(x), sum(x) - d_x*sum(xq)
+        (quantize_rows)."""
+        sig = types.void(w, woff, nb, b0, nbk, xq, xg, g, ntok, sc, soff, moff, out, orow, ocol)
 
         def codegen(context, builder, signature, args):
-            w_, woff_, nb_, xq_, xd_, xsq_, xs2_, t0_, ntok_, sc_, soff_, moff_, out_, orow_, ocol_ = args
+            w_, woff_, nb_, b0_, nbk_, xq_, xg_, g_, ntok_, sc_, soff_, moff_, out_, orow_, ocol_ = args
             at = signature.args
             arr = lambda i, v: context.make_array(at[i])(context, builder, v)  # noqa: E731
             wp = builder.bitcast(arr(0, w_).data, I8.as_pointer())
-            xqp = builder.bitcast(arr(3, xq_).data, I8.as_pointer())
-            xdp, xsqp, xs2p = arr(4, xd_).data, arr(5, xsq_).data, arr(6, xs2_).data
+            xqp = builder.bitcast(arr(5, xq_).data, I8.as_pointer())
+            xgp = arr(6, xg_).data
             scp = arr(9, sc_).data
             oa = arr(12, out_)
             outp = oa.data
             ocols = builder.extract_value(oa.shape, 1)
             c = lambda v: ir.Constant(I64, v)  # noqa: E731
             accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXT)]
-            mins = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(MAXT)]
+            offs = cgutils.alloca_once_value(builder, ZERO8)
+            # the MAXT products d_w * d_x go through memory: a broadcast from memory is a bare load,
+            # where broadcasting lane t of a register takes two shuffles (the barrier keeps LLVM
+            # from forwarding the stored vector, which brings the shuffles back)
+            svbuf = cgutils.alloca_once_value(builder, ZERO8)
+            svf = builder.bitcast(svbuf, F32.as_pointer())
             cols = builder.mul(nb_, c(32))
+            t0 = builder.mul(g_, c(MAXT))
+            gbase = builder.mul(builder.mul(g_, c(4)), nb_)          # xg[g, 0, 0, 0] / MAXT
+
+            def xgv(field, b):
+                return _xvec(builder, xgp, builder.mul(builder.add(builder.add(gbase, builder.mul(c(field), nb_)), b),
+                                                       c(MAXT)))
             cases, end = _row_switch(builder, ntok_, MAXT)
             for bb, nt in cases:
                 with builder.goto_block(bb):
-                    with cgutils.for_range(builder, nb_) as loop:
-                        b = loop.index
+                    with cgutils.for_range(builder, nbk_) as loop:
+                        b = builder.add(b0_, loop.index)
                         boff = builder.add(woff_, builder.mul(b, c(bsize)))
                         _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
                         d = builder.load(builder.gep(scp, [builder.add(soff_, b)]))
-                        aw, neg = _i8_weights(builder, kind, wp, boff)
-                        m = builder.load(builder.gep(scp, [builder.add(moff_, b)])) if kind == KIND_Q4_1 else None
+                        if kind == KIND_Q8_0:
+                            wv = _vload(builder, wp, builder.add(boff, c(2)), V32B)
+                            aw = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]),
+                                              [wv, ir.Constant(ir.IntType(1), 0)])
+                        else:
+                            aw, _ = _i8_weights(builder, kind, wp, boff)
+                        sv = builder.fmul(_bcast(builder, d), xgv(XG_D, b))     # d_w * d_x per token
+                        builder.store(sv, svbuf)
+                        _clobber(builder, svf)
                         for t in range(nt):
-                            tok = builder.add(t0_, c(t))
-                            xv = _vload(builder, xqp, builder.add(builder.mul(tok, cols), builder.mul(b, c(32))), V32B)
-                            dot = _i8_dot(builder, aw, neg, xv)
-                            tb = builder.add(builder.mul(tok, nb_), b)
-                            dx = builder.load(builder.gep(xdp, [tb]))
-                            acc = _vfma(builder, _bcast(builder, builder.fmul(d, dx)),
-                                        builder.sitofp(dot, V8F), builder.load(accs[t]))
-                            builder.store(acc, accs[t])
-                            if kind != KIND_Q8_0:
-                                if kind == KIND_Q4_0:
-                                    xsb, xcb = builder.load(builder.gep(xsqp, [tb])), None
-                                else:
-                                    t2 = builder.add(builder.mul(tok, builder.mul(nb_, c(2))), b)
-                                    xsb = builder.load(builder.gep(xs2p, [t2]))
-                                    xcb = builder.load(builder.gep(xs2p, [builder.add(t2, nb_)]))
-                                term = _i8_offset_term(builder, kind, d, m, xsb, xcb)
-                                builder.store(builder.fadd(builder.load(mins[t]), term), mins[t])
+                            xo = builder.add(builder.mul(builder.add(t0, c(t)), cols), builder.mul(b, c(32)))
+                            xv = _vload(builder, xqp, xo, V32B)
+                            if kind == KIND_Q8_0:
+                                xv = _psign(builder, xv, wv)
+                            dot = _dot_u8s8(builder, aw, xv)
+                            st = _bcast(builder, builder.load(builder.gep(svf, [c(t)])))
+                            builder.store(_vfma(builder, st, builder.sitofp(dot, V8F), builder.load(accs[t])), accs[t])
+                        if kind == KIND_Q4_0:       # d_w * d_x * sum(xq), times -8 at the end
+                            builder.store(_vfma(builder, _bcast(builder, d), xgv(XG_SQ, b), builder.load(offs)), offs)
+                        elif kind == KIND_Q4_1:     # m * sum(x) + 8 d * (sum(x) - d_x * sum(xq)), see _i8_offset_term
+                            m = builder.load(builder.gep(scp, [builder.add(moff_, b)]))
+                            o = _vfma(builder, _bcast(builder, m), xgv(XG_S, b), builder.load(offs))
+                            o = _vfma(builder, _bcast(builder, builder.fmul(ir.Constant(F32, 8.0), d)), xgv(XG_C, b), o)
+                            builder.store(o, offs)
+                    ov = builder.load(offs)
                     for t in range(nt):
-                        res = _i8_result(builder, kind, builder.load(accs[t]), builder.load(mins[t]))
+                        res = _i8_result(builder, kind, builder.load(accs[t]),
+                                         builder.extract_element(ov, ir.Constant(I32, t)))
                         oi = builder.add(builder.mul(builder.add(orow_, c(t)), ocols), ocol_)
-                        builder.store(res, builder.gep(outp, [oi]))
+                        op = builder.gep(outp, [oi])
+                        builder.store(builder.fadd(builder.load(op), res), op)
                     builder.branch(end)
             builder.position_at_end(end)
             return context.get_dummy_value()
@@ -570,39 +606,87 @@ mmi_q4_0 = _make_i8_multi(KIND_Q4_0)
 mmi_q4_1 = _make_i8_multi(KIND_Q4_1)
 
 
-@njit(cache=True)
-def quantize_rows(h, xq, xd, xsq, xs2):
-    """Rows of h (n, cols) to int8 per block: xq (n, cols), xd and xsq (n, nb), xs2 (n, 2*nb) =
-    [sum x | sum x - xsq] per block (see quantize_x and the Q4_1 kernel)."""
+@njit(cache=True, parallel=True)
+def quantize_rows(h, xq, xg):
+    """Rows of h (n, cols) to int8 per block of 32: xq (n, cols) and the per-block scalars in
+    xg (ceil(n/MAXT), 4, nb, MAXT): d_x (amax/127), d_x*sum(xq), sum(x), sum(x) - d_x*sum(xq),
+    token t at [t // MAXT, field, block, t % MAXT] (see quantize_x and the kernels above)."""
     n, cols = h.shape
     nb = cols // 32
-    for t in range(n):
-        quantize_x(h[t], xq[t], xd[t], xsq[t])
+    for t in prange(n):
+        g, lane = t // MAXT, t % MAXT
         for b in range(nb):
+            m = np.float32(0.0)
             s = np.float32(0.0)
             for i in range(32):
-                s += h[t, b * 32 + i]
-            xs2[t, b] = s
-            xs2[t, nb + b] = s - xsq[t, b]
+                v = h[t, b * 32 + i]
+                m = max(m, abs(v))
+                s += v
+            d = m / np.float32(127.0)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            qs = 0
+            for i in range(32):
+                q = np.int32(np.round(h[t, b * 32 + i] * inv))
+                xq[t, b * 32 + i] = q
+                qs += q
+            xg[g, XG_D, b, lane] = d
+            xg[g, XG_SQ, b, lane] = d * np.float32(qs)
+            xg[g, XG_S, b, lane] = s
+            xg[g, XG_C, b, lane] = s - d * np.float32(qs)
 
 
-@njit(cache=True, parallel=True)
-def matmul_i8(kind, wu8, off, rows, cols, sc, soff, moff, xq, xd, xsq, xs2, out):
-    """out (n, rows) = x (n, cols) @ W.T for a Q8_0/Q4_0/Q4_1 matrix, x given quantized
-    (quantize_rows); rows in parallel, tokens MAXT at a time."""
+# matmul_i8's work: tasks of rows (about 8 per thread, each task's rows of one column slice within
+# MM_ROW_BYTES so they stay in L2 while every token group passes) x column slices of MM_KB blocks
+# (8 tokens' int8 activations of a slice, 16 KiB, stay in L1 while the rows pass)
+MM_ROW_BYTES = 128 * 1024
+MM_KB = 64
+
+
+@njit(cache=True)
+def mm_rows_per_task(rows, cols, kind, n_threads):
+    """Rows per task of matmul_i8: about 8 tasks per thread, the task's rows of one column slice
+    within MM_ROW_BYTES, a multiple of 16 (tasks write whole 64-byte lines of out: shared lines
+    ping-pong between the cores)."""
+    bs = 34 if kind == KIND_Q8_0 else (18 if kind == KIND_Q4_0 else 20)
+    kb = min(cols // 32, MM_KB)
+    per_thread = (rows + 8 * n_threads - 1) // (8 * n_threads)
+    return max(16, min(64, MM_ROW_BYTES // (kb * bs), per_thread) // 16 * 16)
+
+
+@njit(cache=True)
+def mm_rows(kind, wu8, off, cols, sc, soff, moff, xq, xg, out, ocol, r0, r1):
+    """out[:, ocol + r] = x @ W[r] for rows r0 <= r < r1 of a Q8_0/Q4_0/Q4_1 matrix (one task of
+    matmul_i8): column slices of MM_KB blocks, within a slice MAXT tokens at a time."""
     nb = cols // 32
     n = xq.shape[0]
     bs = 34 if kind == KIND_Q8_0 else (18 if kind == KIND_Q4_0 else 20)
     rs = nb * bs
-    nchunk = (rows + 63) // 64
-    for ch in prange(nchunk):
-        for r in range(ch * 64, min(rows, ch * 64 + 64)):
-            for t0 in range(0, n, MAXT):
-                nt = min(MAXT, n - t0)
+    kb = min(nb, MM_KB)
+    for t in range(n):
+        for r in range(r0, r1):
+            out[t, ocol + r] = 0.0
+    for b0 in range(0, nb, kb):
+        nbk = min(kb, nb - b0)
+        for g in range((n + MAXT - 1) // MAXT):
+            nt = min(MAXT, n - g * MAXT)
+            for r in range(r0, r1):
                 if kind == KIND_Q8_0:
-                    mmi_q8_0(wu8, off + r * rs, nb, xq, xd, xsq, xs2, t0, nt, sc, soff + r * nb, 0, out, t0, r)
+                    mmi_q8_0(wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, sc, soff + r * nb, 0,
+                             out, g * MAXT, ocol + r)
                 elif kind == KIND_Q4_0:
-                    mmi_q4_0(wu8, off + r * rs, nb, xq, xd, xsq, xs2, t0, nt, sc, soff + r * nb, 0, out, t0, r)
+                    mmi_q4_0(wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, sc, soff + r * nb, 0,
+                             out, g * MAXT, ocol + r)
                 else:
-                    mmi_q4_1(wu8, off + r * rs, nb, xq, xd, xsq, xs2, t0, nt, sc, soff + r * nb,
-                             moff + r * nb, out, t0, r)
+                    mmi_q4_1(wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, sc, soff + r * nb,
+                             moff + r * nb, out, g * MAXT, ocol + r)
+
+
+@njit(cache=True, parallel=True)
+def matmul_i8(kind, wu8, off, rows, cols, sc, soff, moff, xq, xg, out, n_threads):
+    """out (n, rows) = x (n, cols) @ W.T for a Q8_0/Q4_0/Q4_1 matrix, x given quantized
+    (quantize_rows); tasks of rows in parallel (n_threads: numba.get_num_threads(), which would
+    keep this function out of the disk cache if called here). See qmatmul.matmul_i8_group for
+    several matrices on the same x in one parallel region."""
+    rt = mm_rows_per_task(rows, cols, kind, n_threads)
+    for ch in prange((rows + rt - 1) // rt):
+        mm_rows(kind, wu8, off, cols, sc, soff, moff, xq, xg, out, 0, ch * rt, min(rows, ch * rt + rt))

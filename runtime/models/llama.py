@@ -26,9 +26,11 @@ K_Q, K_K, K_V, K_O, K_GATE, K_UP, K_DOWN = range(7)
 VECS = ("attn_norm.weight", "ffn_norm.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias")
 V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV = range(5)
 NATIVE = {qm.T_F32, qm.T_F16, qm.T_BF16, qm.T_Q8_0, qm.T_Q4_0, qm.T_Q4_1}
-# prompts of at most this many tokens run the quantized matmuls on int8 activations (weights read
-# once, as int8) instead of dequantize + float32 BLAS (see _matmul)
-I8_PREFILL_MAX = 32
+# with int8 activations (AVX2) the prompt's quantized matmuls run simd.matmul_i8 (weights read as
+# they are, each block unpacked once per 8 tokens); otherwise dequantized tiles + float32 BLAS
+# queries per attention task of a prompt (LlamaModel._attend)
+ATT_ROWS = 64
+ATT_PAR_MIN = 256      # tokens in a chunk before its attention tasks go to worker threads
 I8_KINDS = {qm.T_Q8_0: simd.KIND_Q8_0, qm.T_Q4_0: simd.KIND_Q4_0, qm.T_Q4_1: simd.KIND_Q4_1}
 
 
@@ -118,6 +120,9 @@ class LlamaModel:
         self.rope_mode = ROPE_NEOX if c.rope_neox else ROPE_NORM
         self.max_cols = max(c.dim, c.n_ff, c.q_dim)
         self.weight_bytes = int(sum(t.nbytes for t in gf.tensors.values()))
+        # the matrices a prompt multiplies together (LlamaModel._matmuls)
+        self.tab_qkv = np.ascontiguousarray(self.tab[:, [K_Q, K_K, K_V]])
+        self.tab_gu = np.ascontiguousarray(self.tab[:, [K_GATE, K_UP]])
 
     def v(self, layer, which):
         o = self.vtab[layer, which]
@@ -129,23 +134,50 @@ class LlamaModel:
     def new_scratch(self, n_batch, n_slots, n_threads, int8_activations=True):
         return Scratch(self, n_batch, n_slots, n_threads, int8_activations)
 
+    def _matmuls(self, s, tabs, h, out):
+        """Several matrices on the same h: out (n, sum of rows), each matrix's result in its
+        columns; on int8 activations h is quantized once and one parallel region runs them all."""
+        if s.use_i8 and all(int(t[qm.TAB_TYPE]) in I8_KINDS for t in tabs) and out.flags.c_contiguous:
+            if self.observer is not None:
+                for t in tabs:
+                    self.observer(self._names[int(t[0])], h)
+            xq, xg = self._quantize(s, h)
+            qm.matmul_i8_group(self.wu8, tabs, self.sc, xq, xg, out, s.n_threads, s.starts)
+            return
+        c0 = 0
+        for t in tabs:
+            rows = int(t[TAB_ROWS])
+            self._matmul(s, t, h, out[:, c0:c0 + rows])
+            c0 += rows
+
+    def _quantize(self, s, h):
+        n, cols = h.shape
+        nb = cols // 32
+        xq = s.pxq[:n * cols].reshape(n, cols)       # contiguous: the kernels index rows by cols
+        xg = s.pxg[:(n + simd.MAXT - 1) // simd.MAXT * 4 * nb * simd.MAXT].reshape(-1, 4, nb, simd.MAXT)
+        simd.quantize_rows(h, xq, xg)
+        return xq, xg
+
     def _matmul(self, s, tab, h, out, allow_i8=True):
-        """out (n, rows) = h (n, cols) @ W.T, W dequantized in tiles into s.wbuf."""
+        """out (n, rows) = h (n, cols) @ W.T: int8 activations (see I8_KINDS) or W dequantized in
+        tiles into s.wbuf and float32 BLAS."""
         if self.observer is not None:
             self.observer(self._names[int(tab[0])], h)
         rows, cols = int(tab[TAB_ROWS]), int(tab[TAB_COLS])
         n = h.shape[0]
         kind = I8_KINDS.get(int(tab[qm.TAB_TYPE]))
-        if allow_i8 and s.use_i8 and kind is not None and n <= I8_PREFILL_MAX and out.flags.c_contiguous:
-            # a short prompt: int8 activations, each weight block read once for all tokens
-            nb = cols // 32
-            xq = s.pxq[:n * cols].reshape(n, cols)       # contiguous: the kernels index rows by cols
-            xd, xsq = s.pxd[:n * nb].reshape(n, nb), s.pxsq[:n * nb].reshape(n, nb)
-            xs2 = s.pxs2[:2 * n * nb].reshape(n, 2 * nb)
-            simd.quantize_rows(h, xq, xd, xsq, xs2)
+        if allow_i8 and s.use_i8 and kind is not None and out.flags.c_contiguous:
+            xq, xg = self._quantize(s, h)
             simd.matmul_i8(kind, self.wu8, int(tab[qm.TAB_OFF]), rows, cols, self.sc, int(tab[qm.TAB_SOFF]),
-                           int(tab[qm.TAB_MOFF]), xq, xd, xsq, xs2, out)
+                           int(tab[qm.TAB_MOFF]), xq, xg, out, s.n_threads)
             return
+        if n == 1 and out.flags.c_contiguous:
+            # one row (the prompt's logits): decode's float matvec, no dequantized copy
+            _mv(self.wu8, tab.reshape(1, -1), self.sc, h[0], s.xsum, out.reshape(-1), s.offs1, s.chunks[4],
+                s.starts, s.tmp, s.xq, s.xd, s.xsq, False)
+            return
+        if s.wbuf is None:
+            s.wbuf = np.zeros(s.wbuf_size, np.float32)
         tile = s.wbuf.shape[0] // cols
         for r0 in range(0, rows, tile):
             r1 = min(rows, r0 + tile)
@@ -165,18 +197,16 @@ class LlamaModel:
         x = s.px[:n]
         h = s.ph[:n]
         embed_rows(self.wu8, self.embd, self.sc, toks, x, s.tmp[0])
-        q, k, v = s.pq[:n], s.pk[:n], s.pv[:n]
+        qkv, gu = s.pqkv[:n], s.pgu[:n]
+        q, k, v = qkv[:, :c.q_dim], qkv[:, c.q_dim:c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim:]
+        g, u = gu[:, :c.n_ff], gu[:, c.n_ff:]
         att = s.patt[:n]
-        g, u = s.pg[:n], s.pu[:n]
-        group = c.n_heads // c.n_kv_heads
         scale = np.float32(1.0 / math.sqrt(c.head_dim))
         n_filled = kv.offset          # slots_for advanced it (a full ring stays at its size)
         for li in range(c.n_layers):
             t = self.tab[li]
             rmsnorm(x, self.v(li, V_ATTN_NORM), c.norm_eps, h)
-            self._matmul(s, t[K_Q], h, q)
-            self._matmul(s, t[K_K], h, k)
-            self._matmul(s, t[K_V], h, v)
+            self._matmuls(s, self.tab_qkv[li], h, qkv)
             if c.attn_bias:
                 q += self.v(li, V_BQ); k += self.v(li, V_BK); v += self.v(li, V_BV)
             rope(q, c.n_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq, self.rope_mode)
@@ -184,23 +214,12 @@ class LlamaModel:
             kc, vc = kv.k[li], kv.v[li]
             kc[:, slots, :] = k.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
             vc[:, slots, :] = v.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
-            q3 = q.reshape(n, c.n_heads, c.head_dim)
-            a3 = att.reshape(n, c.n_heads, c.head_dim)
-            for kh in range(c.n_kv_heads):
-                qg = s.pqg[:n * group * c.head_dim].reshape(n, group, c.head_dim)
-                qg[:] = q3[:, kh * group:(kh + 1) * group, :]
-                qg2 = qg.reshape(n * group, c.head_dim)
-                sc = s.pscores[:n * group, :n_filled]
-                np.matmul(qg2, kc[kh, :n_filled].T, out=sc)
-                masked_softmax(sc, qpos, group, kv.kpos, n_filled, scale)
-                og = s.pog[:n * group]
-                np.matmul(sc, vc[kh, :n_filled], out=og)
-                a3[:, kh * group:(kh + 1) * group, :] = og.reshape(n, group, c.head_dim)
+            self._attend(s, q.reshape(n, c.n_heads, c.head_dim), kc, vc, qpos, kv.kpos, n_filled, scale,
+                         att.reshape(n, c.n_heads, c.head_dim))
             self._matmul(s, t[K_O], att, h)
             x += h
             rmsnorm(x, self.v(li, V_FFN_NORM), c.norm_eps, h)
-            self._matmul(s, t[K_GATE], h, g)
-            self._matmul(s, t[K_UP], h, u)
+            self._matmuls(s, self.tab_gu[li], h, gu)
             silu_mul(g, u, g)
             self._matmul(s, t[K_DOWN], g, h)
             x += h
@@ -214,6 +233,44 @@ class LlamaModel:
         # (~0.3 on SmolLM2's logits) flipped a near tie in the chat test
         self._matmul(s, self.out, h[:1], s.logits2d, allow_i8=False)
         return s.logits
+
+    def _attend(self, s, q3, kc, vc, qpos, kpos, n_filled, scale, a3):
+        """Causal attention of the chunk's queries q3 (n, n_heads, head_dim) over the cache's first
+        n_filled slots into a3, in tasks of (KV head, ATT_ROWS queries): float32 BLAS for the
+        scores and the weighted sum, masked_softmax between. With int8 prefill, BLAS runs one
+        thread and the tasks go to s.n_workers Python threads (BLAS and masked_softmax release
+        the GIL): OpenBLAS's own threads spin after each call and took the cores from Numba's."""
+        n = q3.shape[0]
+        tasks = [(kh, t0, min(n, t0 + ATT_ROWS)) for kh in range(self.cfg.n_kv_heads) for t0 in range(0, n, ATT_ROWS)]
+        # short chunks stay on this thread: the hand-offs (and the GIL between the BLAS calls)
+        # cost more than they save (SmolLM2, 128 tokens: 53 ms on one thread, 70 ms on two)
+        nw = min(s.n_workers, len(tasks)) if n >= ATT_PAR_MIN else 1
+        if nw <= 1:
+            self._attend_tasks(s, 0, tasks, q3, kc, vc, qpos, kpos, n_filled, scale, a3)
+            return
+        futs = [s.pool().submit(self._attend_tasks, s, w, tasks[w::nw], q3, kc, vc, qpos, kpos, n_filled,
+                                scale, a3) for w in range(nw)]
+        for f in futs:
+            f.result()
+
+    def _attend_tasks(self, s, w, tasks, q3, kc, vc, qpos, kpos, n_filled, scale, a3):
+        c = self.cfg
+        group, hd = c.n_heads // c.n_kv_heads, c.head_dim
+        kp = kpos[:n_filled]
+        for kh, t0, t1 in tasks:
+            m = t1 - t0
+            # slots past the last one any of these queries may see are left out (a linear cache
+            # stores positions in order: the causal triangle is skipped)
+            seen = np.flatnonzero(kp <= qpos[t1 - 1] if t1 - t0 == 1 else kp <= qpos[t0:t1].max())
+            ncol = int(seen[-1]) + 1 if seen.size else 1
+            qg = s.aqg[w, :m * group * hd].reshape(m, group, hd)
+            qg[:] = q3[t0:t1, kh * group:(kh + 1) * group, :]
+            sc = s.ascores[w, :m * group * ncol].reshape(m * group, ncol)
+            np.matmul(qg.reshape(m * group, hd), kc[kh, :ncol].T, out=sc)
+            masked_softmax(sc, qpos[t0:t1], group, kpos, ncol, scale)
+            og = s.aog[w, :m * group * hd].reshape(m * group, hd)
+            np.matmul(sc, vc[kh, :ncol], out=og)
+            a3[t0:t1, kh * group:(kh + 1) * group, :] = og.reshape(m, group, hd)
 
     def decode(self, s, kv, token):
         """One token at position kv.pos; returns logits (n_vocab,) (a view into s)."""
@@ -237,21 +294,29 @@ class Scratch:
         c = m.cfg
         f = np.float32
         self.n_batch = n_batch
+        self.n_threads = n_threads
         nb = n_batch
         self.px = np.zeros((nb, c.dim), f)
         self.ph = np.zeros((nb, c.dim), f)
-        self.pq = np.zeros((nb, c.q_dim), f)
-        self.pk = np.zeros((nb, c.kv_dim), f)
-        self.pv = np.zeros((nb, c.kv_dim), f)
+        self.pqkv = np.zeros((nb, c.q_dim + 2 * c.kv_dim), f)
         self.patt = np.zeros((nb, c.q_dim), f)
-        self.pg = np.zeros((nb, c.n_ff), f)
-        self.pu = np.zeros((nb, c.n_ff), f)
+        self.pgu = np.zeros((nb, 2 * c.n_ff), f)
+        # int8 prefill: its matmuls are Numba's parallel work; BLAS (attention only) one thread
+        # per worker, attention tasks on n_threads Python threads (LlamaModel._attend)
+        self.use_i8 = bool(int8_activations and qm.simd.HAVE_AVX2)
+        i8_prefill = self.use_i8 and int(m.tab[0, K_GATE, qm.TAB_TYPE]) in I8_KINDS
+        self.blas_threads = 1 if i8_prefill else n_threads
+        self.n_workers = n_threads if i8_prefill else 1
+        self._pool = None
         group = c.n_heads // c.n_kv_heads
-        self.pqg = np.zeros((nb * group * c.head_dim,), f)
-        self.pog = np.zeros((nb * group, c.head_dim), f)
-        self.pscores = np.zeros((nb * group, n_slots), f)
-        big = max(c.n_ff * c.dim, c.q_dim * c.dim, 4096 * c.dim)
-        self.wbuf = np.zeros(big, f)
+        qb = min(nb, ATT_ROWS)
+        self.aqg = np.zeros((self.n_workers, qb * group * c.head_dim), f)
+        self.aog = np.zeros((self.n_workers, qb * group * c.head_dim), f)
+        self.ascores = np.zeros((self.n_workers, qb * group * n_slots), f)
+        # float32 tiles of dequantized weights for BLAS (allocated at first use: with int8
+        # activations only F16/BF16/F32 matrices and all-logits runs need it)
+        self.wbuf_size = max(c.n_ff * c.dim, c.q_dim * c.dim, 4096 * c.dim)
+        self.wbuf = None
         # decode
         self.x = np.zeros(c.dim, f)
         self.xn = np.zeros(c.dim, f)
@@ -261,17 +326,13 @@ class Scratch:
         self.gu = np.zeros(2 * c.n_ff, f)
         self.xsum = np.zeros(max(c.dim, c.n_ff, c.q_dim) // 32 + 1, f)
         # int8 activations for the quantized matvecs (AVX2 only; see kernels/simd.py)
-        self.use_i8 = bool(int8_activations and qm.simd.HAVE_AVX2)
         self.xq = np.zeros(max(c.dim, c.n_ff, c.q_dim), np.int8)
         self.xd = np.zeros_like(self.xsum)
         self.xsq = np.zeros(4 * self.xsum.shape[0], f)   # see qmatmul.prep_x
-        # short prompts on int8 activations (LlamaModel._matmul)
-        ni = min(nb, I8_PREFILL_MAX)
+        # prompts on int8 activations (LlamaModel._matmul, simd.quantize_rows)
         mc = max(c.dim, c.n_ff, c.q_dim)
-        self.pxq = np.zeros(ni * mc, np.int8)
-        self.pxd = np.zeros(ni * (mc // 32), f)
-        self.pxsq = np.zeros(ni * (mc // 32), f)
-        self.pxs2 = np.zeros(2 * ni * (mc // 32), f)
+        self.pxq = np.zeros(nb * mc if self.use_i8 else 0, np.int8)
+        self.pxg = np.zeros((nb + simd.MAXT - 1) // simd.MAXT * 4 * (mc // 32) * simd.MAXT if self.use_i8 else 0, f)
         self.starts = np.zeros(4, np.int64)
         self.posv = np.zeros(1, np.int64)          # position of the token being decoded
         import numba
@@ -288,6 +349,18 @@ class Scratch:
             self.chunks = np.array([max(16, min(64, g // (n_threads * 8)) // 4 * 4) for g in groups], np.int64)
         else:
             self.chunks = np.full(len(groups), 256, np.int64)
+
+
+    def pool(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.n_workers, thread_name_prefix="infer-attn")
+        return self._pool
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
 
 @njit(cache=True, fastmath=FM)
