@@ -43,7 +43,8 @@ def test_int8_long_prompt_close_to_float(smollm2, smollm2_path):
     activations, the same top token almost everywhere."""
     import infer
     text = " ".join(PROMPTS * 8)
-    i8 = infer.LLM(smollm2_path, n_ctx=512, n_batch=61, int8_activations=True)
+    # two threads: a small model on one thread runs long prompts through BLAS (llama.Scratch)
+    i8 = infer.LLM(smollm2_path, n_ctx=512, n_batch=61, n_threads=2, int8_activations=True)
     try:
         ids = smollm2.tokenize(text, special=True)
         assert len(ids) > 150
@@ -54,6 +55,7 @@ def test_int8_long_prompt_close_to_float(smollm2, smollm2_path):
         # decode token by token over the same text: max 1.63, mean 0.199, 99.0 % (float vs float ~1e-5)
         assert err.max() < 3.0 and err.mean() < 0.3, (err.max(), err.mean())
         assert (lf.argmax(1) == li.argmax(1)).mean() > 0.97
+        assert i8.engine.scratch.i8_prefill
         assert not np.array_equal(lf, li)           # the int8 path did run
     finally:
         i8.close()

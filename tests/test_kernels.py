@@ -19,7 +19,8 @@ def nmse(a, ref):
 
 def pack(w: np.ndarray, tname: str, pad: int = 7):
     """Quantize w (rows, cols) with gguf's reference and lay it out as the runtime does: raw bytes
-    at an offset inside a larger buffer, block scales (and Q4_1 mins) decoded into a flat f32 array."""
+    at an offset inside a larger buffer. Returns (buf, tab, dequantized w, (d, m)): the block scales
+    and Q4_1 mins as float64 (rows, nb), for the references of the int8 kernels."""
     gt = TYPES[tname]
     if tname == "F32":
         raw = w.astype(np.float32).view(np.uint8)
@@ -33,17 +34,14 @@ def pack(w: np.ndarray, tname: str, pad: int = 7):
     buf[off:off + raw.nbytes] = raw.ravel()
     tab = np.zeros(qm.TAB_WIDTH, np.int64)
     tab[:4] = (off, int(gt), w.shape[0], w.shape[1])
-    sc = [np.zeros(3, np.float32)]   # scales do not start at 0
+    dm = (None, None)
     if tname.startswith("Q"):
         ts = raw.shape[1] // (w.shape[1] // 32)
         blocks = raw.reshape(w.shape[0], -1, ts)
-        tab[qm.TAB_SOFF] = 3
-        sc.append(np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).astype(np.float32).ravel())
-        if tname == "Q4_1":
-            tab[qm.TAB_MOFF] = 3 + sc[1].size
-            sc.append(np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).astype(np.float32).ravel())
+        f16 = lambda at: np.ascontiguousarray(blocks[:, :, at:at + 2]).view(np.float16)[:, :, 0].astype(np.float64)  # noqa: E731
+        dm = (f16(0), f16(2) if tname == "Q4_1" else None)
     ref = quants.dequantize(raw, gt).reshape(w.shape).astype(np.float32)
-    return buf, tab, np.concatenate(sc), ref
+    return buf, tab, ref, dm
 
 
 @pytest.mark.parametrize("tname", list(TYPES))
@@ -51,14 +49,14 @@ def pack(w: np.ndarray, tname: str, pad: int = 7):
 def test_dequant_and_matvec(tname, shape):
     rng = np.random.default_rng([list(TYPES).index(tname), *shape])
     w = rng.standard_normal(shape).astype(np.float32) * 0.05
-    buf, tab, sc, ref = pack(w, tname)
+    buf, tab, ref, dm = pack(w, tname)
     rows, cols = shape
     tmp = np.zeros((8, cols), np.uint32)
     deq = np.zeros(shape, np.float32)
-    qm.dequant_rows(buf, tab, sc, 0, rows, deq, tmp[0])
+    qm.dequant_rows(buf, tab, 0, rows, deq, tmp[0])
     assert nmse(deq, ref) <= 1e-12
     deq2 = np.zeros(shape, np.float32)
-    qm.dequant_matrix(buf, tab, sc, 0, rows, deq2, tmp)
+    qm.dequant_matrix(buf, tab, 0, rows, deq2, tmp)
     np.testing.assert_array_equal(deq, deq2)
 
     x = rng.standard_normal(cols).astype(np.float32)
@@ -68,7 +66,7 @@ def test_dequant_and_matvec(tname, shape):
     starts = np.zeros(4, np.int64)
     for chunk in (4, 8, 64):
         out[:] = np.nan
-        qm.matvec_group(buf, tab.reshape(1, -1), sc, x, xsum, out, np.array([5]), chunk, starts, tmp)
+        qm.matvec_group(buf, tab.reshape(1, -1), x, xsum, out, np.array([5]), chunk, starts, tmp)
         want = ref.astype(np.float64) @ x
         assert nmse(out[5:], want) <= 5e-4 * 1e-3   # far tighter than the issue's 5e-4
         assert np.isnan(out[:5]).all()              # nothing written outside the result
@@ -84,7 +82,7 @@ def test_int8_activation_matvec(tname, shape):
     rng = np.random.default_rng([7, list(TYPES).index(tname), *shape])
     rows, cols = shape
     w = rng.standard_normal(shape).astype(np.float32) * 0.05
-    buf, tab, sc, ref = pack(w, tname)
+    buf, tab, ref, dm = pack(w, tname)
     x = rng.standard_normal(cols).astype(np.float32)
     x[3] = 9.0                                    # an outlier channel, as LLM activations have
     nb = cols // 32
@@ -96,15 +94,14 @@ def test_int8_activation_matvec(tname, shape):
     assert np.abs(xhat - x).max() <= np.abs(x).max() / 254 + 1e-6   # half a step of the largest block
     out = np.full(rows + 3, np.nan, np.float32)
     tmp = np.zeros((8, cols), np.uint32)
-    qm.matvec_group(buf, tab.reshape(1, -1), sc, x, xsum, out, np.array([3]), 8, np.zeros(4, np.int64),
+    qm.matvec_group(buf, tab.reshape(1, -1), x, xsum, out, np.array([3]), 8, np.zeros(4, np.int64),
                     tmp, xq, xd, xsq)
     want = ref.astype(np.float64) @ xhat
     cen = np.zeros((rows, cols))
     if tname == "Q4_1":
         # Q4_1 re-centres its unsigned quants: the value d*q + m is taken as d*(q - 8) on the
         # quantized x plus (m + 8d) on the exact block sums of x (see simd._make_i8)
-        d = sc[tab[qm.TAB_SOFF]:tab[qm.TAB_SOFF] + rows * nb].reshape(rows, nb, 1).astype(np.float64)
-        m = sc[tab[qm.TAB_MOFF]:tab[qm.TAB_MOFF] + rows * nb].reshape(rows, nb, 1).astype(np.float64)
+        d, m = dm[0][:, :, None], dm[1][:, :, None]
         cen = np.broadcast_to(m + 8 * d, (rows, nb, 32)).reshape(rows, cols)
         want = (ref - cen) @ xhat + cen @ x.astype(np.float64)
     assert nmse(out[3:], want) <= 1e-10
@@ -112,7 +109,7 @@ def test_int8_activation_matvec(tname, shape):
     # and against the float kernels: the int8 rounding of x is the whole difference, bounded by
     # sum |centred weight| * |x - xhat| per row
     outf = np.zeros(rows, np.float32)
-    qm.matvec_group(buf, tab.reshape(1, -1), sc, x, xsum, outf, np.array([0]), 8, np.zeros(4, np.int64), tmp)
+    qm.matvec_group(buf, tab.reshape(1, -1), x, xsum, outf, np.array([0]), 8, np.zeros(4, np.int64), tmp)
     bound = np.abs(ref - cen) @ np.abs(x - xhat)
     assert (np.abs(out[3:] - outf) <= bound + 1e-4 * (1 + np.abs(outf))).all()
 
@@ -129,7 +126,7 @@ def test_int8_activation_matmul(tname, shape, n):
     rows, cols = shape
     nb = cols // 32
     w = rng.standard_normal(shape).astype(np.float32) * 0.05
-    buf, tab, sc, ref = pack(w, tname)
+    buf, tab, ref, dm = pack(w, tname)
     h = rng.standard_normal((n, cols)).astype(np.float32)
     h[:, 3] = 9.0
     kind = {"Q8_0": simd.KIND_Q8_0, "Q4_0": simd.KIND_Q4_0, "Q4_1": simd.KIND_Q4_1}[tname]
@@ -137,14 +134,12 @@ def test_int8_activation_matmul(tname, shape, n):
     xg = np.full(((n + simd.MAXT - 1) // simd.MAXT, 4, nb, simd.MAXT), np.nan, np.float32)
     simd.quantize_rows(h, xq, xg)
     out = np.full((n, rows), np.nan, np.float32)
-    simd.matmul_i8(kind, buf, int(tab[0]), rows, cols, sc, int(tab[qm.TAB_SOFF]), int(tab[qm.TAB_MOFF]),
-                   xq, xg, out, 2)
+    simd.matmul_i8(kind, buf, int(tab[0]), rows, cols, xq, xg, out, 2)
     xd = xg[:, 0].transpose(0, 2, 1).reshape(-1, nb)[:n]          # (n, nb) scales of the tokens
     xhat = (xq.astype(np.float64).reshape(n, nb, 32) * xd[:, :, None]).reshape(n, cols)
     want = xhat @ ref.T.astype(np.float64)
     if tname == "Q4_1":     # re-centred as in the one-token kernel (test_int8_activation_matvec)
-        d = sc[tab[qm.TAB_SOFF]:tab[qm.TAB_SOFF] + rows * nb].reshape(rows, nb, 1).astype(np.float64)
-        m = sc[tab[qm.TAB_MOFF]:tab[qm.TAB_MOFF] + rows * nb].reshape(rows, nb, 1).astype(np.float64)
+        d, m = dm[0][:, :, None], dm[1][:, :, None]
         cen = np.broadcast_to(m + 8 * d, (rows, nb, 32)).reshape(rows, cols)
         want = xhat @ (ref - cen).T + h.astype(np.float64) @ cen.T
     assert nmse(out, want) <= 1e-10
@@ -154,7 +149,7 @@ def test_int8_activation_matmul(tname, shape, n):
         xd1, xsq1 = np.zeros(nb + 1, np.float32), np.zeros(4 * (nb + 1), np.float32)
         qm.prep_x(h[t], xsum, xq1, xd1, xsq1, True)
         one = np.zeros(rows, np.float32)
-        qm.matvec_group(buf, tab.reshape(1, -1), sc, h[t], xsum, one, np.array([0]), 8, np.zeros(4, np.int64),
+        qm.matvec_group(buf, tab.reshape(1, -1), h[t], xsum, one, np.array([0]), 8, np.zeros(4, np.int64),
                         tmp, xq1, xd1, xsq1)
         assert np.array_equal(xq1, xq[t])
         np.testing.assert_allclose(out[t], one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
@@ -165,23 +160,20 @@ def test_matvec_group_several_tensors():
     cols = 128
     ws = [rng.standard_normal((r, cols)).astype(np.float32) for r in (12, 7, 9)]
     packs = [pack(w, "Q8_0") for w in ws]
-    # put the three tensors in one buffer and one scale array
+    # put the three tensors in one buffer
     buf = np.concatenate([p[0] for p in packs])
-    sc = np.concatenate([p[2] for p in packs])
     tabs = np.stack([p[1] for p in packs])
-    boff, soff = 0, 0
+    boff = 0
     for i, p in enumerate(packs):
         tabs[i, qm.TAB_OFF] += boff
-        tabs[i, qm.TAB_SOFF] += soff
         boff += p[0].size
-        soff += p[2].size
     x = rng.standard_normal(cols).astype(np.float32)
     xsum = np.zeros(cols // 32, np.float32)
     qm.block_sums(x, xsum)
     out = np.zeros(28, np.float32)
-    qm.matvec_group(buf, tabs, sc, x, xsum, out, np.array([0, 12, 19]), 4, np.zeros(4, np.int64),
+    qm.matvec_group(buf, tabs, x, xsum, out, np.array([0, 12, 19]), 4, np.zeros(4, np.int64),
                     np.zeros((8, cols), np.uint32))
-    want = np.concatenate([p[3] @ x for p in packs])
+    want = np.concatenate([p[2] @ x for p in packs])
     assert nmse(out, want) < 1e-10
 
 

@@ -59,9 +59,20 @@ def rope(x, n_heads, head_dim, rope_dim, positions, inv_freq, mode):
                 x[t, b] = x0 * s + x1 * c
 
 
-@njit(cache=True, fastmath=FM, parallel=True)
+@njit(cache=True, fastmath=FM)
 def silu_mul(g, u, out):
-    """out = silu(g) * u, element-wise over (n, ff); rows in parallel (a prompt's chunk)."""
+    """out = silu(g) * u, element-wise over (n, ff)."""
+    n, m = g.shape
+    for i in range(n):
+        for j in range(m):
+            v = g[i, j]
+            out[i, j] = v / (np.float32(1.0) + np.float32(math.exp(-v))) * u[i, j]
+
+
+@njit(cache=True, fastmath=FM, parallel=True)
+def silu_mul_par(g, u, out):
+    """silu_mul with the rows in parallel (a prompt's chunk when Numba, not BLAS, has the cores:
+    next to multi-threaded BLAS a Numba region's spinning threads slow both)."""
     n, m = g.shape
     for i in prange(n):
         for j in range(m):

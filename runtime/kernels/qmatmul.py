@@ -1,14 +1,16 @@
 """Dequant-matvec and dequant kernels over raw GGUF blocks.
 
 Weights are addressed in one flat byte buffer (the memory-mapped file): a tensor is a row of the
-int64 table described by TAB_* below. Block scales (and Q4_1 mins) are decoded once at load time
-into one flat float32 array `sc` (f16 -> f32 in the hot loop is what kills Numba kernels); the
-quants are read in place from the file. Activations stay float32 (exact enough to match fp32
+int64 table described by TAB_* below. Blocks, their f16 scales included, are read in place from
+the file (the vector-IR kernels of simd.py convert a scale with one vcvtph2ps; in scalar Numba
+the conversion is bit arithmetic, _f16_bits_to_f32_bits). Activations stay float32 (exact enough to match fp32
 references; the kernels are memory bound either way).
 
 Shapes: x is float32 (cols,), out float32 (rows,), a tensor is (rows, cols) row-major.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import get_thread_id, njit, prange
@@ -23,8 +25,8 @@ T_F32, T_F16, T_Q4_0, T_Q4_1, T_Q8_0, T_BF16 = F32.id, F16.id, Q4_0.id, Q4_1.id,
 QK = 32  # elements per block of the quantized types
 
 # tensor table columns
-TAB_OFF, TAB_TYPE, TAB_ROWS, TAB_COLS, TAB_SOFF, TAB_MOFF = range(6)
-TAB_WIDTH = 6
+TAB_OFF, TAB_TYPE, TAB_ROWS, TAB_COLS = range(4)
+TAB_WIDTH = 4
 ROW_TILE = 4           # rows per pass in the matvec kernels
 TWO112 = np.float32(2.0 ** 112)
 
@@ -37,6 +39,17 @@ def _f16_bits_to_f32_bits(h):
     return ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
 
 
+@njit(cache=True, inline="always")
+def _f16_at(wu8, p):
+    """The little-endian f16 at byte p of wu8 as float32 (the scalar fallbacks' block scales;
+    finite values: weights hold no inf/nan)."""
+    h = np.int64(wu8[p]) | (np.int64(wu8[p + 1]) << 8)
+    e = (h >> 10) & 31
+    m = h & 1023
+    v = math.ldexp(float(m), -24) if e == 0 else math.ldexp(float(1024 + m), int(e) - 25)
+    return np.float32(-v if h & 0x8000 else v)
+
+
 @njit(cache=True, fastmath=FM)
 def decode_f16_row(u16, start, n, tmp_u32, tmp_f32, dst, dst_off):
     """dst[dst_off:dst_off+n] = f16 values u16[start:start+n] as float32."""
@@ -44,19 +57,6 @@ def decode_f16_row(u16, start, n, tmp_u32, tmp_f32, dst, dst_off):
         tmp_u32[i] = _f16_bits_to_f32_bits(u16[start + i])
     for i in range(n):
         dst[dst_off + i] = tmp_f32[i] * TWO112
-
-
-@njit(cache=True, fastmath=FM)
-def block_f16_field(raw, type_size, at, out):
-    """out[i] = the f16 at byte `at` of block i of `raw` (uint8, whole blocks of type_size bytes) as
-    float32: the block scales (at 0) and Q4_1 mins (at 2), decoded once at load time."""
-    n = out.shape[0]
-    bits = out.view(np.uint32)
-    for i in range(n):
-        p = i * type_size + at
-        bits[i] = _f16_bits_to_f32_bits(np.uint32(raw[p]) | (np.uint32(raw[p + 1]) << np.uint32(8)))
-    for i in range(n):
-        out[i] *= TWO112
 
 
 @njit(cache=True, fastmath=FM)
@@ -68,16 +68,15 @@ def decode_bf16_row(u16, start, n, tmp_u32, tmp_f32, dst, dst_off):
 
 
 @njit(cache=True, fastmath=FM)
-def dequant_rows(wu8, tab, sc, r0, r1, dst, tmp_u32):
+def dequant_rows(wu8, tab, r0, r1, dst, tmp_u32):
     """dst[:r1-r0, :cols] = rows r0..r1 of the tensor `tab` (one table row) as float32."""
     off, t, cols = tab[TAB_OFF], tab[TAB_TYPE], tab[TAB_COLS]
-    soff, moff = tab[TAB_SOFF], tab[TAB_MOFF]
     tmp_f32 = tmp_u32.view(np.float32)
     if t != T_F32 and cols % 32 == 0 and dst.shape[1] == cols and dst.strides[1] == 4 \
             and dst.strides[0] == 4 * cols:
         kind = simd.KIND_Q8_0 if t == T_Q8_0 else simd.KIND_Q4_0 if t == T_Q4_0 else \
             simd.KIND_Q4_1 if t == T_Q4_1 else simd.KIND_F16 if t == T_F16 else simd.KIND_BF16
-        simd.dequant_rows(wu8, kind, off, cols, sc, soff, moff, r0, r1, dst)
+        simd.dequant_rows(wu8, kind, off, cols, r0, r1, dst)
         return
     if t == T_F32:
         wf = wu8[off:off + tab[TAB_ROWS] * cols * 4].view(np.float32)
@@ -99,7 +98,7 @@ def dequant_rows(wu8, tab, sc, r0, r1, dst, tmp_u32):
             wi8 = wu8.view(np.int8)
             for r in range(r0, r1):
                 for b in range(nb):
-                    d = sc[soff + r * nb + b]
+                    d = _f16_at(wu8, off + r * rb + b * 34)
                     p = off + r * rb + b * 34 + 2
                     for i in range(QK):
                         dst[r - r0, b * QK + i] = d * np.float32(wi8[p + i])
@@ -108,11 +107,11 @@ def dequant_rows(wu8, tab, sc, r0, r1, dst, tmp_u32):
             rb = nb * ts
             for r in range(r0, r1):
                 for b in range(nb):
-                    d = sc[soff + r * nb + b]
+                    d = _f16_at(wu8, off + r * rb + b * ts)
                     if t == T_Q4_0:
                         m = np.float32(-8.0) * d
                     else:
-                        m = sc[moff + r * nb + b]
+                        m = _f16_at(wu8, off + r * rb + b * ts + 2)
                     p = off + r * rb + b * ts + (ts - 16)
                     for i in range(16):
                         q = wu8[p + i]
@@ -121,111 +120,19 @@ def dequant_rows(wu8, tab, sc, r0, r1, dst, tmp_u32):
 
 
 @njit(cache=True, fastmath=FM, parallel=True)
-def dequant_matrix(wu8, tab, sc, r0, r1, dst, tmp_u32_2d):
+def dequant_matrix(wu8, tab, r0, r1, dst, tmp_u32_2d):
     """Parallel dequantization of rows r0..r1 into dst (tiles of 16 rows per task)."""
     n = r1 - r0
     ntask = (n + 15) // 16
     for k in prange(ntask):
         a = r0 + k * 16
         b = min(a + 16, r1)
-        dequant_rows(wu8, tab, sc, a, b, dst[a - r0:b - r0], tmp_u32_2d[get_thread_id()])
+        dequant_rows(wu8, tab, a, b, dst[a - r0:b - r0], tmp_u32_2d[get_thread_id()])
 
 
 # ----------------------------------------------------------------------------------------------
 # matvec: out[r] = sum_c W[r, c] * x[c] for r in [r0, r1); x float32 (cols,), xsum (nb,) holds
 # the per-block sums of x (used by Q4_0's -8 offset and Q4_1's mins).
-
-@njit(cache=True, fastmath=FM)
-def _mv_q8_0(wi8, off, rows, cols, sc, soff, x, out, o0, r0, r1):
-    nb = cols // QK
-    rb = nb * 34
-    wall = wi8[off: off + rows * rb].reshape((rows, nb, 34))   # one view per call, not per tile
-    r = r0
-    while r + 4 <= r1:
-        w = wall[r:r + 4]
-        a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-        s = soff + r * nb
-        for b in range(nb):
-            s0 = np.float32(0.0); s1 = np.float32(0.0); s2 = np.float32(0.0); s3 = np.float32(0.0)
-            xb = b * QK
-            for i in range(QK):
-                xv = x[xb + i]
-                s0 += np.float32(w[0, b, 2 + i]) * xv
-                s1 += np.float32(w[1, b, 2 + i]) * xv
-                s2 += np.float32(w[2, b, 2 + i]) * xv
-                s3 += np.float32(w[3, b, 2 + i]) * xv
-            a0 += sc[s + b] * s0
-            a1 += sc[s + nb + b] * s1
-            a2 += sc[s + 2 * nb + b] * s2
-            a3 += sc[s + 3 * nb + b] * s3
-        out[o0 + r] = a0; out[o0 + r + 1] = a1; out[o0 + r + 2] = a2; out[o0 + r + 3] = a3
-        r += 4
-    while r < r1:
-        w1 = wall[r]
-        a0 = np.float32(0.0)
-        for b in range(nb):
-            s0 = np.float32(0.0)
-            for i in range(QK):
-                s0 += np.float32(w1[b, 2 + i]) * x[b * QK + i]
-            a0 += sc[soff + r * nb + b] * s0
-        out[o0 + r] = a0
-        r += 1
-
-
-@njit(cache=True, fastmath=FM)
-def _mv_q4(wu8, off, rows, cols, ts, sc, soff, moff, x, xsum, out, o0, r0, r1):
-    """Q4_0 (ts=18, offset -8) and Q4_1 (ts=20, per-block min)."""
-    nb = cols // QK
-    rb = nb * ts
-    q0 = ts - 16
-    is_q4_1 = ts == 20
-    wall = wu8[off: off + rows * rb].reshape((rows, nb, ts))
-    r = r0
-    while r + 4 <= r1:
-        w = wall[r:r + 4]
-        a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-        s = soff + r * nb
-        for b in range(nb):
-            s0 = np.float32(0.0); s1 = np.float32(0.0); s2 = np.float32(0.0); s3 = np.float32(0.0)
-            xb = b * QK
-            for i in range(16):
-                xl = x[xb + i]
-                xh = x[xb + 16 + i]
-                v0 = w[0, b, q0 + i]; v1 = w[1, b, q0 + i]; v2 = w[2, b, q0 + i]; v3 = w[3, b, q0 + i]
-                s0 += np.float32(np.int32(v0 & 15)) * xl + np.float32(np.int32(v0 >> 4)) * xh
-                s1 += np.float32(np.int32(v1 & 15)) * xl + np.float32(np.int32(v1 >> 4)) * xh
-                s2 += np.float32(np.int32(v2 & 15)) * xl + np.float32(np.int32(v2 >> 4)) * xh
-                s3 += np.float32(np.int32(v3 & 15)) * xl + np.float32(np.int32(v3 >> 4)) * xh
-            if is_q4_1:
-                xs = xsum[b]
-                m = moff + r * nb + b
-                a0 += sc[s + b] * s0 + sc[m] * xs
-                a1 += sc[s + nb + b] * s1 + sc[m + nb] * xs
-                a2 += sc[s + 2 * nb + b] * s2 + sc[m + 2 * nb] * xs
-                a3 += sc[s + 3 * nb + b] * s3 + sc[m + 3 * nb] * xs
-            else:
-                x8 = np.float32(8.0) * xsum[b]
-                a0 += sc[s + b] * (s0 - x8)
-                a1 += sc[s + nb + b] * (s1 - x8)
-                a2 += sc[s + 2 * nb + b] * (s2 - x8)
-                a3 += sc[s + 3 * nb + b] * (s3 - x8)
-        out[o0 + r] = a0; out[o0 + r + 1] = a1; out[o0 + r + 2] = a2; out[o0 + r + 3] = a3
-        r += 4
-    while r < r1:
-        w1 = wall[r]
-        a0 = np.float32(0.0)
-        for b in range(nb):
-            s0 = np.float32(0.0)
-            for i in range(16):
-                v = w1[b, q0 + i]
-                s0 += np.float32(np.int32(v & 15)) * x[b * QK + i] + np.float32(np.int32(v >> 4)) * x[b * QK + 16 + i]
-            if is_q4_1:
-                a0 += sc[soff + r * nb + b] * s0 + sc[moff + r * nb + b] * xsum[b]
-            else:
-                a0 += sc[soff + r * nb + b] * (s0 - np.float32(8.0) * xsum[b])
-        out[o0 + r] = a0
-        r += 1
-
 
 @njit(cache=True, fastmath=FM)
 def _mv_f32(wf, cols, x, out, o0, r0, r1):
@@ -259,17 +166,17 @@ def _mv_16(w16, is_bf16, cols, x, out, o0, r0, r1, tmp_u32):
 
 
 @njit(cache=True, fastmath=FM)
-def matvec_rows(wu8, tab, sc, x, xsum, out, o0, r0, r1, tmp_u32):
+def matvec_rows(wu8, tab, x, xsum, out, o0, r0, r1, tmp_u32):
     """out[o0 + r] = W[r] . x for rows r0..r1 of the tensor described by `tab`.
     Quantized and 16-bit types run the vector-IR kernels of simd.py; the scalar kernels above
     serve F32 and 16-bit rows whose length is not a multiple of 32."""
     off, t, cols = tab[TAB_OFF], tab[TAB_TYPE], tab[TAB_COLS]
     if t == T_Q8_0:
-        simd.rows_q8_0(wu8, off, cols, sc, tab[TAB_SOFF], x, out, o0, r0, r1)
+        simd.rows_q8_0(wu8, off, cols, x, out, o0, r0, r1)
     elif t == T_Q4_0:
-        simd.rows_q4_0(wu8, off, cols, sc, tab[TAB_SOFF], x, xsum, out, o0, r0, r1)
+        simd.rows_q4_0(wu8, off, cols, x, xsum, out, o0, r0, r1)
     elif t == T_Q4_1:
-        simd.rows_q4_1(wu8, off, cols, sc, tab[TAB_SOFF], tab[TAB_MOFF], x, xsum, out, o0, r0, r1)
+        simd.rows_q4_1(wu8, off, cols, x, xsum, out, o0, r0, r1)
     elif t == T_F32:
         _mv_f32(wu8[off:off + tab[TAB_ROWS] * cols * 4].view(np.float32), cols, x, out, o0, r0, r1)
     elif cols % 32 == 0:
@@ -291,7 +198,7 @@ def block_sums(x, xsum):
 
 
 @njit(cache=True, fastmath=FM, parallel=True)
-def matvec_group(wu8, tabs, sc, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, xq=None, xd=None, xsq=None):
+def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, xq=None, xd=None, xsq=None):
     """Several matvecs over the same input x in one parallel region.
 
     tabs: (k, TAB_WIDTH) tensor rows; out_offs: (k,) offset of each result in `out`;
@@ -316,22 +223,19 @@ def matvec_group(wu8, tabs, sc, x, xsum, out, out_offs, chunk, starts, tmp_u32_2
         t, off, cols, o0 = tabs[j, TAB_TYPE], tabs[j, TAB_OFF], tabs[j, TAB_COLS], out_offs[j]
         if xq is not None and (t == T_Q8_0 or t == T_Q4_0 or t == T_Q4_1):
             if t == T_Q8_0:
-                simd.rows_i8(simd.KIND_Q8_0, wu8, off, cols, sc, tabs[j, TAB_SOFF], 0, xq, xd, xsq,
-                             out, o0, r0, r1)
+                simd.rows_i8(simd.KIND_Q8_0, wu8, off, cols, xq, xd, xsq, out, o0, r0, r1)
             elif t == T_Q4_0:
-                simd.rows_i8(simd.KIND_Q4_0, wu8, off, cols, sc, tabs[j, TAB_SOFF], 0, xq, xd, xsq,
-                             out, o0, r0, r1)
+                simd.rows_i8(simd.KIND_Q4_0, wu8, off, cols, xq, xd, xsq, out, o0, r0, r1)
             else:
-                simd.rows_i8(simd.KIND_Q4_1, wu8, off, cols, sc, tabs[j, TAB_SOFF], tabs[j, TAB_MOFF],
-                             xq, xd, xsq[xsq.shape[0] // 2 - cols // 32:], out, o0, r0, r1)
+                simd.rows_i8(simd.KIND_Q4_1, wu8, off, cols, xq, xd, xsq[xsq.shape[0] // 2 - cols // 32:], out, o0, r0, r1)
         elif t == T_Q8_0:
-            simd.rows_q8_0(wu8, off, cols, sc, tabs[j, TAB_SOFF], x, out, o0, r0, r1)
+            simd.rows_q8_0(wu8, off, cols, x, out, o0, r0, r1)
         elif t == T_Q4_0:
-            simd.rows_q4_0(wu8, off, cols, sc, tabs[j, TAB_SOFF], x, xsum, out, o0, r0, r1)
+            simd.rows_q4_0(wu8, off, cols, x, xsum, out, o0, r0, r1)
         elif t == T_Q4_1:
-            simd.rows_q4_1(wu8, off, cols, sc, tabs[j, TAB_SOFF], tabs[j, TAB_MOFF], x, xsum, out, o0, r0, r1)
+            simd.rows_q4_1(wu8, off, cols, x, xsum, out, o0, r0, r1)
         else:
-            matvec_rows(wu8, tabs[j], sc, x, xsum, out, o0, r0, r1, tmp_u32_2d[get_thread_id()])
+            matvec_rows(wu8, tabs[j], x, xsum, out, o0, r0, r1, tmp_u32_2d[get_thread_id()])
 
 
 @njit(cache=True, fastmath=FM)
@@ -350,7 +254,7 @@ def prep_x(x, xsum, xq, xd, xsq, use_i8):
 
 
 @njit(cache=True, parallel=True)
-def matmul_i8_group(wu8, tabs, sc, xq, xg, out, n_threads, starts):
+def matmul_i8_group(wu8, tabs, xq, xg, out, n_threads, starts):
     """Several Q8_0/Q4_0/Q4_1 matrices on the same int8 activations in one parallel region (the
     prompt's q/k/v, gate/up): out (n, sum of rows), matrix j's rows at columns from
     sum(rows of tabs[:j]). starts: (k+1,) int64 scratch."""
@@ -370,8 +274,7 @@ def matmul_i8_group(wu8, tabs, sc, xq, xg, out, n_threads, starts):
         kind = _i8_kind(tabs[j, TAB_TYPE])
         rt = simd.mm_rows_per_task(rows, cols, kind, n_threads)
         r0 = (task - starts[j]) * rt
-        simd.mm_rows(kind, wu8, tabs[j, TAB_OFF], cols, sc, tabs[j, TAB_SOFF], tabs[j, TAB_MOFF], xq, xg,
-                     out, ocol, r0, min(rows, r0 + rt))
+        simd.mm_rows(kind, wu8, tabs[j, TAB_OFF], cols, xq, xg, out, ocol, r0, min(rows, r0 + rt))
 
 
 @njit(cache=True)

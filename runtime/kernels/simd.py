@@ -12,10 +12,11 @@ generic (no x86 intrinsics): LLVM lowers it for the host CPU (vpmovsxbd/vcvtdq2p
 vcvtph2ps for F16 with F16C, NEON on ARM). Activations stay float32, so results equal the scalar
 kernels up to summation order.
 
-Every kernel: `kernel(w, woff, rstride, nb, x, sc, soff, out, o0, nrows, xsum, moff)` computes
-out[o0 + k] for k < nrows (1..4) rows starting at byte woff of the uint8 buffer w, rows rstride
-bytes apart, nb blocks of 32 columns; block scales (and Q4_1 mins) in sc at soff + k*nb + b
-(moff likewise), xsum the per-block sums of x (Q4_0's -8 offset, Q4_1's mins).
+Every kernel: `kernel(w, woff, rstride, nb, x, out, o0, nrows, xsum)` computes out[o0 + k] for
+k < nrows (1..4) rows starting at byte woff of the uint8 buffer w, rows rstride bytes apart, nb
+blocks of 32 columns; the f16 block scales (and Q4_1 mins) are read where they are, in the blocks
+(a float32 copy cost a second memory stream in decode and its size in RAM); xsum the per-block
+sums of x (Q4_0's -8 offset, Q4_1's mins).
 """
 from __future__ import annotations
 
@@ -71,6 +72,13 @@ def _prefetch(builder, base, off):
     builder.call(f, [builder.gep(base, [off]), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
 
 
+def _blk_f16(builder, wp, off):
+    """The f16 at byte `off` of the i8* wp (a block's scale or Q4_1 min) as float32: read where
+    the block is (no extra stream, no float32 copy); one vcvtph2ps with F16C."""
+    p = builder.bitcast(builder.gep(wp, [off]), ir.HalfType().as_pointer())
+    return builder.fpext(builder.load(p, align=1), F32)
+
+
 def _hsum(builder, v):
     s = builder.extract_element(v, ir.Constant(I32, 0))
     for i in range(1, 8):
@@ -115,17 +123,16 @@ def _make(kind):
     scaled = kind in (KIND_Q8_0, KIND_Q4_0, KIND_Q4_1)
 
     @intrinsic
-    def kernel(typingctx, w, woff, rstride, nb, x, sc, soff, out, o0, nrows, xsum, moff):
-        sig = types.void(w, woff, rstride, nb, x, sc, soff, out, o0, nrows, xsum, moff)
+    def kernel(typingctx, w, woff, rstride, nb, x, out, o0, nrows, xsum):
+        sig = types.void(w, woff, rstride, nb, x, out, o0, nrows, xsum)
 
         def codegen(context, builder, signature, args):
-            w_, woff_, rstride_, nb_, x_, sc_, soff_, out_, o0_, nrows_, xsum_, moff_ = args
+            w_, woff_, rstride_, nb_, x_, out_, o0_, nrows_, xsum_ = args
             at = signature.args
             wp = builder.bitcast(context.make_array(at[0])(context, builder, w_).data, I8.as_pointer())
             xp = context.make_array(at[4])(context, builder, x_).data
-            scp = context.make_array(at[5])(context, builder, sc_).data
-            outp = context.make_array(at[7])(context, builder, out_).data
-            xsp = context.make_array(at[10])(context, builder, xsum_).data
+            outp = context.make_array(at[5])(context, builder, out_).data
+            xsp = context.make_array(at[8])(context, builder, xsum_).data
             accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXR)]
             mins = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(MAXR)]
             c = lambda v: ir.Constant(I64, v)  # noqa: E731
@@ -145,14 +152,12 @@ def _make(kind):
                                 t = _vfma(builder, qv[j], xv[j], t)
                             acc = builder.load(accs[r])
                             if scaled:
-                                si = builder.add(soff_, builder.add(builder.mul(c(r), nb_), b))
-                                d = builder.load(builder.gep(scp, [si]))
+                                d = _blk_f16(builder, wp, boff)
                                 dvec = builder.insert_element(ir.Constant(V8F, ir.Undefined), d, ir.Constant(I32, 0))
                                 dvec = builder.shuffle_vector(dvec, dvec, ir.Constant(ir.VectorType(I32, 8), [0] * 8))
                                 acc = _vfma(builder, dvec, t, acc)
                                 if kind == KIND_Q4_1:     # + m * sum(x of the block)
-                                    mi = builder.add(moff_, builder.add(builder.mul(c(r), nb_), b))
-                                    m = builder.load(builder.gep(scp, [mi]))
+                                    m = _blk_f16(builder, wp, builder.add(boff, c(2)))
                                     xs = builder.load(builder.gep(xsp, [b]))
                                     builder.store(builder.fadd(builder.load(mins[r]), builder.fmul(m, xs)), mins[r])
                                 elif kind == KIND_Q4_0:   # - 8 * d * sum(x of the block)
@@ -183,28 +188,28 @@ def _bcast(builder, v):
 
 
 def _make_dequant(kind):
-    """dequant(w, woff, nb, sc, soff, moff, dst, doff): one row of nb blocks at byte woff to
-    float32 dst[doff:doff + 32*nb] (scales at sc[soff + b], Q4_1 mins at sc[moff + b])."""
+    """dequant(w, woff, nb, dst, doff): one row of nb blocks at byte woff to float32
+    dst[doff:doff + 32*nb]."""
     bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20, KIND_F16: 64, KIND_BF16: 64}[kind]
 
     @intrinsic
-    def dequant(typingctx, w, woff, nb, sc, soff, moff, dst, doff):
-        sig = types.void(w, woff, nb, sc, soff, moff, dst, doff)
+    def dequant(typingctx, w, woff, nb, dst, doff):
+        sig = types.void(w, woff, nb, dst, doff)
 
         def codegen(context, builder, signature, args):
-            w_, woff_, nb_, sc_, soff_, moff_, dst_, doff_ = args
+            w_, woff_, nb_, dst_, doff_ = args
             at = signature.args
             wp = builder.bitcast(context.make_array(at[0])(context, builder, w_).data, I8.as_pointer())
-            scp = context.make_array(at[3])(context, builder, sc_).data
-            dp = context.make_array(at[6])(context, builder, dst_).data
+            dp = context.make_array(at[3])(context, builder, dst_).data
             c = lambda v: ir.Constant(I64, v)  # noqa: E731
             with cgutils.for_range(builder, nb_) as loop:
                 b = loop.index
-                qv = _block_vecs(builder, kind, wp, builder.add(woff_, builder.mul(b, c(bsize))))
+                boff = builder.add(woff_, builder.mul(b, c(bsize)))
+                qv = _block_vecs(builder, kind, wp, boff)
                 if kind in (KIND_Q8_0, KIND_Q4_0, KIND_Q4_1):
-                    d = builder.load(builder.gep(scp, [builder.add(soff_, b)]))
+                    d = _blk_f16(builder, wp, boff)
                     if kind == KIND_Q4_1:
-                        m = builder.load(builder.gep(scp, [builder.add(moff_, b)]))
+                        m = _blk_f16(builder, wp, builder.add(boff, c(2)))
                     elif kind == KIND_Q4_0:
                         m = builder.fmul(ir.Constant(F32, -8.0), d)
                     dv = _bcast(builder, d)
@@ -257,31 +262,30 @@ def _step(rs):
 
 
 @njit(cache=True)
-def rows_q8_0(wu8, off, cols, sc, soff, x, out, o0, r0, r1):
+def rows_q8_0(wu8, off, cols, x, out, o0, r0, r1):
     nb = cols // 32
     rs = nb * 34
     k = _step(rs)
     for r in range(r0, r1, k):
-        mv_q8_0(wu8, off + r * rs, rs, nb, x, sc, soff + r * nb, out, o0 + r, min(k, r1 - r), x, 0)
+        mv_q8_0(wu8, off + r * rs, rs, nb, x, out, o0 + r, min(k, r1 - r), x)
 
 
 @njit(cache=True)
-def rows_q4_0(wu8, off, cols, sc, soff, x, xsum, out, o0, r0, r1):
+def rows_q4_0(wu8, off, cols, x, xsum, out, o0, r0, r1):
     nb = cols // 32
     rs = nb * 18
     k = _step(rs)
     for r in range(r0, r1, k):
-        mv_q4_0(wu8, off + r * rs, rs, nb, x, sc, soff + r * nb, out, o0 + r, min(k, r1 - r), xsum, 0)
+        mv_q4_0(wu8, off + r * rs, rs, nb, x, out, o0 + r, min(k, r1 - r), xsum)
 
 
 @njit(cache=True)
-def rows_q4_1(wu8, off, cols, sc, soff, moff, x, xsum, out, o0, r0, r1):
+def rows_q4_1(wu8, off, cols, x, xsum, out, o0, r0, r1):
     nb = cols // 32
     rs = nb * 20
     k = _step(rs)
     for r in range(r0, r1, k):
-        mv_q4_1(wu8, off + r * rs, rs, nb, x, sc, soff + r * nb, out, o0 + r, min(k, r1 - r),
-                xsum, moff + r * nb)
+        mv_q4_1(wu8, off + r * rs, rs, nb, x, out, o0 + r, min(k, r1 - r), xsum)
 
 
 @njit(cache=True)
@@ -292,32 +296,32 @@ def rows_16(wu8, off, cols, is_bf16, x, out, o0, r0, r1):
     k = _step(rs)
     for r in range(r0, r1, k):
         if is_bf16:
-            mv_bf16(wu8, off + r * rs, rs, nb, x, x, 0, out, o0 + r, min(k, r1 - r), x, 0)
+            mv_bf16(wu8, off + r * rs, rs, nb, x, out, o0 + r, min(k, r1 - r), x)
         else:
-            mv_f16(wu8, off + r * rs, rs, nb, x, x, 0, out, o0 + r, min(k, r1 - r), x, 0)
+            mv_f16(wu8, off + r * rs, rs, nb, x, out, o0 + r, min(k, r1 - r), x)
 
 
 @njit(cache=True)
-def dequant_rows(wu8, kind, off, cols, sc, soff, moff, r0, r1, dst):
+def dequant_rows(wu8, kind, off, cols, r0, r1, dst):
     """dst[:r1-r0, :cols] = rows r0..r1 as float32 (dst C-contiguous, cols a multiple of 32);
     kind: KIND_* of this module."""
     nb = cols // 32
     flat = dst.reshape(-1)
     if kind == KIND_Q8_0:
         for r in range(r0, r1):
-            dq_q8_0(wu8, off + r * nb * 34, nb, sc, soff + r * nb, 0, flat, (r - r0) * cols)
+            dq_q8_0(wu8, off + r * nb * 34, nb, flat, (r - r0) * cols)
     elif kind == KIND_Q4_0:
         for r in range(r0, r1):
-            dq_q4_0(wu8, off + r * nb * 18, nb, sc, soff + r * nb, 0, flat, (r - r0) * cols)
+            dq_q4_0(wu8, off + r * nb * 18, nb, flat, (r - r0) * cols)
     elif kind == KIND_Q4_1:
         for r in range(r0, r1):
-            dq_q4_1(wu8, off + r * nb * 20, nb, sc, soff + r * nb, moff + r * nb, flat, (r - r0) * cols)
+            dq_q4_1(wu8, off + r * nb * 20, nb, flat, (r - r0) * cols)
     elif kind == KIND_F16:
         for r in range(r0, r1):
-            dq_f16(wu8, off + r * cols * 2, nb, sc, 0, 0, flat, (r - r0) * cols)
+            dq_f16(wu8, off + r * cols * 2, nb, flat, (r - r0) * cols)
     else:
         for r in range(r0, r1):
-            dq_bf16(wu8, off + r * cols * 2, nb, sc, 0, 0, flat, (r - r0) * cols)
+            dq_bf16(wu8, off + r * cols * 2, nb, flat, (r - r0) * cols)
 
 
 # --- int8 activations (AVX2) ---------------------------------------------------------------------
@@ -394,18 +398,17 @@ def _make_i8(kind):
     bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20}[kind]
 
     @intrinsic
-    def kernel(typingctx, w, woff, rstride, nb, xq, xd, sc, soff, out, o0, nrows, xs, moff):
-        sig = types.void(w, woff, rstride, nb, xq, xd, sc, soff, out, o0, nrows, xs, moff)
+    def kernel(typingctx, w, woff, rstride, nb, xq, xd, out, o0, nrows, xs):
+        sig = types.void(w, woff, rstride, nb, xq, xd, out, o0, nrows, xs)
 
         def codegen(context, builder, signature, args):
-            w_, woff_, rstride_, nb_, xq_, xd_, sc_, soff_, out_, o0_, nrows_, xs_, moff_ = args
+            w_, woff_, rstride_, nb_, xq_, xd_, out_, o0_, nrows_, xs_ = args
             at = signature.args
             wp = builder.bitcast(context.make_array(at[0])(context, builder, w_).data, I8.as_pointer())
             xqp = builder.bitcast(context.make_array(at[4])(context, builder, xq_).data, I8.as_pointer())
             xdp = context.make_array(at[5])(context, builder, xd_).data
-            scp = context.make_array(at[6])(context, builder, sc_).data
-            outp = context.make_array(at[8])(context, builder, out_).data
-            xsp = context.make_array(at[11])(context, builder, xs_).data
+            outp = context.make_array(at[6])(context, builder, out_).data
+            xsp = context.make_array(at[9])(context, builder, xs_).data
             accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXR)]
             mins = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(MAXR)]
             c = lambda v: ir.Constant(I64, v)  # noqa: E731
@@ -423,8 +426,7 @@ def _make_i8(kind):
                                 _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
                             aw, neg = _i8_weights(builder, kind, wp, boff)
                             dot = _i8_dot(builder, aw, neg, xv)
-                            si = builder.add(soff_, builder.add(builder.mul(c(r), nb_), b))
-                            d = builder.load(builder.gep(scp, [si]))
+                            d = _blk_f16(builder, wp, boff)
                             acc = _vfma(builder, _bcast(builder, builder.fmul(d, dx)),
                                         builder.sitofp(dot, V8F), builder.load(accs[r]))
                             builder.store(acc, accs[r])
@@ -432,8 +434,7 @@ def _make_i8(kind):
                                 xsb = builder.load(builder.gep(xsp, [b]))
                                 m = xcb = None
                                 if kind == KIND_Q4_1:
-                                    mi = builder.add(moff_, builder.add(builder.mul(c(r), nb_), b))
-                                    m = builder.load(builder.gep(scp, [mi]))
+                                    m = _blk_f16(builder, wp, builder.add(boff, c(2)))
                                     xcb = builder.load(builder.gep(xsp, [builder.add(b, nb_)]))
                                 term = _i8_offset_term(builder, kind, d, m, xsb, xcb)
                                 builder.store(builder.fadd(builder.load(mins[r]), term), mins[r])
@@ -475,7 +476,7 @@ def quantize_x(x, xq, xd, xsq):
 
 
 @njit(cache=True)
-def rows_i8(kind, wu8, off, cols, sc, soff, moff, xq, xd, xs, out, o0, r0, r1):
+def rows_i8(kind, wu8, off, cols, xq, xd, xs, out, o0, r0, r1):
     """Like rows_q8_0/rows_q4_0/rows_q4_1 on int8 activations (xs: xsq for Q4_0; for Q4_1 the float
     block sums of x followed by sum(x) - xsq, see prep in qmatmul.prep_x)."""
     nb = cols // 32
@@ -485,11 +486,11 @@ def rows_i8(kind, wu8, off, cols, sc, soff, moff, xq, xd, xs, out, o0, r0, r1):
     for r in range(r0, r1, k):
         n = min(k, r1 - r)
         if kind == KIND_Q8_0:
-            mvi_q8_0(wu8, off + r * rs, rs, nb, xq, xd, sc, soff + r * nb, out, o0 + r, n, xs, 0)
+            mvi_q8_0(wu8, off + r * rs, rs, nb, xq, xd, out, o0 + r, n, xs)
         elif kind == KIND_Q4_0:
-            mvi_q4_0(wu8, off + r * rs, rs, nb, xq, xd, sc, soff + r * nb, out, o0 + r, n, xs, 0)
+            mvi_q4_0(wu8, off + r * rs, rs, nb, xq, xd, out, o0 + r, n, xs)
         else:
-            mvi_q4_1(wu8, off + r * rs, rs, nb, xq, xd, sc, soff + r * nb, out, o0 + r, n, xs, moff + r * nb)
+            mvi_q4_1(wu8, off + r * rs, rs, nb, xq, xd, out, o0 + r, n, xs)
 
 
 # --- several tokens at once (prefill) -------------------------------------------------------------
@@ -509,6 +510,18 @@ def _psign(builder, x, w):
     return builder.call(_decl(builder, "llvm.x86.avx2.psign.b", V32B, [V32B, V32B]), [x, w])
 
 
+def _hsum8(builder, vs):
+    """[sum(vs[0]), ..., sum(vs[7])] for eight <8 x float>: six vhaddps, two lane permutes, an add."""
+    hadd = _decl(builder, "llvm.x86.avx.hadd.ps.256", V8F, [V8F, V8F])
+    h = [builder.call(hadd, [vs[i], vs[i + 1]]) for i in range(0, 8, 2)]
+    a = builder.call(hadd, [h[0], h[1]])     # [s0lo s1lo s2lo s3lo | s0hi s1hi s2hi s3hi]
+    b = builder.call(hadd, [h[2], h[3]])     # the same for vs[4:8]
+    i32x8 = ir.VectorType(I32, 8)
+    lo = builder.shuffle_vector(a, b, ir.Constant(i32x8, [0, 1, 2, 3, 8, 9, 10, 11]))
+    hi = builder.shuffle_vector(a, b, ir.Constant(i32x8, [4, 5, 6, 7, 12, 13, 14, 15]))
+    return builder.fadd(lo, hi)
+
+
 def _clobber(builder, ptr):
     """Compiler barrier: an empty asm that may read and write memory through ptr, so the stores
     before it stay and the loads after it read memory."""
@@ -520,22 +533,21 @@ def _make_i8_multi(kind):
     bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20}[kind]
 
     @intrinsic
-    def kernel(typingctx, w, woff, nb, b0, nbk, xq, xg, g, ntok, sc, soff, moff, out, orow, ocol):
+    def kernel(typingctx, w, woff, nb, b0, nbk, xq, xg, g, ntok, out, orow, ocol):
         """Blocks b0..b0+nbk of the row at byte woff (nb blocks) times tokens 8g..8g+ntok, added to
         out[orow + t, ocol] for t < ntok. xq int8 (n, 32*nb); xg float32 (ceil(n/8), 4, nb, 8): per
         token group, field and block the MAXT tokens' d_x, d_x*sum(xq), sum(x), sum(x) - d_x*sum(xq)
         (quantize_rows)."""
-        sig = types.void(w, woff, nb, b0, nbk, xq, xg, g, ntok, sc, soff, moff, out, orow, ocol)
+        sig = types.void(w, woff, nb, b0, nbk, xq, xg, g, ntok, out, orow, ocol)
 
         def codegen(context, builder, signature, args):
-            w_, woff_, nb_, b0_, nbk_, xq_, xg_, g_, ntok_, sc_, soff_, moff_, out_, orow_, ocol_ = args
+            w_, woff_, nb_, b0_, nbk_, xq_, xg_, g_, ntok_, out_, orow_, ocol_ = args
             at = signature.args
             arr = lambda i, v: context.make_array(at[i])(context, builder, v)  # noqa: E731
             wp = builder.bitcast(arr(0, w_).data, I8.as_pointer())
             xqp = builder.bitcast(arr(5, xq_).data, I8.as_pointer())
             xgp = arr(6, xg_).data
-            scp = arr(9, sc_).data
-            oa = arr(12, out_)
+            oa = arr(9, out_)
             outp = oa.data
             ocols = builder.extract_value(oa.shape, 1)
             c = lambda v: ir.Constant(I64, v)  # noqa: E731
@@ -560,7 +572,7 @@ def _make_i8_multi(kind):
                         b = builder.add(b0_, loop.index)
                         boff = builder.add(woff_, builder.mul(b, c(bsize)))
                         _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
-                        d = builder.load(builder.gep(scp, [builder.add(soff_, b)]))
+                        d = _blk_f16(builder, wp, boff)
                         if kind == KIND_Q8_0:
                             wv = _vload(builder, wp, builder.add(boff, c(2)), V32B)
                             aw = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]),
@@ -581,17 +593,25 @@ def _make_i8_multi(kind):
                         if kind == KIND_Q4_0:       # d_w * d_x * sum(xq), times -8 at the end
                             builder.store(_vfma(builder, _bcast(builder, d), xgv(XG_SQ, b), builder.load(offs)), offs)
                         elif kind == KIND_Q4_1:     # m * sum(x) + 8 d * (sum(x) - d_x * sum(xq)), see _i8_offset_term
-                            m = builder.load(builder.gep(scp, [builder.add(moff_, b)]))
+                            m = _blk_f16(builder, wp, builder.add(boff, c(2)))
                             o = _vfma(builder, _bcast(builder, m), xgv(XG_S, b), builder.load(offs))
                             o = _vfma(builder, _bcast(builder, builder.fmul(ir.Constant(F32, 8.0), d)), xgv(XG_C, b), o)
                             builder.store(o, offs)
+                    # the MAXT sums as one vector (a vhaddps tree: a third of the horizontal sums'
+                    # work, which the short rows of small models felt), then the offset terms
+                    res = _hsum8(builder, [builder.load(a) for a in accs])
                     ov = builder.load(offs)
+                    if kind == KIND_Q4_0:
+                        res = builder.fsub(res, builder.fmul(_bcast(builder, ir.Constant(F32, 8.0)), ov))
+                    elif kind == KIND_Q4_1:
+                        res = builder.fadd(res, ov)
+                    first = builder.icmp_signed("==", b0_, c(0))
                     for t in range(nt):
-                        res = _i8_result(builder, kind, builder.load(accs[t]),
-                                         builder.extract_element(ov, ir.Constant(I32, t)))
+                        v = builder.extract_element(res, ir.Constant(I32, t))
                         oi = builder.add(builder.mul(builder.add(orow_, c(t)), ocols), ocol_)
                         op = builder.gep(outp, [oi])
-                        builder.store(builder.fadd(builder.load(op), res), op)
+                        # the first column slice stores, later ones add
+                        builder.store(builder.select(first, v, builder.fadd(builder.load(op), v)), op)
                     builder.branch(end)
             builder.position_at_end(end)
             return context.get_dummy_value()
@@ -654,7 +674,7 @@ def mm_rows_per_task(rows, cols, kind, n_threads):
 
 
 @njit(cache=True)
-def mm_rows(kind, wu8, off, cols, sc, soff, moff, xq, xg, out, ocol, r0, r1):
+def mm_rows(kind, wu8, off, cols, xq, xg, out, ocol, r0, r1):
     """out[:, ocol + r] = x @ W[r] for rows r0 <= r < r1 of a Q8_0/Q4_0/Q4_1 matrix (one task of
     matmul_i8): column slices of MM_KB blocks, within a slice MAXT tokens at a time."""
     nb = cols // 32
@@ -662,31 +682,25 @@ def mm_rows(kind, wu8, off, cols, sc, soff, moff, xq, xg, out, ocol, r0, r1):
     bs = 34 if kind == KIND_Q8_0 else (18 if kind == KIND_Q4_0 else 20)
     rs = nb * bs
     kb = min(nb, MM_KB)
-    for t in range(n):
-        for r in range(r0, r1):
-            out[t, ocol + r] = 0.0
     for b0 in range(0, nb, kb):
         nbk = min(kb, nb - b0)
         for g in range((n + MAXT - 1) // MAXT):
             nt = min(MAXT, n - g * MAXT)
             for r in range(r0, r1):
                 if kind == KIND_Q8_0:
-                    mmi_q8_0(wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, sc, soff + r * nb, 0,
-                             out, g * MAXT, ocol + r)
+                    mmi_q8_0(wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, out, g * MAXT, ocol + r)
                 elif kind == KIND_Q4_0:
-                    mmi_q4_0(wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, sc, soff + r * nb, 0,
-                             out, g * MAXT, ocol + r)
+                    mmi_q4_0(wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, out, g * MAXT, ocol + r)
                 else:
-                    mmi_q4_1(wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, sc, soff + r * nb,
-                             moff + r * nb, out, g * MAXT, ocol + r)
+                    mmi_q4_1(wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, out, g * MAXT, ocol + r)
 
 
 @njit(cache=True, parallel=True)
-def matmul_i8(kind, wu8, off, rows, cols, sc, soff, moff, xq, xg, out, n_threads):
+def matmul_i8(kind, wu8, off, rows, cols, xq, xg, out, n_threads):
     """out (n, rows) = x (n, cols) @ W.T for a Q8_0/Q4_0/Q4_1 matrix, x given quantized
     (quantize_rows); tasks of rows in parallel (n_threads: numba.get_num_threads(), which would
     keep this function out of the disk cache if called here). See qmatmul.matmul_i8_group for
     several matrices on the same x in one parallel region."""
     rt = mm_rows_per_task(rows, cols, kind, n_threads)
     for ch in prange((rows + rt - 1) // rt):
-        mm_rows(kind, wu8, off, cols, sc, soff, moff, xq, xg, out, 0, ch * rt, min(rows, ch * rt + rt))
+        mm_rows(kind, wu8, off, cols, xq, xg, out, 0, ch * rt, min(rows, ch * rt + rt))

@@ -1,7 +1,7 @@
 """The llama family: Llama 2/3, SmolLM, TinyLlama, Mistral (no sliding window), Qwen2 (q/k/v biases).
 
 Weights stay in the memory-mapped file; `LlamaModel` holds a tensor table into it (see
-kernels/qmatmul.py) plus the decoded block scales and the small 1-D tensors.
+kernels/qmatmul.py) plus the small 1-D tensors.
 Prefill runs a chunk of tokens through float32 BLAS matmuls on dequantized weight tiles;
 decode runs one token through a single fused Numba call (`decode_step`).
 """
@@ -16,7 +16,7 @@ from ..errors import TensorError, UnsupportedError
 from ..kernels import qmatmul as qm
 from ..kernels import simd
 from ..kernels.attention import attend_one, masked_softmax
-from ..kernels.ops import ROPE_NEOX, ROPE_NORM, rmsnorm, rope, rope_inv_freq, silu_mul
+from ..kernels.ops import ROPE_NEOX, ROPE_NORM, rmsnorm, rope, rope_inv_freq, silu_mul, silu_mul_par
 from ..kernels.qmatmul import FM, TAB_COLS, TAB_ROWS, TAB_WIDTH
 
 # per-layer matrices, in table order
@@ -28,6 +28,8 @@ V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV = range(5)
 NATIVE = {qm.T_F32, qm.T_F16, qm.T_BF16, qm.T_Q8_0, qm.T_Q4_0, qm.T_Q4_1}
 # with int8 activations (AVX2) the prompt's quantized matmuls run simd.matmul_i8 (weights read as
 # they are, each block unpacked once per 8 tokens); otherwise dequantized tiles + float32 BLAS
+I8_SHORT = 32            # prompt chunks of at most this many tokens always run int8 (see Scratch)
+I8_MIN_DIM_1T = 1024     # one thread: int8 for long prompts from this model width on
 # queries per attention task of a prompt (LlamaModel._attend)
 ATT_ROWS = 64
 ATT_PAR_MIN = 256      # tokens in a chunk before its attention tasks go to worker threads
@@ -41,9 +43,8 @@ class LlamaModel:
         self._names = {}        # tensor file offset -> name (for the observer)
         c = cfg
         src = gf.path
-        vecs, scales = [], []
+        vecs = []
         self._vec_len = 0
-        self._sc_len = 0
 
         def vec(name, n, required=True):
             t = gf.tensors.get(name)
@@ -78,18 +79,6 @@ class LlamaModel:
             row = np.zeros(TAB_WIDTH, np.int64)
             row[:4] = (t.offset, t.qtype.id, rows, cols)
             self._names[t.offset] = name
-            if t.qtype.block_size == 32:
-                raw = gf.raw(name).reshape(-1)
-                nblk = rows * (cols // 32)
-                row[qm.TAB_SOFF] = self._sc_len
-                scales.append(np.empty(nblk, np.float32))
-                qm.block_f16_field(raw, t.qtype.type_size, 0, scales[-1])
-                self._sc_len += nblk
-                if t.qtype.name == "Q4_1":
-                    row[qm.TAB_MOFF] = self._sc_len
-                    scales.append(np.empty(nblk, np.float32))
-                    qm.block_f16_field(raw, t.qtype.type_size, 2, scales[-1])
-                    self._sc_len += nblk
             return row
 
         L = c.n_layers
@@ -113,7 +102,6 @@ class LlamaModel:
         self.out = self.embd if out is None else out
         self.out_norm = vec("output_norm.weight", c.dim)
         self.vec = np.concatenate(vecs) if vecs else np.zeros(1, np.float32)
-        self.sc = np.concatenate(scales) if scales else np.zeros(1, np.float32)
         self.wu8 = gf.data
         self.inv_freq = np.zeros(c.rope_dim // 2, np.float64)
         rope_inv_freq(c.rope_dim, c.rope_base, self.inv_freq)
@@ -137,12 +125,12 @@ class LlamaModel:
     def _matmuls(self, s, tabs, h, out):
         """Several matrices on the same h: out (n, sum of rows), each matrix's result in its
         columns; on int8 activations h is quantized once and one parallel region runs them all."""
-        if s.use_i8 and all(int(t[qm.TAB_TYPE]) in I8_KINDS for t in tabs) and out.flags.c_contiguous:
+        if s.i8_for(h.shape[0]) and all(int(t[qm.TAB_TYPE]) in I8_KINDS for t in tabs) and out.flags.c_contiguous:
             if self.observer is not None:
                 for t in tabs:
                     self.observer(self._names[int(t[0])], h)
             xq, xg = self._quantize(s, h)
-            qm.matmul_i8_group(self.wu8, tabs, self.sc, xq, xg, out, s.n_threads, s.starts)
+            qm.matmul_i8_group(self.wu8, tabs, xq, xg, out, s.n_threads, s.starts)
             return
         c0 = 0
         for t in tabs:
@@ -166,14 +154,13 @@ class LlamaModel:
         rows, cols = int(tab[TAB_ROWS]), int(tab[TAB_COLS])
         n = h.shape[0]
         kind = I8_KINDS.get(int(tab[qm.TAB_TYPE]))
-        if allow_i8 and s.use_i8 and kind is not None and out.flags.c_contiguous:
+        if allow_i8 and s.i8_for(n) and kind is not None and out.flags.c_contiguous:
             xq, xg = self._quantize(s, h)
-            simd.matmul_i8(kind, self.wu8, int(tab[qm.TAB_OFF]), rows, cols, self.sc, int(tab[qm.TAB_SOFF]),
-                           int(tab[qm.TAB_MOFF]), xq, xg, out, s.n_threads)
+            simd.matmul_i8(kind, self.wu8, int(tab[qm.TAB_OFF]), rows, cols, xq, xg, out, s.n_threads)
             return
         if n == 1 and out.flags.c_contiguous:
             # one row (the prompt's logits): decode's float matvec, no dequantized copy
-            _mv(self.wu8, tab.reshape(1, -1), self.sc, h[0], s.xsum, out.reshape(-1), s.offs1, s.chunks[4],
+            _mv(self.wu8, tab.reshape(1, -1), h[0], s.xsum, out.reshape(-1), s.offs1, s.chunks[4],
                 s.starts, s.tmp, s.xq, s.xd, s.xsq, False)
             return
         if s.wbuf is None:
@@ -183,7 +170,7 @@ class LlamaModel:
             r1 = min(rows, r0 + tile)
             w = s.wbuf[:(r1 - r0) * cols].reshape(r1 - r0, cols)
             # serial: OpenBLAS's threads spin after a call and would fight Numba's for the cores
-            qm.dequant_rows(self.wu8, tab, self.sc, r0, r1, w, s.tmp[0])
+            qm.dequant_rows(self.wu8, tab, r0, r1, w, s.tmp[0])
             np.matmul(h, w.T, out=out[:, r0:r1])
 
     def prefill(self, s, kv, tokens, all_logits=False):
@@ -196,7 +183,7 @@ class LlamaModel:
         qpos = kv.kpos[slots].copy()
         x = s.px[:n]
         h = s.ph[:n]
-        embed_rows(self.wu8, self.embd, self.sc, toks, x, s.tmp[0])
+        embed_rows(self.wu8, self.embd, toks, x, s.tmp[0])
         qkv, gu = s.pqkv[:n], s.pgu[:n]
         q, k, v = qkv[:, :c.q_dim], qkv[:, c.q_dim:c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim:]
         g, u = gu[:, :c.n_ff], gu[:, c.n_ff:]
@@ -220,7 +207,7 @@ class LlamaModel:
             x += h
             rmsnorm(x, self.v(li, V_FFN_NORM), c.norm_eps, h)
             self._matmuls(s, self.tab_gu[li], h, gu)
-            silu_mul(g, u, g)
+            (silu_mul_par if s.blas_threads == 1 else silu_mul)(g, u, g)
             self._matmul(s, t[K_DOWN], g, h)
             x += h
         if all_logits:
@@ -277,7 +264,7 @@ class LlamaModel:
         c = self.cfg
         slot = kv.next_slot()
         s.posv[0] = kv.kpos[slot]
-        decode_step(self.wu8, self.sc, self.vec, self.tab, self.vtab, self.embd, self.out,
+        decode_step(self.wu8, self.vec, self.tab, self.vtab, self.embd, self.out,
                     self.out_norm, c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_ff,
                     c.rope_dim, self.rope_mode, np.float32(c.norm_eps), c.attn_bias,
                     int(token), s.posv, int(slot), kv.offset, kv.k, kv.v,
@@ -304,7 +291,12 @@ class Scratch:
         # int8 prefill: its matmuls are Numba's parallel work; BLAS (attention only) one thread
         # per worker, attention tasks on n_threads Python threads (LlamaModel._attend)
         self.use_i8 = bool(int8_activations and qm.simd.HAVE_AVX2)
-        i8_prefill = self.use_i8 and int(m.tab[0, K_GATE, qm.TAB_TYPE]) in I8_KINDS
+        # long prompts too, except on one thread with a small model: there BLAS on dequantized
+        # tiles is faster (SmolLM2, dim 576, pp128: 250 vs 210 tok/s; the 1.1B-shaped model, dim
+        # 2048: int8 1.11x llama.cpp, BLAS 0.97x); short prompts always (I8_SHORT)
+        i8_prefill = self.use_i8 and int(m.tab[0, K_GATE, qm.TAB_TYPE]) in I8_KINDS and \
+            (n_threads > 1 or c.dim >= I8_MIN_DIM_1T)
+        self.i8_prefill = i8_prefill
         self.blas_threads = 1 if i8_prefill else n_threads
         self.n_workers = n_threads if i8_prefill else 1
         self._pool = None
@@ -314,7 +306,8 @@ class Scratch:
         self.aog = np.zeros((self.n_workers, qb * group * c.head_dim), f)
         self.ascores = np.zeros((self.n_workers, qb * group * n_slots), f)
         # float32 tiles of dequantized weights for BLAS (allocated at first use: with int8
-        # activations only F16/BF16/F32 matrices and all-logits runs need it)
+        # activations only F16/BF16/F32 matrices, float-activation runs and a small model's long
+        # prompts on one thread need it)
         self.wbuf_size = max(c.n_ff * c.dim, c.q_dim * c.dim, 4096 * c.dim)
         self.wbuf = None
         # decode
@@ -331,8 +324,9 @@ class Scratch:
         self.xsq = np.zeros(4 * self.xsum.shape[0], f)   # see qmatmul.prep_x
         # prompts on int8 activations (LlamaModel._matmul, simd.quantize_rows)
         mc = max(c.dim, c.n_ff, c.q_dim)
-        self.pxq = np.zeros(nb * mc if self.use_i8 else 0, np.int8)
-        self.pxg = np.zeros((nb + simd.MAXT - 1) // simd.MAXT * 4 * (mc // 32) * simd.MAXT if self.use_i8 else 0, f)
+        ni = (nb if self.i8_prefill else min(nb, I8_SHORT)) if self.use_i8 else 0
+        self.pxq = np.zeros(ni * mc, np.int8)
+        self.pxg = np.zeros((ni + simd.MAXT - 1) // simd.MAXT * 4 * (mc // 32) * simd.MAXT, f)
         self.starts = np.zeros(4, np.int64)
         self.posv = np.zeros(1, np.int64)          # position of the token being decoded
         import numba
@@ -351,6 +345,10 @@ class Scratch:
             self.chunks = np.full(len(groups), 256, np.int64)
 
 
+    def i8_for(self, n):
+        """Whether a prompt chunk of n tokens runs its quantized matmuls on int8 activations."""
+        return self.use_i8 and (self.i8_prefill or n <= I8_SHORT)
+
     def pool(self):
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -364,9 +362,9 @@ class Scratch:
 
 
 @njit(cache=True, fastmath=FM)
-def embed_rows(wu8, tab, sc, toks, out, tmp_u32):
+def embed_rows(wu8, tab, toks, out, tmp_u32):
     for i in range(toks.shape[0]):
-        qm.dequant_rows(wu8, tab, sc, toks[i], toks[i] + 1, out[i:i + 1], tmp_u32)
+        qm.dequant_rows(wu8, tab, toks[i], toks[i] + 1, out[i:i + 1], tmp_u32)
 
 
 @njit(cache=True, fastmath=FM)
@@ -381,17 +379,17 @@ def _rmsnorm1(x, w, eps, out):
 
 
 @njit(cache=True, fastmath=FM)
-def _mv(wu8, tabs, sc, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
+def _mv(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
     """One matvec group of decode_step: float activations, or int8 ones when use_i8."""
     qm.prep_x(x, xsum, xq, xd, xsq, use_i8)
     if use_i8:
-        qm.matvec_group(wu8, tabs, sc, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq)
+        qm.matvec_group(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq)
     else:
-        qm.matvec_group(wu8, tabs, sc, x, xsum, out, offs, chunk, starts, tmp)
+        qm.matvec_group(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp)
 
 
 @njit(cache=True, fastmath=FM)
-def decode_step(wu8, sc, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_heads, n_kv,
+def decode_step(wu8, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_heads, n_kv,
                 head_dim, n_ff, rope_dim, rope_mode, eps, attn_bias, token, posv, slot, n_filled,
                 kcache, vcache, inv_freq, x, xn, qkv, att, scores, gu, xsum, starts, tmp, logits,
                 offs3, offs2, offs1, chunks, xq, xd, xsq, use_i8):
@@ -399,13 +397,13 @@ def decode_step(wu8, sc, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_
     logits into `logits`. Allocates nothing."""
     q_dim = n_heads * head_dim
     kv_dim = n_kv * head_dim
-    qm.dequant_rows(wu8, embd, sc, token, token + 1, x.reshape((1, dim)), tmp[0])
+    qm.dequant_rows(wu8, embd, token, token + 1, x.reshape((1, dim)), tmp[0])
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for li in range(n_layers):
         t = tab[li]
         o = vtab[li, V_ATTN_NORM]
         _rmsnorm1(x, vec[o:o + dim], eps, xn)
-        _mv(wu8, t[K_Q:K_V + 1], sc, xn, xsum, qkv, offs3, chunks[0], starts, tmp, xq, xd, xsq, use_i8)
+        _mv(wu8, t[K_Q:K_V + 1], xn, xsum, qkv, offs3, chunks[0], starts, tmp, xq, xd, xsq, use_i8)
         if attn_bias:
             for j in range(q_dim):
                 qkv[j] += vec[vtab[li, V_BQ] + j]
@@ -421,19 +419,19 @@ def decode_step(wu8, sc, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_
                 kcache[li, hh, slot, d] = qkv[q_dim + hh * head_dim + d]
                 vcache[li, hh, slot, d] = qkv[q_dim + kv_dim + hh * head_dim + d]
         attend_one(qkv, kcache[li], vcache[li], n_filled, scale, n_heads, n_kv, head_dim, scores, att)
-        _mv(wu8, t[K_O:K_O + 1], sc, att, xsum, xn, offs1, chunks[1], starts, tmp, xq, xd, xsq, use_i8)
+        _mv(wu8, t[K_O:K_O + 1], att, xsum, xn, offs1, chunks[1], starts, tmp, xq, xd, xsq, use_i8)
         for j in range(dim):
             x[j] += xn[j]
         o = vtab[li, V_FFN_NORM]
         _rmsnorm1(x, vec[o:o + dim], eps, xn)
-        _mv(wu8, t[K_GATE:K_UP + 1], sc, xn, xsum, gu, offs2, chunks[2], starts, tmp, xq, xd, xsq, use_i8)
+        _mv(wu8, t[K_GATE:K_UP + 1], xn, xsum, gu, offs2, chunks[2], starts, tmp, xq, xd, xsq, use_i8)
         for j in range(n_ff):
             gv = gu[j]
             gu[j] = gv / (np.float32(1.0) + np.float32(math.exp(-gv))) * gu[n_ff + j]
         h = gu[:n_ff]
-        _mv(wu8, t[K_DOWN:K_DOWN + 1], sc, h, xsum, xn, offs1, chunks[3], starts, tmp, xq, xd, xsq, use_i8)
+        _mv(wu8, t[K_DOWN:K_DOWN + 1], h, xsum, xn, offs1, chunks[3], starts, tmp, xq, xd, xsq, use_i8)
         for j in range(dim):
             x[j] += xn[j]
     _rmsnorm1(x, vec[out_norm:out_norm + dim], eps, xn)
-    _mv(wu8, outt.reshape((1, outt.shape[0])), sc, xn, xsum, logits, offs1, chunks[4], starts, tmp,
+    _mv(wu8, outt.reshape((1, outt.shape[0])), xn, xsum, logits, offs1, chunks[4], starts, tmp,
         xq, xd, xsq, use_i8)
