@@ -356,13 +356,14 @@ def _dot_u8s8(builder, u, s):
 
 
 def _i8_weights(builder, kind, wp, boff):
-    """A block's quants as 32 unsigned bytes for vpmaddubsw, and (Q8_0) the sign mask that moves
-    the weights' signs onto the activations."""
+    """A block's quants as 32 unsigned bytes for vpmaddubsw, and (Q8_0) the signed quants, whose
+    signs _i8_dot moves onto the activations (vpsignb)."""
     c = lambda v: ir.Constant(I64, v)  # noqa: E731
     if kind == KIND_Q8_0:
         wv = _vload(builder, wp, builder.add(boff, c(2)), V32B)
-        neg = builder.icmp_signed("<", wv, ir.Constant(V32B, [0] * 32))
-        return builder.select(neg, builder.neg(wv), wv), neg
+        aw = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]),
+                          [wv, ir.Constant(ir.IntType(1), 0)])
+        return aw, wv
     hdr = 2 if kind == KIND_Q4_0 else 4
     q = _vload(builder, wp, builder.add(boff, c(hdr)), ir.VectorType(I8, 16))
     lo = builder.and_(q, ir.Constant(ir.VectorType(I8, 16), [15] * 16))
@@ -370,9 +371,9 @@ def _i8_weights(builder, kind, wp, boff):
     return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32)))), None
 
 
-def _i8_dot(builder, aw, neg, xv):
-    if neg is not None:
-        xv = builder.select(neg, builder.neg(xv), xv)
+def _i8_dot(builder, aw, wv, xv):
+    if wv is not None:
+        xv = _psign(builder, xv, wv)
     return _dot_u8s8(builder, aw, xv)
 
 
@@ -573,21 +574,13 @@ def _make_i8_multi(kind):
                         boff = builder.add(woff_, builder.mul(b, c(bsize)))
                         _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
                         d = _blk_f16(builder, wp, boff)
-                        if kind == KIND_Q8_0:
-                            wv = _vload(builder, wp, builder.add(boff, c(2)), V32B)
-                            aw = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]),
-                                              [wv, ir.Constant(ir.IntType(1), 0)])
-                        else:
-                            aw, _ = _i8_weights(builder, kind, wp, boff)
+                        aw, wv = _i8_weights(builder, kind, wp, boff)
                         sv = builder.fmul(_bcast(builder, d), xgv(XG_D, b))     # d_w * d_x per token
                         builder.store(sv, svbuf)
                         _clobber(builder, svf)
                         for t in range(nt):
                             xo = builder.add(builder.mul(builder.add(t0, c(t)), cols), builder.mul(b, c(32)))
-                            xv = _vload(builder, xqp, xo, V32B)
-                            if kind == KIND_Q8_0:
-                                xv = _psign(builder, xv, wv)
-                            dot = _dot_u8s8(builder, aw, xv)
+                            dot = _i8_dot(builder, aw, wv, _vload(builder, xqp, xo, V32B))
                             st = _bcast(builder, builder.load(builder.gep(svf, [c(t)])))
                             builder.store(_vfma(builder, st, builder.sitofp(dot, V8F), builder.load(accs[t])), accs[t])
                         if kind == KIND_Q4_0:       # d_w * d_x * sum(xq), times -8 at the end
