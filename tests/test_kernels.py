@@ -129,12 +129,11 @@ def test_int8_activation_matmul(tname, shape, n):
     buf, tab, ref, dm = pack(w, tname)
     h = rng.standard_normal((n, cols)).astype(np.float32)
     h[:, 3] = 9.0
-    kind = {"Q8_0": simd.KIND_Q8_0, "Q4_0": simd.KIND_Q4_0, "Q4_1": simd.KIND_Q4_1}[tname]
     xq = np.zeros((n, cols), np.int8)
     xg = np.full(((n + simd.MAXT - 1) // simd.MAXT, 4, nb, simd.MAXT), np.nan, np.float32)
     simd.quantize_rows(h, xq, xg)
     out = np.full((n, rows), np.nan, np.float32)
-    simd.matmul_i8(kind, buf, int(tab[0]), rows, cols, xq, xg, out, 2)
+    qm.matmul_i8_group(buf, tab.reshape(1, -1), xq, xg, out, 2, np.zeros(2, np.int64))
     xd = xg[:, 0].transpose(0, 2, 1).reshape(-1, nb)[:n]          # (n, nb) scales of the tokens
     xhat = (xq.astype(np.float64).reshape(n, nb, 32) * xd[:, :, None]).reshape(n, cols)
     want = xhat @ ref.T.astype(np.float64)

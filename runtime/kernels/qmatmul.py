@@ -255,9 +255,10 @@ def prep_x(x, xsum, xq, xd, xsq, use_i8):
 
 @njit(cache=True, parallel=True)
 def matmul_i8_group(wu8, tabs, xq, xg, out, n_threads, starts):
-    """Several Q8_0/Q4_0/Q4_1 matrices on the same int8 activations in one parallel region (the
-    prompt's q/k/v, gate/up): out (n, sum of rows), matrix j's rows at columns from
-    sum(rows of tabs[:j]). starts: (k+1,) int64 scratch."""
+    """out (n, sum of rows) = x @ W.T for one or several Q8_0/Q4_0/Q4_1 matrices on the same int8
+    activations (simd.quantize_rows) in one parallel region (the prompt's q/k/v, gate/up): matrix
+    j's rows at columns from sum(rows of tabs[:j]). n_threads: numba.get_num_threads() (called
+    here it would keep this function out of the disk cache); starts: (k+1,) int64 scratch."""
     k = tabs.shape[0]
     starts[0] = 0
     for j in range(k):

@@ -653,7 +653,7 @@ def quantize_rows(h, xq, xg):
             xg[g, XG_C, b, lane] = s - d * np.float32(qs)
 
 
-# matmul_i8's work: tasks of rows (about 8 per thread, each task's rows of one column slice within
+# qmatmul.matmul_i8_group's work: tasks of rows (about 8 per thread, each task's rows of one column slice within
 # MM_ROW_BYTES so they stay in L2 while every token group passes) x column slices of MM_KB blocks
 # (8 tokens' int8 activations of a slice, 16 KiB, stay in L1 while the rows pass)
 MM_ROW_BYTES = 128 * 1024
@@ -662,7 +662,7 @@ MM_KB = 64
 
 @njit(cache=True)
 def mm_rows_per_task(rows, cols, kind, n_threads):
-    """Rows per task of matmul_i8: about 8 tasks per thread, the task's rows of one column slice
+    """Rows per task of qmatmul.matmul_i8_group: about 8 tasks per thread, the task's rows of one column slice
     within MM_ROW_BYTES, a multiple of 16 (tasks write whole 64-byte lines of out: shared lines
     ping-pong between the cores)."""
     bs = 34 if kind == KIND_Q8_0 else (18 if kind == KIND_Q4_0 else 20)
@@ -674,7 +674,7 @@ def mm_rows_per_task(rows, cols, kind, n_threads):
 @njit(cache=True)
 def mm_rows(kind, wu8, off, cols, xq, xg, out, ocol, r0, r1):
     """out[:, ocol + r] = x @ W[r] for rows r0 <= r < r1 of a Q8_0/Q4_0/Q4_1 matrix (one task of
-    matmul_i8): column slices of MM_KB blocks, within a slice MAXT tokens at a time."""
+    qmatmul.matmul_i8_group): column slices of MM_KB blocks, within a slice MAXT tokens at a time."""
     nb = cols // 32
     n = xq.shape[0]
     bs = 34 if kind == KIND_Q8_0 else (18 if kind == KIND_Q4_0 else 20)
@@ -691,14 +691,3 @@ def mm_rows(kind, wu8, off, cols, xq, xg, out, ocol, r0, r1):
                     mmi_q4_0(wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, out, g * MAXT, ocol + r)
                 else:
                     mmi_q4_1(wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, out, g * MAXT, ocol + r)
-
-
-@njit(cache=True, parallel=True)
-def matmul_i8(kind, wu8, off, rows, cols, xq, xg, out, n_threads):
-    """out (n, rows) = x (n, cols) @ W.T for a Q8_0/Q4_0/Q4_1 matrix, x given quantized
-    (quantize_rows); tasks of rows in parallel (n_threads: numba.get_num_threads(), which would
-    keep this function out of the disk cache if called here). See qmatmul.matmul_i8_group for
-    several matrices on the same x in one parallel region."""
-    rt = mm_rows_per_task(rows, cols, kind, n_threads)
-    for ch in prange((rows + rt - 1) // rt):
-        mm_rows(kind, wu8, off, cols, xq, xg, out, 0, ch * rt, min(rows, ch * rt + rt))

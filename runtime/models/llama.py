@@ -26,7 +26,7 @@ K_Q, K_K, K_V, K_O, K_GATE, K_UP, K_DOWN = range(7)
 VECS = ("attn_norm.weight", "ffn_norm.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias")
 V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV = range(5)
 NATIVE = {qm.T_F32, qm.T_F16, qm.T_BF16, qm.T_Q8_0, qm.T_Q4_0, qm.T_Q4_1}
-# with int8 activations (AVX2) the prompt's quantized matmuls run simd.matmul_i8 (weights read as
+# with int8 activations (AVX2) the prompt's quantized matmuls run qmatmul.matmul_i8_group (weights read as
 # they are, each block unpacked once per 8 tokens); otherwise dequantized tiles + float32 BLAS
 I8_SHORT = 32            # prompt chunks of at most this many tokens always run int8 (see Scratch)
 I8_MIN_DIM_1T = 1024     # one thread: int8 for long prompts from this model width on
@@ -156,7 +156,7 @@ class LlamaModel:
         kind = I8_KINDS.get(int(tab[qm.TAB_TYPE]))
         if allow_i8 and s.i8_for(n) and kind is not None and out.flags.c_contiguous:
             xq, xg = self._quantize(s, h)
-            simd.matmul_i8(kind, self.wu8, int(tab[qm.TAB_OFF]), rows, cols, xq, xg, out, s.n_threads)
+            qm.matmul_i8_group(self.wu8, tab.reshape(1, -1), xq, xg, out, s.n_threads, s.starts)
             return
         if n == 1 and out.flags.c_contiguous:
             # one row (the prompt's logits): decode's float matvec, no dequantized copy
@@ -248,7 +248,7 @@ class LlamaModel:
             m = t1 - t0
             # slots past the last one any of these queries may see are left out (a linear cache
             # stores positions in order: the causal triangle is skipped)
-            seen = np.flatnonzero(kp <= qpos[t1 - 1] if t1 - t0 == 1 else kp <= qpos[t0:t1].max())
+            seen = np.flatnonzero(kp <= qpos[t0:t1].max())
             ncol = int(seen[-1]) + 1 if seen.size else 1
             qg = s.aqg[w, :m * group * hd].reshape(m, group, hd)
             qg[:] = q3[t0:t1, kh * group:(kh + 1) * group, :]
