@@ -86,7 +86,7 @@ def test_int8_activation_matvec(tname, shape):
     x = rng.standard_normal(cols).astype(np.float32)
     x[3] = 9.0                                    # an outlier channel, as LLM activations have
     nb = cols // 32
-    cap = 4 * (cols // 32 + 1)
+    cap = simd.XS_PER_BLOCK * nb
     xsum, xq = np.zeros(cols // 32 + 1, np.float32), np.zeros(cols, np.int8)
     xd, xsq = np.zeros(cols // 32 + 1, np.float32), np.zeros(cap, np.float32)
     qm.prep_x(x, xsum, xq, xd, xsq, True)
@@ -145,7 +145,7 @@ def test_int8_activation_matmul(tname, shape, n):
     tmp = np.zeros((8, cols), np.uint32)
     for t in (0, n - 1):
         xsum, xq1 = np.zeros(nb + 1, np.float32), np.zeros(cols, np.int8)
-        xd1, xsq1 = np.zeros(nb + 1, np.float32), np.zeros(4 * (nb + 1), np.float32)
+        xd1, xsq1 = np.zeros(nb + 1, np.float32), np.zeros(simd.XS_PER_BLOCK * nb, np.float32)
         qm.prep_x(h[t], xsum, xq1, xd1, xsq1, True)
         one = np.zeros(rows, np.float32)
         qm.matvec_group(buf, tab.reshape(1, -1), h[t], xsum, one, np.array([0]), 8, np.zeros(4, np.int64),

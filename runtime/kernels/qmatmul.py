@@ -204,7 +204,7 @@ def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, x
     tabs: (k, TAB_WIDTH) tensor rows; out_offs: (k,) offset of each result in `out`;
     chunk: rows per task (multiple of ROW_TILE); starts: (k+1,) int64 scratch;
     tmp_u32_2d: (n_threads, max_cols) scratch, one row per thread.
-    xq, xd, xsq (see simd.quantize_x): x quantized to int8 per block; when given, the quantized
+    xq, xd, xsq (prep_x, simd.quantize_x): x quantized to int8 per block; when given, the quantized
     types run the int8 kernels (AVX2 hosts only: callers pass them only if simd.HAVE_AVX2).
     """
     k = tabs.shape[0]
@@ -222,12 +222,7 @@ def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, x
         # parallel region, matvec_rows ran at half speed (measured, SmolLM2 layers 12 vs 24 ms)
         t, off, cols, o0 = tabs[j, TAB_TYPE], tabs[j, TAB_OFF], tabs[j, TAB_COLS], out_offs[j]
         if xq is not None and (t == T_Q8_0 or t == T_Q4_0 or t == T_Q4_1):
-            if t == T_Q8_0:
-                simd.rows_i8(simd.KIND_Q8_0, wu8, off, cols, xq, xd, xsq, out, o0, r0, r1)
-            elif t == T_Q4_0:
-                simd.rows_i8(simd.KIND_Q4_0, wu8, off, cols, xq, xd, xsq, out, o0, r0, r1)
-            else:
-                simd.rows_i8(simd.KIND_Q4_1, wu8, off, cols, xq, xd, xsq[xsq.shape[0] // 2 - cols // 32:], out, o0, r0, r1)
+            simd.rows_i8(_i8_kind(t), wu8, off, cols, xq, xd, xsq, out, o0, r0, r1)
         elif t == T_Q8_0:
             simd.rows_q8_0(wu8, off, cols, x, out, o0, r0, r1)
         elif t == T_Q4_0:
@@ -239,18 +234,12 @@ def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, x
 
 
 @njit(cache=True, fastmath=FM)
-def prep_x(x, xsum, xq, xd, xsq, use_i8):
-    """Per-block sums of x, and its int8 quantization when use_i8."""
+def prep_x(x, xsum, xq, xd, xs, use_i8):
+    """Per-block sums of x, and its int8 quantization when use_i8 (xs: simd.XS_PER_BLOCK floats
+    per block, see simd.quantize_x)."""
     block_sums(x, xsum)
     if use_i8:
-        # xsq holds two halves: [dx * sum(xq) per block | ... , sum(x), sum(x) - dx * sum(xq)]
-        # (the second half ends at the middle: Q4_1 reads [sum(x) | sum(x) - xsq] from there)
-        nb = x.shape[0] // 32
-        h = xsq.shape[0] // 2
-        simd.quantize_x(x, xq[:x.shape[0]], xd, xsq[:nb])
-        for b in range(nb):
-            xsq[h - nb + b] = xsum[b]
-            xsq[h + b] = xsum[b] - xsq[b]
+        simd.quantize_x(x, xq[:x.shape[0]], xd, xs)
 
 
 @njit(cache=True, parallel=True)

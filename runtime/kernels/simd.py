@@ -75,13 +75,16 @@ def _prefetch(builder, base, off):
 def _blk_f16(builder, wp, off):
     """The f16 at byte `off` of the i8* wp (a block's scale or Q4_1 min) as float32: read where
     the block is (no extra stream, no float32 copy); one vcvtph2ps with F16C."""
-    # four bytes loaded as <2 x half> (vmovd, which zeroes the rest of the register): a two-byte
-    # load became vpinsrw, whose merge into a live register chained the loop's iterations and cost
-    # 35-40 % of decode on the 1.1B model (every block of a block format has more than 4 bytes)
-    v2h = ir.VectorType(ir.HalfType(), 2)
-    p = builder.bitcast(builder.gep(wp, [off]), v2h.as_pointer())
-    v = builder.fpext(builder.load(p, align=1), ir.VectorType(F32, 2))
-    return builder.extract_element(v, ir.Constant(I32, 0))
+    # four bytes loaded into a zeroed register (vmovd) and passed through an empty asm, so LLVM
+    # cannot see that one lane is used: it otherwise narrows the load to two bytes as vpinsrw,
+    # whose merge into a live register (often the accumulator) chained the loop's iterations
+    # (1.1B q8_0 decode 35-40 % slower; every block of a block format has more than 4 bytes)
+    v4 = ir.VectorType(I32, 4)
+    p = builder.bitcast(builder.gep(wp, [off]), I32.as_pointer())
+    v = builder.insert_element(ir.Constant(v4, [0] * 4), builder.load(p, align=1), ir.Constant(I32, 0))
+    v = builder.asm(ir.FunctionType(v4, [v4]), "", "=x,0", [v], side_effect=False)
+    h = builder.extract_element(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), ir.Constant(I32, 0))
+    return builder.fpext(h, F32)
 
 
 def _hsum(builder, v):
@@ -382,73 +385,83 @@ def _i8_dot(builder, aw, wv, xv):
     return _dot_u8s8(builder, aw, xv)
 
 
-def _i8_offset_term(builder, kind, d, m, xsb, xcb):
-    """Per block: Q4_0 accumulates d * dx * sum(xq) (times -8 at the end); Q4_1 adds
-    m * sum(x) + 8 d * (sum(x) - dx * sum(xq)), re-centring its unsigned quants so that the int8
-    rounding error multiplies q - 8 instead of q."""
-    if kind == KIND_Q4_0:
-        return builder.fmul(d, xsb)
+def _i8_offset_term(builder, d, m, xsb, xcb):
+    """Q4_1, per block: m * sum(x) + 8 d * (sum(x) - dx * sum(xq)), re-centring its unsigned quants
+    so that the int8 rounding error multiplies q - 8 instead of q."""
     return builder.fadd(builder.fmul(m, xsb), builder.fmul(builder.fmul(ir.Constant(F32, 8.0), d), xcb))
 
 
-def _i8_result(builder, kind, acc, offs):
-    s = _hsum(builder, acc)
-    if kind == KIND_Q4_1:
-        return builder.fadd(s, offs)
-    if kind == KIND_Q4_0:
-        return builder.fsub(s, builder.fmul(ir.Constant(F32, 8.0), offs))
-    return s
+def _q4_0_weights(builder, wp, boff):
+    """Q4_0 quants for vpmaddubsw: the 16 bytes loaded into both halves of a ymm register (one
+    broadcast load), the upper half shifted right by 4 (vpsrlvd) and all bytes masked to their
+    low nibble: columns 0-15 then 16-31, with two vector ops where shift / insert / and took three
+    (one of them on the shuffle unit, which the scale broadcast also needs)."""
+    q = _vload(builder, wp, builder.add(boff, ir.Constant(I64, 2)), ir.VectorType(I8, 16))
+    q = builder.bitcast(builder.shuffle_vector(q, q, ir.Constant(ir.VectorType(I32, 32), list(range(16)) * 2)), V8I)
+    q = builder.lshr(q, ir.Constant(V8I, [0] * 4 + [4] * 4))
+    return builder.and_(builder.bitcast(q, V32B), ir.Constant(V32B, [15] * 32))
 
 
 def _make_i8(kind):
+    """kernel(w, woff, nb, xq, xd, xs, out, o0): out[o0] = the row of nb blocks at byte woff of w
+    times x quantized to int8 (quantize_x). Two blocks per pass into two accumulators: a block is
+    about three cycles of work but the accumulating fma has four of latency. xs: for Q4_0 the
+    int32 offset vectors of quantize_x (8 per block, stored in the float32 array's bytes), for
+    Q4_1 the block sums of x and sum(x) - dx * sum(xq) (2 * nb floats)."""
     bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20}[kind]
 
     @intrinsic
-    def kernel(typingctx, w, woff, rstride, nb, xq, xd, out, o0, nrows, xs):
-        sig = types.void(w, woff, rstride, nb, xq, xd, out, o0, nrows, xs)
+    def kernel(typingctx, w, woff, nb, xq, xd, xs, out, o0):
+        sig = types.void(w, woff, nb, xq, xd, xs, out, o0)
 
         def codegen(context, builder, signature, args):
-            w_, woff_, rstride_, nb_, xq_, xd_, out_, o0_, nrows_, xs_ = args
+            w_, woff_, nb_, xq_, xd_, xs_, out_, o0_ = args
             at = signature.args
             wp = builder.bitcast(context.make_array(at[0])(context, builder, w_).data, I8.as_pointer())
-            xqp = builder.bitcast(context.make_array(at[4])(context, builder, xq_).data, I8.as_pointer())
-            xdp = context.make_array(at[5])(context, builder, xd_).data
+            xqp = builder.bitcast(context.make_array(at[3])(context, builder, xq_).data, I8.as_pointer())
+            xdp = context.make_array(at[4])(context, builder, xd_).data
+            xsp = context.make_array(at[5])(context, builder, xs_).data
+            xop = builder.bitcast(xsp, I8.as_pointer())
             outp = context.make_array(at[6])(context, builder, out_).data
-            xsp = context.make_array(at[9])(context, builder, xs_).data
-            accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXR)]
-            mins = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(MAXR)]
+            accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(2)]
+            mins = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(2)]
             c = lambda v: ir.Constant(I64, v)  # noqa: E731
-            cases, end = _row_switch(builder, nrows_)
-            for bb, nr in cases:
-                with builder.goto_block(bb):
-                    with cgutils.for_range(builder, nb_) as loop:
-                        b = loop.index
-                        xv = _vload(builder, xqp, builder.mul(b, c(32)), V32B)
-                        dx = builder.load(builder.gep(xdp, [b]))
-                        for r in range(nr):
-                            roff = builder.add(woff_, builder.mul(c(r), rstride_))
-                            boff = builder.add(roff, builder.mul(b, c(bsize)))
-                            if PF_DIST:
-                                _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
-                            aw, neg = _i8_weights(builder, kind, wp, boff)
-                            dot = _i8_dot(builder, aw, neg, xv)
-                            d = _blk_f16(builder, wp, boff)
-                            acc = _vfma(builder, _bcast(builder, builder.fmul(d, dx)),
-                                        builder.sitofp(dot, V8F), builder.load(accs[r]))
-                            builder.store(acc, accs[r])
-                            if kind != KIND_Q8_0:
-                                xsb = builder.load(builder.gep(xsp, [b]))
-                                m = xcb = None
-                                if kind == KIND_Q4_1:
-                                    m = _blk_f16(builder, wp, builder.add(boff, c(2)))
-                                    xcb = builder.load(builder.gep(xsp, [builder.add(b, nb_)]))
-                                term = _i8_offset_term(builder, kind, d, m, xsb, xcb)
-                                builder.store(builder.fadd(builder.load(mins[r]), term), mins[r])
-                    for r in range(nr):
-                        res = _i8_result(builder, kind, builder.load(accs[r]), builder.load(mins[r]))
-                        builder.store(res, builder.gep(outp, [builder.add(o0_, c(r))]))
-                    builder.branch(end)
-            builder.position_at_end(end)
+
+            def block(b, a):
+                boff = builder.add(woff_, builder.mul(b, c(bsize)))
+                if PF_DIST:
+                    _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
+                xv = _vload(builder, xqp, builder.mul(b, c(32)), V32B)
+                if kind == KIND_Q4_0:
+                    # dot(q - 8, x) = dot(q, x) - 8 * (sums of x per lane), the latter precomputed
+                    dot = _dot_u8s8(builder, _q4_0_weights(builder, wp, boff), xv)
+                    dot = builder.sub(dot, _vload(builder, xop, builder.mul(b, c(32)), V8I))
+                else:
+                    aw, neg = _i8_weights(builder, kind, wp, boff)
+                    dot = _i8_dot(builder, aw, neg, xv)
+                d = _blk_f16(builder, wp, boff)
+                dx = builder.load(builder.gep(xdp, [b]))
+                acc = _vfma(builder, _bcast(builder, builder.fmul(d, dx)), builder.sitofp(dot, V8F),
+                            builder.load(accs[a]))
+                builder.store(acc, accs[a])
+                if kind == KIND_Q4_1:
+                    m = _blk_f16(builder, wp, builder.add(boff, c(2)))
+                    xsb = builder.load(builder.gep(xsp, [b]))
+                    xcb = builder.load(builder.gep(xsp, [builder.add(b, nb_)]))
+                    term = _i8_offset_term(builder, d, m, xsb, xcb)
+                    builder.store(builder.fadd(builder.load(mins[a]), term), mins[a])
+
+            with cgutils.for_range(builder, builder.ashr(nb_, c(1))) as loop:
+                b = builder.mul(loop.index, c(2))
+                block(b, 0)
+                block(builder.add(b, c(1)), 1)
+            odd = builder.icmp_signed("!=", builder.and_(nb_, c(1)), c(0))
+            with builder.if_then(odd):
+                block(builder.sub(nb_, c(1)), 0)
+            res = _hsum(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
+            if kind == KIND_Q4_1:
+                res = builder.fadd(res, builder.fadd(builder.load(mins[0]), builder.load(mins[1])))
+            builder.store(res, builder.gep(outp, [o0_]))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -460,43 +473,57 @@ mvi_q8_0 = _make_i8(KIND_Q8_0)
 mvi_q4_0 = _make_i8(KIND_Q4_0)
 mvi_q4_1 = _make_i8(KIND_Q4_1)
 
+XS_PER_BLOCK = 10    # floats of the xs scratch per block of x: 8 (Q4_0 offsets) + 2 (Q4_1 sums)
+
 
 @njit(cache=True)
-def quantize_x(x, xq, xd, xsq):
-    """x (float32, n a multiple of 32) -> xq int8 with per-block scales xd (amax/127) and
-    xsq[b] = xd[b] * sum(xq of block b) (the Q4_0 offset term)."""
+def quantize_x(x, xq, xd, xs):
+    """x (float32, n a multiple of 32) -> xq int8 with per-block scales xd (amax/127), and in xs
+    (XS_PER_BLOCK * nb floats) the kernels' per-block terms: first Q4_0's offsets, int32 (in the
+    floats' bytes) 8 * sum(xq[32b + 4l: 32b + 4l + 4]) for lane l of block b (the lanes of
+    vpmaddwd), then for Q4_1 sum(x) per block and sum(x) - xd * sum(xq) per block."""
     nb = x.shape[0] // 32
+    xo = xs[:8 * nb].view(np.int32)
     for b in range(nb):
         m = np.float32(0.0)
+        s = np.float32(0.0)
         for i in range(32):
-            m = max(m, abs(x[b * 32 + i]))
+            v = x[b * 32 + i]
+            m = max(m, abs(v))
+            s += v
         d = m / np.float32(127.0)
         inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-        s = 0
-        for i in range(32):
-            q = np.int32(np.round(x[b * 32 + i] * inv))
-            xq[b * 32 + i] = q
-            s += q
+        qs = 0
+        for lane in range(8):
+            ls = 0
+            for i in range(4):
+                q = np.int32(np.round(x[b * 32 + 4 * lane + i] * inv))
+                xq[b * 32 + 4 * lane + i] = q
+                ls += q
+            xo[b * 8 + lane] = 8 * ls
+            qs += ls
         xd[b] = d
-        xsq[b] = d * np.float32(s)
+        xs[8 * nb + b] = s
+        xs[9 * nb + b] = s - d * np.float32(qs)
 
 
 @njit(cache=True)
 def rows_i8(kind, wu8, off, cols, xq, xd, xs, out, o0, r0, r1):
-    """Like rows_q8_0/rows_q4_0/rows_q4_1 on int8 activations (xs: xsq for Q4_0; for Q4_1 the float
-    block sums of x followed by sum(x) - xsq, see prep in qmatmul.prep_x)."""
+    """Like rows_q8_0/rows_q4_0/rows_q4_1 on int8 activations (xq, xd, xs from quantize_x), one
+    row per pass: one sequential stream, prefetched PF_DIST ahead."""
     nb = cols // 32
     bs = 34 if kind == KIND_Q8_0 else (18 if kind == KIND_Q4_0 else 20)
     rs = nb * bs
-    k = 1
-    for r in range(r0, r1, k):
-        n = min(k, r1 - r)
-        if kind == KIND_Q8_0:
-            mvi_q8_0(wu8, off + r * rs, rs, nb, xq, xd, out, o0 + r, n, xs)
-        elif kind == KIND_Q4_0:
-            mvi_q4_0(wu8, off + r * rs, rs, nb, xq, xd, out, o0 + r, n, xs)
-        else:
-            mvi_q4_1(wu8, off + r * rs, rs, nb, xq, xd, out, o0 + r, n, xs)
+    if kind == KIND_Q8_0:
+        for r in range(r0, r1):
+            mvi_q8_0(wu8, off + r * rs, nb, xq, xd, xs, out, o0 + r)
+    elif kind == KIND_Q4_0:
+        for r in range(r0, r1):
+            mvi_q4_0(wu8, off + r * rs, nb, xq, xd, xs, out, o0 + r)
+    else:
+        xs1 = xs[8 * nb:]
+        for r in range(r0, r1):
+            mvi_q4_1(wu8, off + r * rs, nb, xq, xd, xs1, out, o0 + r)
 
 
 # --- several tokens at once (prefill) -------------------------------------------------------------

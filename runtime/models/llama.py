@@ -321,7 +321,7 @@ class Scratch:
         # int8 activations for the quantized matvecs (AVX2 only; see kernels/simd.py)
         self.xq = np.zeros(max(c.dim, c.n_ff, c.q_dim), np.int8)
         self.xd = np.zeros_like(self.xsum)
-        self.xsq = np.zeros(4 * self.xsum.shape[0], f)   # see qmatmul.prep_x
+        self.xsq = np.zeros(simd.XS_PER_BLOCK * self.xsum.shape[0], f)   # see simd.quantize_x
         # prompts on int8 activations (LlamaModel._matmul, simd.quantize_rows)
         mc = max(c.dim, c.n_ff, c.q_dim)
         ni = (nb if self.i8_prefill else min(nb, I8_SHORT)) if self.use_i8 else 0
