@@ -6,35 +6,39 @@ is <= p (causal mask that also holds for a ring buffer whose slots are out of or
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
-from .ops import softmax_inplace
+from .ops import exp32, softmax_inplace
 from .qmatmul import FM
 
 
 @njit(cache=True, fastmath=FM, parallel=True)
 def attend_one(q, kc, vc, n_filled, scale, n_heads, n_kv, head_dim, scores, out):
     """Decode: one query (n_heads*head_dim,) against slots 0..n_filled of one layer's cache
-    kc, vc (n_kv, n_slots, head_dim); scores (n_heads, n_slots) scratch; out (n_heads*head_dim,)."""
+    kc, vc (n_kv, n_slots, head_dim); scores (n_heads, n_slots) scratch; out (n_heads*head_dim,).
+    Heads in parallel; each works on 1-D contiguous rows (the slot's key, its value), whose
+    unit-stride loops LLVM vectorizes (3-D indexing in the loops ran 4-7x slower)."""
     group = n_heads // n_kv
     for h in prange(n_heads):
-        kvh = h // group
-        qo = h * head_dim
+        kg = kc[h // group]
+        vg = vc[h // group]
+        qh = q[h * head_dim:(h + 1) * head_dim]
+        sc = scores[h]
         for j in range(n_filled):
+            kj = kg[j]
             s = np.float32(0.0)
             for d in range(head_dim):
-                s += q[qo + d] * kc[kvh, j, d]
-            scores[h, j] = s * scale
-        softmax_inplace(scores[h], n_filled)
-        for d in range(head_dim):
-            out[qo + d] = 0.0
+                s += qh[d] * kj[d]
+            sc[j] = s * scale
+        softmax_inplace(sc, n_filled)
+        o = out[h * head_dim:(h + 1) * head_dim]
+        o[:] = 0.0
         for j in range(n_filled):
-            p = scores[h, j]
+            p = sc[j]
+            vj = vg[j]
             for d in range(head_dim):
-                out[qo + d] += p * vc[kvh, j, d]
+                o[d] += p * vj[d]
 
 
 @njit(cache=True, fastmath=FM, nogil=True)
@@ -54,7 +58,7 @@ def masked_softmax(s, qpos, group, kpos, n_filled, scale):
         tot = np.float32(0.0)
         for j in range(n_filled):
             if kpos[j] <= p:
-                e = np.float32(math.exp(s[r, j] - mx))
+                e = exp32(s[r, j] - mx)
                 s[r, j] = e
                 tot += e
             else:

@@ -16,7 +16,7 @@ from ..errors import TensorError, UnsupportedError
 from ..kernels import qmatmul as qm
 from ..kernels import simd
 from ..kernels.attention import attend_one, masked_softmax
-from ..kernels.ops import ROPE_NEOX, ROPE_NORM, rmsnorm, rope, rope_inv_freq, silu_mul, silu_mul_par
+from ..kernels.ops import ROPE_NEOX, ROPE_NORM, exp32, rmsnorm, rope, rope_inv_freq, silu_mul, silu_mul_par
 from ..kernels.qmatmul import FM, TAB_COLS, TAB_ROWS, TAB_WIDTH
 
 # per-layer matrices, in table order
@@ -427,7 +427,7 @@ def decode_step(wu8, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_head
         _mv(wu8, t[K_GATE:K_UP + 1], xn, xsum, gu, offs2, chunks[2], starts, tmp, xq, xd, xsq, use_i8)
         for j in range(n_ff):
             gv = gu[j]
-            gu[j] = gv / (np.float32(1.0) + np.float32(math.exp(-gv))) * gu[n_ff + j]
+            gu[j] = gv / (np.float32(1.0) + exp32(-gv)) * gu[n_ff + j]
         h = gu[:n_ff]
         _mv(wu8, t[K_DOWN:K_DOWN + 1], h, xsum, xn, offs1, chunks[3], starts, tmp, xq, xd, xsq, use_i8)
         for j in range(dim):
