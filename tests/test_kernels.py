@@ -44,6 +44,13 @@ def pack(w: np.ndarray, tname: str, pad: int = 7):
     return buf, tab, ref, dm
 
 
+def mv_float(buf, tabs, x, xsum, out, offs, chunk, starts, tmp):
+    """matvec_group on float activations (its int8 inputs unused)."""
+    nb = x.shape[0] // 32 + 1
+    qm.matvec_group(buf, tabs, x, xsum, out, offs, chunk, starts, tmp, np.zeros(x.shape[0], np.int8),
+                    np.zeros(nb, np.float32), np.zeros(simd.XS_PER_BLOCK * nb, np.float32), False)
+
+
 @pytest.mark.parametrize("tname", list(TYPES))
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dequant_and_matvec(tname, shape):
@@ -66,7 +73,7 @@ def test_dequant_and_matvec(tname, shape):
     starts = np.zeros(4, np.int64)
     for chunk in (4, 8, 64):
         out[:] = np.nan
-        qm.matvec_group(buf, tab.reshape(1, -1), x, xsum, out, np.array([5]), chunk, starts, tmp)
+        mv_float(buf, tab.reshape(1, -1), x, xsum, out, np.array([5]), chunk, starts, tmp)
         want = ref.astype(np.float64) @ x
         assert nmse(out[5:], want) <= 5e-4 * 1e-3   # far tighter than the issue's 5e-4
         assert np.isnan(out[:5]).all()              # nothing written outside the result
@@ -95,7 +102,7 @@ def test_int8_activation_matvec(tname, shape):
     out = np.full(rows + 3, np.nan, np.float32)
     tmp = np.zeros((8, cols), np.uint32)
     qm.matvec_group(buf, tab.reshape(1, -1), x, xsum, out, np.array([3]), 8, np.zeros(4, np.int64),
-                    tmp, xq, xd, xsq)
+                    tmp, xq, xd, xsq, True)
     want = ref.astype(np.float64) @ xhat
     cen = np.zeros((rows, cols))
     if tname == "Q4_1":
@@ -109,7 +116,7 @@ def test_int8_activation_matvec(tname, shape):
     # and against the float kernels: the int8 rounding of x is the whole difference, bounded by
     # sum |centred weight| * |x - xhat| per row
     outf = np.zeros(rows, np.float32)
-    qm.matvec_group(buf, tab.reshape(1, -1), x, xsum, outf, np.array([0]), 8, np.zeros(4, np.int64), tmp)
+    mv_float(buf, tab.reshape(1, -1), x, xsum, outf, np.array([0]), 8, np.zeros(4, np.int64), tmp)
     bound = np.abs(ref - cen) @ np.abs(x - xhat)
     assert (np.abs(out[3:] - outf) <= bound + 1e-4 * (1 + np.abs(outf))).all()
 
@@ -149,7 +156,7 @@ def test_int8_activation_matmul(tname, shape, n):
         qm.prep_x(h[t], xsum, xq1, xd1, xsq1, True)
         one = np.zeros(rows, np.float32)
         qm.matvec_group(buf, tab.reshape(1, -1), h[t], xsum, one, np.array([0]), 8, np.zeros(4, np.int64),
-                        tmp, xq1, xd1, xsq1)
+                        tmp, xq1, xd1, xsq1, True)
         assert np.array_equal(xq1, xq[t])
         np.testing.assert_allclose(out[t], one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
 
@@ -170,8 +177,8 @@ def test_matvec_group_several_tensors():
     xsum = np.zeros(cols // 32, np.float32)
     qm.block_sums(x, xsum)
     out = np.zeros(28, np.float32)
-    qm.matvec_group(buf, tabs, x, xsum, out, np.array([0, 12, 19]), 4, np.zeros(4, np.int64),
-                    np.zeros((8, cols), np.uint32))
+    mv_float(buf, tabs, x, xsum, out, np.array([0, 12, 19]), 4, np.zeros(4, np.int64),
+             np.zeros((8, cols), np.uint32))
     want = np.concatenate([p[2] @ x for p in packs])
     assert nmse(out, want) < 1e-10
 

@@ -166,18 +166,12 @@ def _mv_16(w16, is_bf16, cols, x, out, o0, r0, r1, tmp_u32):
 
 
 @njit(cache=True, fastmath=FM)
-def matvec_rows(wu8, tab, x, xsum, out, o0, r0, r1, tmp_u32):
-    """out[o0 + r] = W[r] . x for rows r0..r1 of the tensor described by `tab`.
-    Quantized and 16-bit types run the vector-IR kernels of simd.py; the scalar kernels above
-    serve F32 and 16-bit rows whose length is not a multiple of 32."""
+def matvec_rows(wu8, tab, x, out, o0, r0, r1, tmp_u32):
+    """out[o0 + r] = W[r] . x for rows r0..r1 of an F32, F16 or BF16 tensor described by `tab`
+    (matvec_group runs the block types itself): 16-bit rows of whole blocks run the vector-IR
+    kernel of simd.py, the scalar kernels above serve F32 and 16-bit rows of other lengths."""
     off, t, cols = tab[TAB_OFF], tab[TAB_TYPE], tab[TAB_COLS]
-    if t == T_Q8_0:
-        simd.rows_q8_0(wu8, off, cols, x, out, o0, r0, r1)
-    elif t == T_Q4_0:
-        simd.rows_q4_0(wu8, off, cols, x, xsum, out, o0, r0, r1)
-    elif t == T_Q4_1:
-        simd.rows_q4_1(wu8, off, cols, x, xsum, out, o0, r0, r1)
-    elif t == T_F32:
+    if t == T_F32:
         _mv_f32(wu8[off:off + tab[TAB_ROWS] * cols * 4].view(np.float32), cols, x, out, o0, r0, r1)
     elif cols % 32 == 0:
         simd.rows_16(wu8, off, cols, t == T_BF16, x, out, o0, r0, r1)
@@ -198,14 +192,16 @@ def block_sums(x, xsum):
 
 
 @njit(cache=True, fastmath=FM, parallel=True)
-def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, xq=None, xd=None, xsq=None):
+def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, xq, xd, xsq, use_i8):
     """Several matvecs over the same input x in one parallel region.
 
     tabs: (k, TAB_WIDTH) tensor rows; out_offs: (k,) offset of each result in `out`;
     chunk: rows per task (multiple of ROW_TILE); starts: (k+1,) int64 scratch;
     tmp_u32_2d: (n_threads, max_cols) scratch, one row per thread.
-    xq, xd, xsq (prep_x, simd.quantize_x): x quantized to int8 per block; when given, the quantized
-    types run the int8 kernels (AVX2 hosts only: callers pass them only if simd.HAVE_AVX2).
+    xq, xd, xsq (prep_x, simd.quantize_x): x quantized to int8 per block; when use_i8, the quantized
+    types run the int8 kernels on them (AVX2 hosts only: callers set it only if simd.HAVE_AVX2).
+    One signature for both (the float and int8 paths were two compilations of the whole group,
+    and decode_step linked both: about 4 s of the first run's JIT compile).
     """
     k = tabs.shape[0]
     starts[0] = 0
@@ -221,7 +217,7 @@ def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, x
         # the common types dispatched here, not through matvec_rows: called from inside the
         # parallel region, matvec_rows ran at half speed (measured, SmolLM2 layers 12 vs 24 ms)
         t, off, cols, o0 = tabs[j, TAB_TYPE], tabs[j, TAB_OFF], tabs[j, TAB_COLS], out_offs[j]
-        if xq is not None and (t == T_Q8_0 or t == T_Q4_0 or t == T_Q4_1):
+        if use_i8 and (t == T_Q8_0 or t == T_Q4_0 or t == T_Q4_1):
             simd.rows_i8(_i8_kind(t), wu8, off, cols, xq, xd, xsq, out, o0, r0, r1)
         elif t == T_Q8_0:
             simd.rows_q8_0(wu8, off, cols, x, out, o0, r0, r1)
@@ -230,7 +226,7 @@ def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, x
         elif t == T_Q4_1:
             simd.rows_q4_1(wu8, off, cols, x, xsum, out, o0, r0, r1)
         else:
-            matvec_rows(wu8, tabs[j], x, xsum, out, o0, r0, r1, tmp_u32_2d[get_thread_id()])
+            matvec_rows(wu8, tabs[j], x, out, o0, r0, r1, tmp_u32_2d[get_thread_id()])
 
 
 @njit(cache=True, fastmath=FM)

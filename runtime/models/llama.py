@@ -382,10 +382,7 @@ def _rmsnorm1(x, w, eps, out):
 def _mv(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
     """One matvec group of decode_step: float activations, or int8 ones when use_i8."""
     qm.prep_x(x, xsum, xq, xd, xsq, use_i8)
-    if use_i8:
-        qm.matvec_group(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq)
-    else:
-        qm.matvec_group(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp)
+    qm.matvec_group(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8)
 
 
 @njit(cache=True, fastmath=FM)
