@@ -116,6 +116,7 @@ def test_int8_activation_matvec(tname, shape):
     # and against the float kernels: the int8 rounding of x is the whole difference, bounded by
     # sum |centred weight| * |x - xhat| per row
     outf = np.zeros(rows, np.float32)
+    qm.prep_x(x, xsum, xq, xd, xsq, False)        # the float kernels' block sums
     mv_float(buf, tab.reshape(1, -1), x, xsum, outf, np.array([0]), 8, np.zeros(4, np.int64), tmp)
     bound = np.abs(ref - cen) @ np.abs(x - xhat)
     assert (np.abs(out[3:] - outf) <= bound + 1e-4 * (1 + np.abs(outf))).all()

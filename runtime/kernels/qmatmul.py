@@ -231,11 +231,12 @@ def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, x
 
 @njit(cache=True, fastmath=FM)
 def prep_x(x, xsum, xq, xd, xs, use_i8):
-    """Per-block sums of x, and its int8 quantization when use_i8 (xs: simd.XS_PER_BLOCK floats
-    per block, see simd.quantize_x)."""
-    block_sums(x, xsum)
+    """x's int8 quantization when use_i8 (xs: simd.XS_PER_BLOCK floats per block, see
+    simd.quantize_x), else its per-block sums (xsum: the float Q4 kernels' offsets)."""
     if use_i8:
         simd.quantize_x(x, xq[:x.shape[0]], xd, xs)
+    else:
+        block_sums(x, xsum)
 
 
 @njit(cache=True, parallel=True)
