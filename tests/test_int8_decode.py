@@ -19,6 +19,7 @@ def test_int8_decode_close_to_float(smollm2, smollm2_path):
     i8 = infer.LLM(smollm2_path, n_ctx=512, int8_activations=True)
     try:
         assert i8.engine.scratch.use_i8 and not smollm2.engine.scratch.use_i8
+        means = []
         for p in PROMPTS:
             ids = smollm2.tokenize(p, special=True)
             got = []
@@ -27,12 +28,17 @@ def test_int8_decode_close_to_float(smollm2, smollm2_path):
                 llm.engine.prefill(ids[:-1], reuse=False)
                 got.append(llm.engine.decode(ids[-1]).copy())
             lf, li = got
-            # int8 in the prompt's prefill (short prompts) and in decode: measured max 0.74-0.95,
-            # mean 0.12-0.16 on these prompts (logit range ~45); float vs float is ~1e-5
+            # int8 in the prompt's prefill (short prompts) and in decode (logit range ~45; float
+            # vs float is ~1e-5). Measured over kernel revisions that differ only in float
+            # summation order (which flips the int8 rounding of some activations, and the flips
+            # add up over 30 layers): max 0.65-1.19, mean per prompt 0.10-0.34, their average
+            # over the three prompts 0.17-0.23
             assert np.abs(lf - li).max() < 2.0
-            assert np.abs(lf - li).mean() < 0.3
+            assert np.abs(lf - li).mean() < 0.45
             assert lf.argmax() == li.argmax()
             assert not np.array_equal(lf, li)        # the int8 path did run
+            means.append(np.abs(lf - li).mean())
+        assert np.mean(means) < 0.3, means
     finally:
         i8.close()
 
