@@ -402,94 +402,27 @@ def _q4_0_weights(builder, wp, boff):
     return builder.and_(builder.bitcast(q, V32B), ir.Constant(V32B, [15] * 32))
 
 
-def _make_i8(kind):
-    """kernel(w, woff, nb, xq, xd, xs, out, o0): out[o0] = the row of nb blocks at byte woff of w
-    times x quantized to int8 (quantize_x). Two blocks per pass into two accumulators: a block is
-    about three cycles of work but the accumulating fma has four of latency. xs: for Q4_0 the
-    int32 offset vectors of quantize_x (8 per block, stored in the float32 array's bytes), for
-    Q4_1 the block sums of x and sum(x) - dx * sum(xq) (2 * nb floats)."""
-    bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20}[kind]
-
-    @intrinsic
-    def kernel(typingctx, w, woff, nb, xq, xd, xs, out, o0):
-        sig = types.void(w, woff, nb, xq, xd, xs, out, o0)
-
-        def codegen(context, builder, signature, args):
-            w_, woff_, nb_, xq_, xd_, xs_, out_, o0_ = args
-            at = signature.args
-            wp = builder.bitcast(context.make_array(at[0])(context, builder, w_).data, I8.as_pointer())
-            xqp = builder.bitcast(context.make_array(at[3])(context, builder, xq_).data, I8.as_pointer())
-            xdp = context.make_array(at[4])(context, builder, xd_).data
-            xsp = context.make_array(at[5])(context, builder, xs_).data
-            xop = builder.bitcast(xsp, I8.as_pointer())
-            outp = context.make_array(at[6])(context, builder, out_).data
-            accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(2)]
-            mins = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(2)]
-            c = lambda v: ir.Constant(I64, v)  # noqa: E731
-
-            def block(b, a):
-                boff = builder.add(woff_, builder.mul(b, c(bsize)))
-                if PF_DIST:
-                    _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
-                xv = _vload(builder, xqp, builder.mul(b, c(32)), V32B)
-                if kind == KIND_Q4_0:
-                    # dot(q - 8, x) = dot(q, x) - 8 * (sums of x per lane), the latter precomputed
-                    dot = _dot_u8s8(builder, _q4_0_weights(builder, wp, boff), xv)
-                    dot = builder.sub(dot, _vload(builder, xop, builder.mul(b, c(32)), V8I))
-                else:
-                    aw, neg = _i8_weights(builder, kind, wp, boff)
-                    dot = _i8_dot(builder, aw, neg, xv)
-                d = _blk_f16(builder, wp, boff)
-                dx = builder.load(builder.gep(xdp, [b]))
-                acc = _vfma(builder, _bcast(builder, builder.fmul(d, dx)), builder.sitofp(dot, V8F),
-                            builder.load(accs[a]))
-                builder.store(acc, accs[a])
-                if kind == KIND_Q4_1:
-                    m = _blk_f16(builder, wp, builder.add(boff, c(2)))
-                    xsb = builder.load(builder.gep(xsp, [b]))
-                    xcb = builder.load(builder.gep(xsp, [builder.add(b, nb_)]))
-                    term = _i8_offset_term(builder, d, m, xsb, xcb)
-                    builder.store(builder.fadd(builder.load(mins[a]), term), mins[a])
-
-            with cgutils.for_range(builder, builder.ashr(nb_, c(1))) as loop:
-                b = builder.mul(loop.index, c(2))
-                block(b, 0)
-                block(builder.add(b, c(1)), 1)
-            odd = builder.icmp_signed("!=", builder.and_(nb_, c(1)), c(0))
-            with builder.if_then(odd):
-                block(builder.sub(nb_, c(1)), 0)
-            res = _hsum(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
-            if kind == KIND_Q4_1:
-                res = builder.fadd(res, builder.fadd(builder.load(mins[0]), builder.load(mins[1])))
-            builder.store(res, builder.gep(outp, [o0_]))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return kernel
-
-
 def _hsum2(builder, a, b):
-    """(sum(a), sum(b)) of two <8 x float>: vhaddps, one 128-bit add, vhaddps."""
+    """(sum(a), sum(b)) of two <8 x float>: vhaddps, one 128-bit add, two shuffles and an add."""
     hadd = _decl(builder, "llvm.x86.avx.hadd.ps.256", V8F, [V8F, V8F])
     h = builder.call(hadd, [a, b])          # [a01 a23 b01 b23 | a45 a67 b45 b67]
-    v4 = ir.VectorType(F32, 4)
     i32x4 = ir.VectorType(I32, 4)
-    lo = builder.shuffle_vector(h, h, ir.Constant(i32x4, [0, 1, 2, 3]))
-    hi = builder.shuffle_vector(h, h, ir.Constant(i32x4, [4, 5, 6, 7]))
-    q = builder.fadd(lo, hi)                # [a0145 a2367 b0145 b2367]
+    q = builder.fadd(builder.shuffle_vector(h, h, ir.Constant(i32x4, [0, 1, 2, 3])),
+                     builder.shuffle_vector(h, h, ir.Constant(i32x4, [4, 5, 6, 7])))
     r = builder.fadd(builder.shuffle_vector(q, q, ir.Constant(i32x4, [0, 2, 0, 2])),
                      builder.shuffle_vector(q, q, ir.Constant(i32x4, [1, 3, 1, 3])))
-    assert r.type == v4
     return builder.extract_element(r, ir.Constant(I32, 0)), builder.extract_element(r, ir.Constant(I32, 1))
 
 
-def _make_i8_2(kind):
-    """kernel(w, woff, rstride, nb, xq, xd, xs, out, o0): like _make_i8's kernel for the two rows
-    at woff and woff + rstride into out[o0], out[o0 + 1]. A short row (SmolLM2's 576 columns are
-    18 blocks) paid its fixed costs (loop entry, horizontal sum, store) on few blocks; two rows
-    share them, and each block's activations, offsets and d_x, with one accumulator per row (two
-    interleaved chains hide the FMA latency as two accumulators did)."""
+def _make_i8(kind, nrows):
+    """kernel(w, woff, rstride, nb, xq, xd, xs, out, o0): out[o0 + r] = the row of nb blocks at
+    byte woff + r * rstride of w times x quantized to int8 (quantize_x), for r < nrows (1 or 2).
+    xs: for Q4_0 the int32 offset vectors of quantize_x (8 per block, stored in the float32
+    array's bytes), for Q4_1 the block sums of x and sum(x) - dx * sum(xq) (2 * nb floats).
+    A block is about 3.5 cycles of work but the accumulating fma has 4 of latency, so there are
+    always two accumulator chains: one row alternates its blocks between two; two rows (short
+    ones: SmolLM2's 576 columns are 18 blocks, and a row's fixed costs of loop entry, horizontal
+    sum and store weighed) take one each and share each block's activations, offsets and d_x."""
     bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20}[kind]
 
     @intrinsic
@@ -508,35 +441,56 @@ def _make_i8_2(kind):
             accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(2)]
             mins = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(2)]
             c = lambda v: ir.Constant(I64, v)  # noqa: E731
-            with cgutils.for_range(builder, nb_) as loop:
-                b = loop.index
-                xv = _vload(builder, xqp, builder.mul(b, c(32)), V32B)
-                dx = builder.load(builder.gep(xdp, [b]))
+
+            def x_of(b):
+                """Block b's activations, Q4_0 offsets and d_x."""
                 xo = _vload(builder, xop, builder.mul(b, c(32)), V8I) if kind == KIND_Q4_0 else None
-                for r in range(2):
-                    boff = builder.add(builder.add(woff_, builder.mul(c(r), rstride_)), builder.mul(b, c(bsize)))
-                    if PF_DIST:
-                        _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
-                    if kind == KIND_Q4_0:
-                        dot = builder.sub(_dot_u8s8(builder, _q4_0_weights(builder, wp, boff), xv), xo)
-                    else:
-                        aw, neg = _i8_weights(builder, kind, wp, boff)
-                        dot = _i8_dot(builder, aw, neg, xv)
-                    d = _blk_f16(builder, wp, boff)
-                    acc = _vfma(builder, _bcast(builder, builder.fmul(d, dx)), builder.sitofp(dot, V8F),
-                                builder.load(accs[r]))
-                    builder.store(acc, accs[r])
-                    if kind == KIND_Q4_1:
-                        m = _blk_f16(builder, wp, builder.add(boff, c(2)))
-                        xsb = builder.load(builder.gep(xsp, [b]))
-                        xcb = builder.load(builder.gep(xsp, [builder.add(b, nb_)]))
-                        term = _i8_offset_term(builder, d, m, xsb, xcb)
-                        builder.store(builder.fadd(builder.load(mins[r]), term), mins[r])
-            sums = _hsum2(builder, builder.load(accs[0]), builder.load(accs[1]))
-            for r in range(2):
-                v = sums[r]
+                return _vload(builder, xqp, builder.mul(b, c(32)), V32B), xo, builder.load(builder.gep(xdp, [b]))
+
+            def block(b, row, a, xv, xo, dx):
+                """Accumulate block b of row `row` into accumulator a."""
+                boff = builder.add(builder.add(woff_, builder.mul(c(row), rstride_)), builder.mul(b, c(bsize)))
+                if PF_DIST:
+                    _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
+                if kind == KIND_Q4_0:
+                    # dot(q - 8, x) = dot(q, x) - 8 * (sums of x per lane), the latter precomputed
+                    dot = builder.sub(_dot_u8s8(builder, _q4_0_weights(builder, wp, boff), xv), xo)
+                else:
+                    aw, neg = _i8_weights(builder, kind, wp, boff)
+                    dot = _i8_dot(builder, aw, neg, xv)
+                d = _blk_f16(builder, wp, boff)
+                acc = _vfma(builder, _bcast(builder, builder.fmul(d, dx)), builder.sitofp(dot, V8F),
+                            builder.load(accs[a]))
+                builder.store(acc, accs[a])
                 if kind == KIND_Q4_1:
-                    v = builder.fadd(v, builder.load(mins[r]))
+                    m = _blk_f16(builder, wp, builder.add(boff, c(2)))
+                    xsb = builder.load(builder.gep(xsp, [b]))
+                    xcb = builder.load(builder.gep(xsp, [builder.add(b, nb_)]))
+                    term = _i8_offset_term(builder, d, m, xsb, xcb)
+                    builder.store(builder.fadd(builder.load(mins[a]), term), mins[a])
+
+            if nrows == 1:
+                with cgutils.for_range(builder, builder.ashr(nb_, c(1))) as loop:
+                    b = builder.mul(loop.index, c(2))
+                    block(b, 0, 0, *x_of(b))
+                    b1 = builder.add(b, c(1))
+                    block(b1, 0, 1, *x_of(b1))
+                with builder.if_then(builder.icmp_signed("!=", builder.and_(nb_, c(1)), c(0))):
+                    b = builder.sub(nb_, c(1))
+                    block(b, 0, 0, *x_of(b))
+                res = _hsum(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
+                if kind == KIND_Q4_1:
+                    res = builder.fadd(res, builder.fadd(builder.load(mins[0]), builder.load(mins[1])))
+                sums = [res]
+            else:
+                with cgutils.for_range(builder, nb_) as loop:
+                    xb = x_of(loop.index)
+                    for r in range(2):
+                        block(loop.index, r, r, *xb)
+                sums = list(_hsum2(builder, builder.load(accs[0]), builder.load(accs[1])))
+                if kind == KIND_Q4_1:
+                    sums = [builder.fadd(v, builder.load(mins[r])) for r, v in enumerate(sums)]
+            for r, v in enumerate(sums):
                 builder.store(v, builder.gep(outp, [builder.add(o0_, c(r))]))
             return context.get_dummy_value()
 
@@ -545,12 +499,12 @@ def _make_i8_2(kind):
     return kernel
 
 
-mvi_q8_0 = _make_i8(KIND_Q8_0)
-mvi_q4_0 = _make_i8(KIND_Q4_0)
-mvi_q4_1 = _make_i8(KIND_Q4_1)
-mvi2_q8_0 = _make_i8_2(KIND_Q8_0)
-mvi2_q4_0 = _make_i8_2(KIND_Q4_0)
-mvi2_q4_1 = _make_i8_2(KIND_Q4_1)
+mvi_q8_0 = _make_i8(KIND_Q8_0, 1)
+mvi_q4_0 = _make_i8(KIND_Q4_0, 1)
+mvi_q4_1 = _make_i8(KIND_Q4_1, 1)
+mvi2_q8_0 = _make_i8(KIND_Q8_0, 2)
+mvi2_q4_0 = _make_i8(KIND_Q4_0, 2)
+mvi2_q4_1 = _make_i8(KIND_Q4_1, 2)
 
 PAIR_BYTES = 512     # rows of at most this many bytes run two per pass (rows_i8)
 XS_PER_BLOCK = 10    # floats of the xs scratch per block of x: 8 (Q4_0 offsets) + 2 (Q4_1 sums)
@@ -602,18 +556,18 @@ def rows_i8(kind, wu8, off, cols, xq, xd, xs, out, o0, r0, r1):
         for r in range(r0, r2, 2):
             mvi2_q8_0(wu8, off + r * rs, rs, nb, xq, xd, xs, out, o0 + r)
         for r in range(r2, r1):
-            mvi_q8_0(wu8, off + r * rs, nb, xq, xd, xs, out, o0 + r)
+            mvi_q8_0(wu8, off + r * rs, rs, nb, xq, xd, xs, out, o0 + r)
     elif kind == KIND_Q4_0:
         for r in range(r0, r2, 2):
             mvi2_q4_0(wu8, off + r * rs, rs, nb, xq, xd, xs, out, o0 + r)
         for r in range(r2, r1):
-            mvi_q4_0(wu8, off + r * rs, nb, xq, xd, xs, out, o0 + r)
+            mvi_q4_0(wu8, off + r * rs, rs, nb, xq, xd, xs, out, o0 + r)
     else:
         xs1 = xs[8 * nb:]
         for r in range(r0, r2, 2):
             mvi2_q4_1(wu8, off + r * rs, rs, nb, xq, xd, xs1, out, o0 + r)
         for r in range(r2, r1):
-            mvi_q4_1(wu8, off + r * rs, nb, xq, xd, xs1, out, o0 + r)
+            mvi_q4_1(wu8, off + r * rs, rs, nb, xq, xd, xs1, out, o0 + r)
 
 
 # --- several tokens at once (prefill) -------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Weights stay in the memory-mapped file; `LlamaModel` holds a tensor table into it (see
 kernels/qmatmul.py) plus the small 1-D tensors.
-Prefill runs a chunk of tokens through float32 BLAS matmuls on dequantized weight tiles;
-decode runs one token through a single fused Numba call (`decode_step`).
+Prefill runs a chunk of tokens through int8-activation matmuls (qmatmul.matmul_i8_group) or
+float32 BLAS on dequantized weight tiles (see Scratch); decode runs one token through a single
+fused Numba call (`decode_step`).
 """
 from __future__ import annotations
 
