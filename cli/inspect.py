@@ -8,7 +8,9 @@ import typer
 
 def _short(v, width=80):
     import numpy as np
-    if isinstance(v, (list, np.ndarray)):
+
+    from infer.gguf_file import StringArray
+    if isinstance(v, (list, np.ndarray, StringArray)):
         n = len(v)
         head = ", ".join(repr(x) if isinstance(x, str) else str(x) for x in list(v[:5]))
         return f"[{head}{', ...' if n > 5 else ''}] ({n} items)"

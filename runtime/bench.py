@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InferError
+from .gguf_file import StringArray
 
 log = logging.getLogger("infer.bench")
 
@@ -82,7 +83,7 @@ def model_info(path) -> ModelInfo:
             counts = Counter(t.qtype.name for t in tensors.values() if len(t.shape) > 1)
             ftype = counts.most_common(1)[0][0] if counts else "?"
         toks = md.get("tokenizer.ggml.tokens")
-        n_vocab = md.get(f"{arch}.vocab_size", len(toks) if isinstance(toks, list) else 0)
+        n_vocab = md.get(f"{arch}.vocab_size", len(toks) if isinstance(toks, (list, StringArray)) else 0)
         name = md.get("general.name", "")
         return ModelInfo(path=os.fspath(path), name=name if isinstance(name, str) else "", arch=arch,
                          file_size=gf.size, n_params=sum(t.n_elements for t in tensors.values()),

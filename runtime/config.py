@@ -5,6 +5,7 @@ import numbers
 from dataclasses import dataclass, fields
 
 from .errors import MetadataError, UnsupportedError
+from .gguf_file import StringArray
 
 # architectures we run -> the family implementation that runs them
 ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
@@ -53,7 +54,7 @@ class ModelConfig:
             raise MetadataError(f"{source}: inconsistent attention heads ({n_heads} heads, {n_kv} kv heads, dim {dim})")
         head_dim = key("attention.key_length", int, dim // n_heads)
         tokens = md.get("tokenizer.ggml.tokens")
-        n_vocab = key("vocab_size", int, len(tokens) if isinstance(tokens, list) else None)
+        n_vocab = key("vocab_size", int, len(tokens) if isinstance(tokens, (list, StringArray)) else None)
         cfg = cls(
             arch=arch,
             n_vocab=n_vocab,

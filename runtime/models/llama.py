@@ -33,6 +33,7 @@ I8_SHORT = 32            # prompt chunks of at most this many tokens always run 
 I8_MIN_DIM_1T = 1024     # one thread: int8 for long prompts from this model width on
 # queries per attention task of a prompt (LlamaModel._attend)
 ATT_ROWS = 64
+FFN_ROWS = 128         # prompt tokens per FFN pass on int8 activations (Scratch.pgu)
 ATT_PAR_MIN = 256      # tokens in a chunk before its attention tasks go to worker threads
 I8_KINDS = {qm.T_Q8_0: simd.KIND_Q8_0, qm.T_Q4_0: simd.KIND_Q4_0, qm.T_Q4_1: simd.KIND_Q4_1}
 
@@ -185,9 +186,8 @@ class LlamaModel:
         x = s.px[:n]
         h = s.ph[:n]
         embed_rows(self.wu8, self.embd, toks, x, s.tmp[0])
-        qkv, gu = s.pqkv[:n], s.pgu[:n]
+        qkv, fr = s.pqkv[:n], s.ffn_rows
         q, k, v = qkv[:, :c.q_dim], qkv[:, c.q_dim:c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim:]
-        g, u = gu[:, :c.n_ff], gu[:, c.n_ff:]
         att = s.patt[:n]
         scale = np.float32(1.0 / math.sqrt(c.head_dim))
         n_filled = kv.offset          # slots_for advanced it (a full ring stays at its size)
@@ -207,9 +207,13 @@ class LlamaModel:
             self._matmul(s, t[K_O], att, h)
             x += h
             rmsnorm(x, self.v(li, V_FFN_NORM), c.norm_eps, h)
-            self._matmuls(s, self.tab_gu[li], h, gu)
-            (silu_mul_par if s.blas_threads == 1 else silu_mul)(g, u, g)
-            self._matmul(s, t[K_DOWN], g, h)
+            for r0 in range(0, n, fr):      # the FFN in row blocks: s.pgu holds fr rows
+                r1 = min(n, r0 + fr)
+                gu, hr = s.pgu[:r1 - r0], h[r0:r1]
+                g, u = gu[:, :c.n_ff], gu[:, c.n_ff:]
+                self._matmuls(s, self.tab_gu[li], hr, gu)
+                (silu_mul_par if s.blas_threads == 1 else silu_mul)(g, u, g)
+                self._matmul(s, t[K_DOWN], g, hr)
             x += h
         if all_logits:
             rmsnorm(x, self.vec[self.out_norm:self.out_norm + c.dim], c.norm_eps, h)
@@ -288,7 +292,6 @@ class Scratch:
         self.ph = np.zeros((nb, c.dim), f)
         self.pqkv = np.zeros((nb, c.q_dim + 2 * c.kv_dim), f)
         self.patt = np.zeros((nb, c.q_dim), f)
-        self.pgu = np.zeros((nb, 2 * c.n_ff), f)
         # int8 prefill: its matmuls are Numba's parallel work; BLAS (attention only) one thread
         # per worker, attention tasks on n_threads Python threads (LlamaModel._attend)
         self.use_i8 = bool(int8_activations and qm.simd.HAVE_AVX2)
@@ -298,6 +301,11 @@ class Scratch:
         i8_prefill = self.use_i8 and int(m.tab[0, K_GATE, qm.TAB_TYPE]) in I8_KINDS and \
             (n_threads > 1 or c.dim >= I8_MIN_DIM_1T)
         self.i8_prefill = i8_prefill
+        # the FFN's gate|up activations, FFN_ROWS tokens at a time on int8 (the weights stream from
+        # cache either way; 2 * n_ff floats a token: 6 MiB for SmolLM2's 512, 23 for the 1.1B's);
+        # a whole chunk where BLAS may run it (dequantizing a weight tile per block would cost)
+        self.ffn_rows = min(nb, FFN_ROWS) if i8_prefill else nb
+        self.pgu = np.zeros((self.ffn_rows, 2 * c.n_ff), f)
         self.blas_threads = 1 if i8_prefill else n_threads
         self.n_workers = n_threads if i8_prefill else 1
         self._pool = None

@@ -206,7 +206,7 @@ def write_vocab_only(src, dst, overrides):
         out += [_gstr(k), struct.pack("<I", t)]
         if t == 8:
             out.append(_gstr(val))
-        elif t == 9 and isinstance(val, list):
+        elif t == 9 and not isinstance(val, np.ndarray):
             out += [struct.pack("<IQ", 8, len(val))] + [_gstr(x) for x in val]
         elif t == 9:
             out += [struct.pack("<IQ", _NP_TYPE[val.dtype.name], len(val)), val.astype(val.dtype.newbyteorder("<")).tobytes()]
