@@ -13,7 +13,7 @@ Nothing is compiled at import; the first call compiles (cached on disk: cache=Tr
 from __future__ import annotations
 
 import numpy as np
-import infer.kernels  # noqa: F401  (Numba's runtime module from its cache: kernels/nrt_cache.py)
+import infer.kernels  # noqa: F401  (how Numba loads cached code: kernels/numba_load.py)
 from numba import njit
 
 from .types import BF16, F16, F32, Q4_0, Q4_1, Q8_0, QType

@@ -31,7 +31,7 @@ Q4_0 / Q4_1 blocks: any GGUF runtime reads them.
 from __future__ import annotations
 
 import numpy as np
-import infer.kernels  # noqa: F401  (Numba's runtime module from its cache: kernels/nrt_cache.py)
+import infer.kernels  # noqa: F401  (how Numba loads cached code: kernels/numba_load.py)
 from numba import njit, prange
 
 from .types import Q4_0, Q4_1, QType

@@ -208,7 +208,7 @@ class Tokenizer:
             self._byte_ids = [self._spm_byte_token(b) for b in range(256)]
         else:
             self._encode_text = self._bpe_encode
-            self._hf = self._build_bpe(md, words, pre_kind, ignore_merges)
+            self._hf = self._build_bpe(md, pre_kind, ignore_merges)
             self._ids = None            # the SentencePiece path's; BPE asks the library
 
     # --- loading helpers ----------------------------------------------------------------------------
@@ -255,21 +255,21 @@ class Tokenizer:
         self.eot_id = eot
         self.eot_ids = frozenset(i for i in eog if i is not None)
 
-    def _build_bpe(self, md, words, pre_kind, ignore_merges):
+    def _build_bpe(self, md, pre_kind, ignore_merges):
         from tokenizers import Regex
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models, pre_tokenizers
         merges = md.get("tokenizer.ggml.merges")
         if not isinstance(merges, (list, StringArray)):
             raise TokenizerError(f"{self.source}: tokenizer.ggml.merges is missing or not a list of strings")
-        ids, pairs = self._ids, []
-        for m in merges:
-            p = m.find(" ", 1) if isinstance(m, str) else -1
-            if p < 0:
-                raise TokenizerError(f"{self.source}: bad BPE merge {m!r} (expected 'left right')")
-            a, b = m[:p], m[p + 1:]
-            ia, ib = ids.get(a), ids.get(b)     # the vocabulary's own strings: no copies
-            pairs.append((a if ia is None else words[ia], b if ib is None else words[ib]))
+        merges = merges if isinstance(merges, list) else list(merges)
+        if not all(isinstance(m, str) for m in merges):
+            raise TokenizerError(f"{self.source}: tokenizer.ggml.merges is not a list of strings")
+        cut = [m.find(" ", 1) for m in merges]
+        if -1 in cut:
+            raise TokenizerError(f"{self.source}: bad BPE merge {merges[cut.index(-1)]!r} (expected 'left right')")
+        pairs = [(m[:p], m[p + 1:]) for m, p in zip(merges, cut)]
+        del merges, cut
         try:
             bpe = models.BPE(self._ids, pairs, ignore_merges=ignore_merges)
         except Exception as e:  # the library reports merges whose parts are not tokens

@@ -1,5 +1,5 @@
-"""Numba kernels. Importing the package routes Numba's runtime-module compilation through an
-on-disk cache (nrt_cache): warm starts run no LLVM optimiser at all."""
-from . import nrt_cache
+"""Numba kernels. Importing the package adjusts how Numba loads cached code (numba_load): its
+runtime module from an object-code cache, kernels' linking bitcode parsed only when needed."""
+from . import numba_load
 
-nrt_cache.install()
+numba_load.install()
