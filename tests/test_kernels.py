@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf import quants
 
 from infer.kernels import ops, qmatmul as qm, simd
-from infer.kernels.attention import attend_one, masked_softmax
+from infer.kernels.attention import attend_one, attend_rows, masked_softmax
 
 TYPES = {"F32": GT.F32, "F16": GT.F16, "BF16": GT.BF16, "Q8_0": GT.Q8_0, "Q4_0": GT.Q4_0, "Q4_1": GT.Q4_1}
 SHAPES = [(1, 32), (5, 64), (7, 96), (13, 4096), (64, 576), (3, 11008)]
@@ -268,3 +268,30 @@ def test_attention_decode_and_prefill():
     want = _attention_ref(qs.reshape(n, group, d).astype(np.float64), k[:1, :8].astype(np.float64),
                           v[:1, :8].astype(np.float64), np.array([5, 6, 7]), kpos[:8], scale, group)
     assert nmse(o, want.reshape(n * group, d)) <= 1e-7
+
+
+@pytest.mark.parametrize("n,start,workers,ring", [(1, 0, 1, False), (7, 0, 2, False), (5, 9, 3, False),
+                                                   (6, 4, 2, True)])
+def test_attention_prefill_rows(n, start, workers, ring):
+    """attend_rows: a chunk of n queries at positions start.. against the cache, causal by slot
+    position; `ring`: the slots hold positions out of order (a wrapped ring buffer), with some
+    past every query (hidden in the middle) and some unfilled slots after n_filled."""
+    rng = np.random.default_rng(n + start)
+    H, Hkv, d, S = 6, 2, 16, 24
+    k = rng.standard_normal((Hkv, S, d)).astype(np.float32)
+    v = rng.standard_normal((Hkv, S, d)).astype(np.float32)
+    n_filled = start + n
+    kpos = np.full(S, 10 ** 9, np.int64)
+    kpos[:n_filled] = np.arange(n_filled)
+    qpos = np.arange(start, start + n, dtype=np.int64)
+    if ring:            # slots in rotated order; positions beyond the chunk's queries in between
+        n_filled = start + n + 3
+        kpos[:n_filled] = np.roll(np.arange(n_filled), 4)
+    qkv = rng.standard_normal((n, H * d + 2 * Hkv * d)).astype(np.float32)   # queries first in each row
+    q = qkv[:, :H * d].reshape(n, H, d)
+    out = np.full((n, H * d), np.nan, np.float32)
+    attend_rows(qkv, k, v, qpos, kpos, n_filled, np.float32(d ** -0.5),
+                np.full((workers, S), np.nan, np.float32), out)
+    want = _attention_ref(q.astype(np.float64), k[:, :n_filled].astype(np.float64),
+                          v[:, :n_filled].astype(np.float64), qpos, kpos[:n_filled], np.float32(d ** -0.5), H // Hkv)
+    assert nmse(out.reshape(n, H, d), want) <= 1e-7

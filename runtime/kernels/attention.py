@@ -68,3 +68,65 @@ def masked_softmax(s, qpos, group, kpos, n_filled, scale):
             s[r, j] *= inv
         for j in range(n_filled, m):
             s[r, j] = 0.0
+
+
+@njit(cache=True, fastmath=FM, parallel=True)
+def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out):
+    """Prefill: queries at positions qpos against slots 0..n_filled of one layer's cache kc, vc
+    (n_kv, n_slots, head_dim) into out (n, n_heads*head_dim); a query sees the slots with kpos <=
+    its position. q (n, >= n_heads*head_dim) holds the queries at the start of each row (the
+    prompt's q|k|v buffer, C-contiguous: a strided view of it ran 4x slower, its rows' unit
+    stride unknown to LLVM). One parallel region: scores.shape[0] workers take the
+    (query, head) pairs in turn (interleaved, so the causal triangle's long and short rows share
+    out evenly), each on its own row of scores (>= n_filled floats). The loops are decode's
+    (attend_one): unit-stride dot products with the slot's key, a softmax, the weighted sum of
+    values; a linear cache's slots past the last visible one are skipped."""
+    hd = kc.shape[2]
+    n, n_heads = out.shape[0], out.shape[1] // hd
+    group = n_heads // kc.shape[0]
+    nw = scores.shape[0]
+    total = n * n_heads
+    for w in prange(nw):
+        sc = scores[w]
+        for task in range(w, total, nw):
+            t = task // n_heads
+            h = task - t * n_heads
+            kg = kc[h // group]
+            vg = vc[h // group]
+            qh = q[t, h * hd:(h + 1) * hd]
+            p = qpos[t]
+            lim = n_filled
+            while lim > 0 and kpos[lim - 1] > p:
+                lim -= 1
+            mx = np.float32(-np.inf)
+            hidden = 0
+            for j in range(lim):
+                if kpos[j] <= p:
+                    kj = kg[j]
+                    s = np.float32(0.0)
+                    for d in range(hd):
+                        s += qh[d] * kj[d]
+                    s *= scale
+                    sc[j] = s
+                    mx = max(mx, s)
+                else:
+                    hidden += 1
+            tot = np.float32(0.0)
+            if hidden == 0:
+                for j in range(lim):
+                    e = exp32(sc[j] - mx)
+                    sc[j] = e
+                    tot += e
+            else:                           # a wrapped ring: hidden slots among the visible
+                for j in range(lim):
+                    e = exp32(sc[j] - mx) if kpos[j] <= p else np.float32(0.0)
+                    sc[j] = e
+                    tot += e
+            inv = np.float32(1.0) / tot
+            o = out[t, h * hd:(h + 1) * hd]
+            o[:] = 0.0
+            for j in range(lim):
+                pj = sc[j] * inv
+                vj = vg[j]
+                for d in range(hd):
+                    o[d] += pj * vj[d]

@@ -16,7 +16,7 @@ from numba import njit
 from ..errors import TensorError, UnsupportedError
 from ..kernels import qmatmul as qm
 from ..kernels import simd
-from ..kernels.attention import attend_one, masked_softmax
+from ..kernels.attention import attend_one, attend_rows, masked_softmax
 from ..kernels.ops import ROPE_NEOX, ROPE_NORM, exp32, rmsnorm, rope, rope_inv_freq, silu_mul, silu_mul_par
 from ..kernels.qmatmul import FM, TAB_COLS, TAB_ROWS, TAB_WIDTH
 
@@ -35,6 +35,7 @@ I8_MIN_DIM_1T = 1024     # one thread: int8 for long prompts from this model wid
 ATT_ROWS = 64
 FFN_ROWS = 128         # prompt tokens per FFN pass on int8 activations (Scratch.pgu)
 ATT_PAR_MIN = 256      # tokens in a chunk before its attention tasks go to worker threads
+ATT_ROWS_MAX_SEEN = 512  # shorter chunks over at most this many cache slots: attend_rows (LlamaModel._attend)
 I8_KINDS = {qm.T_Q8_0: simd.KIND_Q8_0, qm.T_Q4_0: simd.KIND_Q4_0, qm.T_Q4_1: simd.KIND_Q4_1}
 
 
@@ -202,8 +203,7 @@ class LlamaModel:
             kc, vc = kv.k[li], kv.v[li]
             kc[:, slots, :] = k.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
             vc[:, slots, :] = v.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
-            self._attend(s, q.reshape(n, c.n_heads, c.head_dim), kc, vc, qpos, kv.kpos, n_filled, scale,
-                         att.reshape(n, c.n_heads, c.head_dim))
+            self._attend(s, qkv, kc, vc, qpos, kv.kpos, n_filled, scale, att)
             self._matmul(s, t[K_O], att, h)
             x += h
             rmsnorm(x, self.v(li, V_FFN_NORM), c.norm_eps, h)
@@ -226,13 +226,27 @@ class LlamaModel:
         self._matmul(s, self.out, h[:1], s.logits2d, allow_i8=False)
         return s.logits
 
-    def _attend(self, s, q3, kc, vc, qpos, kpos, n_filled, scale, a3):
-        """Causal attention of the chunk's queries q3 (n, n_heads, head_dim) over the cache's first
-        n_filled slots into a3, in tasks of (KV head, ATT_ROWS queries): float32 BLAS for the
+    def _attend(self, s, qkv, kc, vc, qpos, kpos, n_filled, scale, att):
+        """Causal attention of the chunk's queries (qkv's first n_heads*head_dim columns) over the
+        cache's first n_filled slots into att (n, n_heads*head_dim): attend_rows for a short
+        chunk over few slots, else tasks of (KV head, ATT_ROWS queries): float32 BLAS for the
         scores and the weighted sum, masked_softmax between. With int8 prefill, BLAS runs one
         thread and the tasks go to s.n_workers Python threads (BLAS and masked_softmax release
         the GIL): OpenBLAS's own threads spin after each call and took the cores from Numba's."""
-        n = q3.shape[0]
+        c = self.cfg
+        n = qkv.shape[0]
+        if n < ATT_PAR_MIN and n_filled <= ATT_ROWS_MAX_SEEN:
+            # a short chunk over a short context: one Numba region over (query, head) pairs, no
+            # BLAS calls or Python tasks (SmolLM2, 128 tokens at the start, two threads: 14 ms
+            # for the 30 layers, BLAS 23; its dot products cost ~2x BLAS's per flop, so over
+            # more than ~512 slots BLAS on one thread is as fast)
+            n_slots = kc.shape[1]
+            nw = max(1, min(s.n_threads, s.ascores.size // n_slots))
+            attend_rows(qkv, kc, vc, qpos, kpos, n_filled, scale,
+                        s.ascores.reshape(-1)[:nw * n_slots].reshape(nw, n_slots), att)
+            return
+        q3 = qkv[:, :c.q_dim].reshape(n, c.n_heads, c.head_dim)
+        a3 = att.reshape(n, c.n_heads, c.head_dim)
         tasks = [(kh, t0, min(n, t0 + ATT_ROWS)) for kh in range(self.cfg.n_kv_heads) for t0 in range(0, n, ATT_ROWS)]
         # short chunks stay on this thread: the hand-offs (and the GIL between the BLAS calls)
         # cost more than they save (SmolLM2, 128 tokens: 53 ms on one thread, 70 ms on two)
