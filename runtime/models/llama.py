@@ -235,11 +235,12 @@ class LlamaModel:
         the GIL): OpenBLAS's own threads spin after each call and took the cores from Numba's."""
         c = self.cfg
         n = qkv.shape[0]
-        if n < ATT_PAR_MIN and n_filled <= ATT_ROWS_MAX_SEEN:
+        if n < ATT_PAR_MIN and n_filled <= ATT_ROWS_MAX_SEEN and s.blas_threads == 1:
             # a short chunk over a short context: one Numba region over (query, head) pairs, no
             # BLAS calls or Python tasks (SmolLM2, 128 tokens at the start, two threads: 14 ms
             # for the 30 layers, BLAS 23; its dot products cost ~2x BLAS's per flop, so over
-            # more than ~512 slots BLAS on one thread is as fast)
+            # more than ~512 slots BLAS on one thread is as fast). Not while BLAS runs several
+            # threads (F16, float activations): they spin after each call and took Numba's cores
             n_slots = kc.shape[1]
             nw = max(1, min(s.n_threads, s.ascores.size // n_slots))
             attend_rows(qkv, kc, vc, qpos, kpos, n_filled, scale,
