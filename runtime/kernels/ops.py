@@ -90,9 +90,10 @@ def rope(x, n_heads, head_dim, rope_dim, positions, inv_freq, mode):
                 x[t, b] = x0 * s + x1 * c
 
 
-@njit(cache=True, fastmath=FM)
+@njit(cache=True, fastmath=FM, error_model="numpy")
 def silu_mul(g, u, out):
-    """out = silu(g) * u, element-wise over (n, ff)."""
+    """out = silu(g) * u, element-wise over (n, ff). (error_model="numpy": with Python's
+    ZeroDivisionError check the division kept the loop scalar, 5x slower.)"""
     n, m = g.shape
     for i in range(n):
         for j in range(m):
@@ -100,7 +101,7 @@ def silu_mul(g, u, out):
             out[i, j] = v / (np.float32(1.0) + exp32(-v)) * u[i, j]
 
 
-@njit(cache=True, fastmath=FM, parallel=True)
+@njit(cache=True, fastmath=FM, parallel=True, error_model="numpy")
 def silu_mul_par(g, u, out):
     """silu_mul with the rows in parallel (a prompt's chunk when Numba, not BLAS, has the cores:
     next to multi-threaded BLAS a Numba region's spinning threads slow both)."""

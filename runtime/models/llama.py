@@ -409,7 +409,9 @@ def _mv(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
     qm.matvec_group(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8)
 
 
-@njit(cache=True, fastmath=FM)
+# error_model="numpy": a float division with Python's ZeroDivisionError check does not vectorize
+# (decode's SiLU ran 4 ns an element, 0.3 ms of SmolLM2's 7 ms token; vectorized 0.7)
+@njit(cache=True, fastmath=FM, error_model="numpy")
 def decode_step(wu8, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_heads, n_kv,
                 head_dim, n_ff, rope_dim, rope_mode, eps, attn_bias, token, posv, slot, n_filled,
                 kcache, vcache, inv_freq, x, xn, qkv, att, scores, gu, xsum, starts, tmp, logits,
