@@ -176,8 +176,8 @@ class _Cursor:
 
 class GGUFFile:
     """A GGUF file opened by memory map. `metadata` maps keys to Python values (numeric arrays as
-    numpy arrays, string arrays as StringArray sequences); `tensors` maps names to TensorInfo; `view(name)` gives a
-    zero-copy numpy view of a tensor's raw data."""
+    numpy arrays, string arrays as StringArray sequences); `tensors` maps names to TensorInfo;
+    `view(name)` gives a zero-copy numpy view of a tensor's raw data."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
