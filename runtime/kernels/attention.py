@@ -13,32 +13,40 @@ from .ops import exp32, softmax_inplace
 from .qmatmul import FM
 
 
+@njit(cache=True, fastmath=FM)
+def _dots(qh, kg, lim, scale, sc):
+    """sc[j] = scale * (qh . kg[j]) for the slots j < lim of one KV head: 1-D contiguous rows,
+    whose unit-stride loops LLVM vectorizes (3-D indexing in the loops ran 4-7x slower)."""
+    for j in range(lim):
+        kj = kg[j]
+        s = np.float32(0.0)
+        for d in range(qh.shape[0]):
+            s += qh[d] * kj[d]
+        sc[j] = s * scale
+
+
+@njit(cache=True, fastmath=FM)
+def _mix(sc, vg, lim, o):
+    """o = sum over the slots j < lim of sc[j] * vg[j] (the softmax-weighted values)."""
+    o[:] = 0.0
+    for j in range(lim):
+        p = sc[j]
+        vj = vg[j]
+        for d in range(o.shape[0]):
+            o[d] += p * vj[d]
+
+
 @njit(cache=True, fastmath=FM, parallel=True)
 def attend_one(q, kc, vc, n_filled, scale, n_heads, n_kv, head_dim, scores, out):
     """Decode: one query (n_heads*head_dim,) against slots 0..n_filled of one layer's cache
     kc, vc (n_kv, n_slots, head_dim); scores (n_heads, n_slots) scratch; out (n_heads*head_dim,).
-    Heads in parallel; each works on 1-D contiguous rows (the slot's key, its value), whose
-    unit-stride loops LLVM vectorizes (3-D indexing in the loops ran 4-7x slower)."""
+    Heads in parallel."""
     group = n_heads // n_kv
     for h in prange(n_heads):
-        kg = kc[h // group]
-        vg = vc[h // group]
-        qh = q[h * head_dim:(h + 1) * head_dim]
         sc = scores[h]
-        for j in range(n_filled):
-            kj = kg[j]
-            s = np.float32(0.0)
-            for d in range(head_dim):
-                s += qh[d] * kj[d]
-            sc[j] = s * scale
+        _dots(q[h * head_dim:(h + 1) * head_dim], kc[h // group], n_filled, scale, sc)
         softmax_inplace(sc, n_filled)
-        o = out[h * head_dim:(h + 1) * head_dim]
-        o[:] = 0.0
-        for j in range(n_filled):
-            p = sc[j]
-            vj = vg[j]
-            for d in range(head_dim):
-                o[d] += p * vj[d]
+        _mix(sc, vc[h // group], n_filled, out[h * head_dim:(h + 1) * head_dim])
 
 
 @njit(cache=True, fastmath=FM, nogil=True)
@@ -78,9 +86,9 @@ def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out):
     prompt's q|k|v buffer, C-contiguous: a strided view of it ran 4x slower, its rows' unit
     stride unknown to LLVM). One parallel region: scores.shape[0] workers take the
     (query, head) pairs in turn (interleaved, so the causal triangle's long and short rows share
-    out evenly), each on its own row of scores (>= n_filled floats). The loops are decode's
-    (attend_one): unit-stride dot products with the slot's key, a softmax, the weighted sum of
-    values; a linear cache's slots past the last visible one are skipped."""
+    out evenly), each on its own row of scores (>= n_filled floats), with decode's loops
+    (_dots, softmax, _mix); a linear cache's slots past the last visible one are skipped, the
+    hidden slots of a wrapped ring get weight 0."""
     hd = kc.shape[2]
     n, n_heads = out.shape[0], out.shape[1] // hd
     group = n_heads // kc.shape[0]
@@ -91,42 +99,22 @@ def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out):
         for task in range(w, total, nw):
             t = task // n_heads
             h = task - t * n_heads
-            kg = kc[h // group]
-            vg = vc[h // group]
-            qh = q[t, h * hd:(h + 1) * hd]
             p = qpos[t]
             lim = n_filled
             while lim > 0 and kpos[lim - 1] > p:
                 lim -= 1
-            mx = np.float32(-np.inf)
             hidden = 0
             for j in range(lim):
-                if kpos[j] <= p:
-                    kj = kg[j]
-                    s = np.float32(0.0)
-                    for d in range(hd):
-                        s += qh[d] * kj[d]
-                    s *= scale
-                    sc[j] = s
-                    mx = max(mx, s)
-                else:
+                if kpos[j] > p:
                     hidden += 1
-            tot = np.float32(0.0)
-            if hidden == 0:
+            _dots(q[t, h * hd:(h + 1) * hd], kc[h // group], lim, scale, sc)
+            if hidden:
                 for j in range(lim):
-                    e = exp32(sc[j] - mx)
-                    sc[j] = e
-                    tot += e
-            else:                           # a wrapped ring: hidden slots among the visible
+                    if kpos[j] > p:
+                        sc[j] = -np.inf
+            softmax_inplace(sc, lim)
+            if hidden:
                 for j in range(lim):
-                    e = exp32(sc[j] - mx) if kpos[j] <= p else np.float32(0.0)
-                    sc[j] = e
-                    tot += e
-            inv = np.float32(1.0) / tot
-            o = out[t, h * hd:(h + 1) * hd]
-            o[:] = 0.0
-            for j in range(lim):
-                pj = sc[j] * inv
-                vj = vg[j]
-                for d in range(hd):
-                    o[d] += pj * vj[d]
+                    if kpos[j] > p:
+                        sc[j] = 0.0
+            _mix(sc, vc[h // group], lim, out[t, h * hd:(h + 1) * hd])

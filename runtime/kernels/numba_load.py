@@ -37,12 +37,10 @@ status: dict = {}    # "nrt", "module": "compiled" | "loaded" | "fallback: <reas
 
 
 def _cache_dir():
+    """The kernels' cache directory (infer sets NUMBA_CACHE_DIR on import; see infer/__init__.py),
+    or "" when there is none (no home directory): then Numba's own path runs."""
     import numba
-    d = getattr(numba.config, "CACHE_DIR", "") or os.environ.get("NUMBA_CACHE_DIR", "")
-    if not d:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        d = os.path.join(base, "infer")
-    return d
+    return getattr(numba.config, "CACHE_DIR", "") or os.environ.get("NUMBA_CACHE_DIR", "")
 
 
 def _read(path):
@@ -125,6 +123,9 @@ def install():
         return
 
     def compile_nrt_functions(ctx):
+        if not _cache_dir():
+            status["nrt"] = "off: no cache directory"
+            return original(ctx)
         try:
             ir_mod, library = nrtdynmod.create_nrt_module(ctx)
             codegen = ctx.codegen()
