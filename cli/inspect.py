@@ -1,4 +1,8 @@
-"""`infer inspect MODEL`: metadata and a tensor/type table."""
+"""`infer inspect MODEL`: metadata and a tensor/type table, then the checks `infer generate` runs.
+
+A file that `generate` would refuse is shown as far as it can be read, and the problem ends the
+output as the other commands end theirs: one line "error: ..." on stderr, exit status 1.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,39 +16,73 @@ def _short(v, width=80):
     from infer.gguf_file import StringArray
     if isinstance(v, (list, np.ndarray, StringArray)):
         n = len(v)
-        head = ", ".join(repr(x) if isinstance(x, str) else str(x) for x in list(v[:5]))
+        head = ", ".join(repr(x) if isinstance(x, str) else _short(x, 20) for x in list(v[:5]))
         return f"[{head}{', ...' if n > 5 else ''}] ({n} items)"
     s = repr(v) if isinstance(v, str) else str(v)
     s = s.replace("\n", "\\n")
     return s if len(s) <= width else s[:width - 3] + "..."
 
 
+def _metadata_table(title, metadata):
+    from rich.table import Table
+    from rich.text import Text
+    t = Table(title=Text(title))
+    t.add_column("key"); t.add_column("value", overflow="fold")
+    for k, v in metadata.items():
+        t.add_row(Text(repr(k)[1:-1] if not k.isprintable() else k), Text(_short(v)))  # never rich markup
+    return t
+
+
+def check_model(gf):
+    """Everything `infer generate` (infer.LLM) checks when it loads a model, short of running it:
+    the model configuration, the vocabulary, their agreement, the tensors the model needs."""
+    from infer.config import ModelConfig
+    from infer.errors import TokenizerError
+    from infer.models import load_model
+    from infer.tokenizer import Tokenizer
+    cfg = ModelConfig.from_metadata(gf.metadata, gf.path)
+    tok = Tokenizer.from_metadata(gf.metadata, gf.path)
+    if tok.n_vocab != cfg.n_vocab:
+        raise TokenizerError(f"{gf.path}: vocabulary has {tok.n_vocab} tokens but the model has "
+                             f"{cfg.n_vocab} output rows")
+    load_model(gf, cfg)
+
+
 def register(app: typer.Typer):
     @app.command("inspect")
     def inspect(model: Path = typer.Argument(..., help="GGUF model file."),
                 tensors: bool = typer.Option(True, "--tensors/--no-tensors", help="List the tensors.")):
-        """Print a GGUF file's metadata and tensor table."""
+        """Print a GGUF file's metadata and tensor table; exit 1 if `generate` would refuse it."""
         from collections import Counter
 
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
+        from infer.errors import InferError
         from infer.gguf_file import GGUFFile
         con = Console()
-        with GGUFFile(model) as gf:
-            t = Table(title=f"{model} (GGUF v{gf.version}, {gf.size / 2**20:.1f} MiB)")
-            t.add_column("key"); t.add_column("value", overflow="fold")
-            for k, v in gf.metadata.items():
-                t.add_row(k, _short(v))
-            con.print(t)
+        try:
+            gf = GGUFFile(model)
+        except InferError as e:
+            part = getattr(e, "partial", None)
+            if part is not None and part.version is not None:
+                con.print(_metadata_table(f"{model} (GGUF v{part.version}, {part.size / 2**20:.1f} MiB; "
+                                          f"read up to the problem)", part.metadata))
+                if part.n_tensors_declared is not None:
+                    con.print(Text(f"{part.n_tensors_declared} tensors declared"))
+            raise
+        with gf:
+            con.print(_metadata_table(f"{model} (GGUF v{gf.version}, {gf.size / 2**20:.1f} MiB)", gf.metadata))
             counts = Counter(ti.qtype.name for ti in gf.tensors.values())
             n_params = sum(ti.n_elements for ti in gf.tensors.values())
-            con.print(f"{len(gf.tensors)} tensors, {n_params / 1e6:.1f} M parameters, types: "
-                      + ", ".join(f"{k} x{v}" for k, v in counts.most_common()))
+            con.print(Text(f"{len(gf.tensors)} tensors, {n_params / 1e6:.1f} M parameters, types: "
+                           + ", ".join(f"{k} x{v}" for k, v in counts.most_common())))
             if tensors:
                 tt = Table()
                 for c in ("name", "type", "shape", "MiB"):
                     tt.add_column(c)
                 for ti in gf.tensors.values():
-                    tt.add_row(ti.name, ti.qtype.name, "x".join(map(str, ti.shape)), f"{ti.nbytes / 2**20:.2f}")
+                    tt.add_row(Text(ti.name), ti.qtype.name, "x".join(map(str, ti.shape)), f"{ti.nbytes / 2**20:.2f}")
                 con.print(tt)
+            check_model(gf)

@@ -1,11 +1,21 @@
 """ModelConfig: the hyper-parameters of a model, read from GGUF metadata and checked."""
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, fields
 
 from .errors import MetadataError, UnsupportedError
 from .gguf_file import StringArray
+
+INT32_MAX = 2**31 - 1    # llama.cpp keeps the hyper-parameters in (u)int32
+MAX_LAYERS = 512         # llama.cpp's LLAMA_MAX_LAYERS: a block_count past it is a corrupt file
+
+# ModelConfig fields -> the metadata keys they come from (after "<arch>.")
+_KEYS = {"n_vocab": "vocab_size", "n_ctx_train": "context_length", "dim": "embedding_length",
+         "n_layers": "block_count", "n_ff": "feed_forward_length", "n_heads": "attention.head_count",
+         "n_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+         "rope_dim": "rope.dimension_count"}
 
 # architectures we run -> the family implementation that runs them
 ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
@@ -74,8 +84,17 @@ class ModelConfig:
         )
         for f in fields(cls):
             v = getattr(cfg, f.name)
-            if f.type in ("int",) and v <= 0:
-                raise MetadataError(f"{source}: metadata {arch}.{f.name} must be positive, got {v}")
+            if f.type in ("int",) and not 0 < v <= INT32_MAX:
+                raise MetadataError(f"{source}: metadata {arch}.{_KEYS.get(f.name, f.name)} must be positive "
+                                    f"and fit int32, got {v}")
+        if cfg.n_layers > MAX_LAYERS:
+            raise MetadataError(f"{source}: metadata {arch}.block_count is {cfg.n_layers} "
+                                f"(at most {MAX_LAYERS}, llama.cpp's LLAMA_MAX_LAYERS)")
+        if not (math.isfinite(cfg.rope_base) and cfg.rope_base > 0):
+            raise MetadataError(f"{source}: metadata {arch}.rope.freq_base must be a positive number, got {cfg.rope_base}")
+        if not (math.isfinite(cfg.norm_eps) and cfg.norm_eps >= 0):
+            raise MetadataError(f"{source}: metadata {arch}.attention.layer_norm_rms_epsilon must be a "
+                                f"non-negative number, got {cfg.norm_eps}")
         if cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:
             raise MetadataError(f"{source}: rope dimension {cfg.rope_dim} does not fit head size {cfg.head_dim}")
         return cfg

@@ -107,14 +107,62 @@ _BYTE_DEC = {c: b for b, c in _BYTE_ENC.items()}
 _UTF8_LEN = bytes([1] * 12 + [2, 2, 3, 4])      # sequence length from a lead byte's high nibble
 
 
-def _check_array(md, key, source, n, kind):
+def _describe(v) -> str:
+    """What a metadata value is, for messages: 'an array of int32', 'an array of arrays', 'a str'."""
+    if isinstance(v, np.ndarray):
+        return f"an array of {v.dtype}" if v.ndim == 1 else f"a {v.ndim}-D array"
+    if isinstance(v, StringArray):
+        return "an array of strings"
+    if isinstance(v, (list, tuple)):
+        return "an array of arrays" if v and isinstance(v[0], (list, np.ndarray, StringArray)) else "a list"
+    name = type(v).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _check_array(md, key, source, n, dtype):
+    """md[key] (absent: None) as a 1-D numpy array of `dtype` and exactly n values (GGUF's
+    tokenizer.ggml.scores is float32, token_type int32, one per token; llama.cpp reads them as
+    raw float / int arrays of the vocabulary's length)."""
     v = md.get(key)
     if v is None:
         return None
-    ok = isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in kind
-    if not ok or len(v) < n:
-        raise TokenizerError(f"{source}: {key} must be a numeric array of at least {n} values")
-    return v[:n]
+    if not (isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype == dtype) or len(v) != n:
+        got = _describe(v) + (f" of {len(v)} values" if hasattr(v, "__len__") else "")
+        raise TokenizerError(f"{source}: {key} must be an array of {n} {np.dtype(dtype).name} values "
+                             f"(one per token), got {got}")
+    return v
+
+
+def _string_array(v, key, source):
+    """v as a sequence of str (a GGUF string array), else a TokenizerError."""
+    if isinstance(v, StringArray):
+        return v
+    if isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v):
+        return v
+    raise TokenizerError(f"{source}: {key} must be an array of strings, got {_describe(v)}")
+
+
+def _flag(md, key, default, source) -> bool:
+    v = md.get(key, default)
+    if not isinstance(v, (bool, int, np.bool_, np.integer)):
+        raise TokenizerError(f"{source}: {key} must be a bool, got {_describe(v)}")
+    return bool(v)
+
+
+_ID_PREFIX, _ID_SUFFIX = "tokenizer.ggml.", "_token_id"
+
+
+def _check_special_ids(md, source, n):
+    """Every tokenizer.ggml.*_token_id (bos, eos, unknown, seperator, padding, cls, mask, eot, eom,
+    fim_*) must be an integer id inside the vocabulary (llama.cpp only warns and ignores a bad one;
+    a file that names a token it does not have is refused here)."""
+    for key, v in md.items():
+        if not (key.startswith(_ID_PREFIX) and key.endswith(_ID_SUFFIX)):
+            continue
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TokenizerError(f"{source}: {key} must be an integer token id, got {_describe(v)}")
+        if not 0 <= v < n:
+            raise TokenizerError(f"{source}: {key} is {int(v)}, outside the vocabulary of {n} tokens")
 
 
 class Tokenizer:
@@ -146,9 +194,13 @@ class Tokenizer:
         if model not in ("gpt2", "llama"):
             raise TokenizerError(f"{source}: tokenizer model {model!r} is not supported (gpt2 and llama are)")
         tokens = md.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, (list, StringArray)) or not tokens or not isinstance(tokens[0], str):
-            raise TokenizerError(f"{source}: tokenizer.ggml.tokens is missing or not a list of strings")
+        if tokens is None:
+            raise TokenizerError(f"{source}: tokenizer.ggml.tokens is missing: the file carries no vocabulary")
+        tokens = _string_array(tokens, "tokenizer.ggml.tokens", source)
+        if not tokens:
+            raise TokenizerError(f"{source}: tokenizer.ggml.tokens is empty")
         n = len(tokens)
+        _check_special_ids(md, source, n)
         words = list(tokens)
         if "" in words:
             words = [t or f"[EMPTY_{i}]" for i, t in enumerate(words)]
@@ -161,7 +213,8 @@ class Tokenizer:
         if len(self._ids) != n:
             raise TokenizerError(f"{source}: the vocabulary has duplicate tokens ({n - len(self._ids)} of them)")
 
-        types = _check_array(md, "tokenizer.ggml.token_type", source, n, "iu")
+        types = _check_array(md, "tokenizer.ggml.token_type", source, n, np.int32)
+        scores = _check_array(md, "tokenizer.ggml.scores", source, n, np.float32)
         if types is None:
             attr = np.full(n, NORMAL, dtype=np.int32)
         else:
@@ -170,10 +223,12 @@ class Tokenizer:
 
         is_spm = model == "llama"
         self.pre = md.get("tokenizer.ggml.pre", "default") if not is_spm else "default"
+        if not isinstance(self.pre, str):
+            raise TokenizerError(f"{source}: tokenizer.ggml.pre must be a string, got {_describe(self.pre)}")
         pre_kind, ignore_merges, add_bos = ("default", False, True) if is_spm else self._pre_type(self.pre)
-        self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", add_bos))
-        self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
-        self.add_space_prefix = is_spm and bool(md.get("tokenizer.ggml.add_space_prefix", True))
+        self.add_bos = _flag(md, "tokenizer.ggml.add_bos_token", add_bos, source)
+        self.add_eos = _flag(md, "tokenizer.ggml.add_eos_token", False, source)
+        self.add_space_prefix = is_spm and _flag(md, "tokenizer.ggml.add_space_prefix", True, source)
 
         defaults = {"bos": 1, "eos": 2, "unk": 0} if is_spm else {"bos": 11, "eos": 11}
         if pre_kind == "llama3" and self.pre in ("glm4", "chatglm-bpe"):
@@ -203,8 +258,7 @@ class Tokenizer:
 
         if is_spm:
             self._encode_text = self._spm_encode
-            self._scores = (_check_array(md, "tokenizer.ggml.scores", source, n, "fiu")
-                            if "tokenizer.ggml.scores" in md else np.zeros(n, np.float32)).astype(np.float64).tolist()
+            self._scores = (np.zeros(n) if scores is None else scores.astype(np.float64)).tolist()
             self._byte_ids = [self._spm_byte_token(b) for b in range(256)]
         else:
             self._encode_text = self._bpe_encode
@@ -260,11 +314,9 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models, pre_tokenizers
         merges = md.get("tokenizer.ggml.merges")
-        if not isinstance(merges, (list, StringArray)):
-            raise TokenizerError(f"{self.source}: tokenizer.ggml.merges is missing or not a list of strings")
-        merges = merges if isinstance(merges, list) else list(merges)
-        if not all(isinstance(m, str) for m in merges):
-            raise TokenizerError(f"{self.source}: tokenizer.ggml.merges is not a list of strings")
+        if merges is None:
+            raise TokenizerError(f"{self.source}: tokenizer.ggml.merges is missing (a BPE vocabulary needs them)")
+        merges = list(_string_array(merges, "tokenizer.ggml.merges", self.source))
         cut = [m.find(" ", 1) for m in merges]
         if -1 in cut:
             raise TokenizerError(f"{self.source}: bad BPE merge {merges[cut.index(-1)]!r} (expected 'left right')")
