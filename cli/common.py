@@ -24,3 +24,40 @@ def sampling(temp, top_k, top_p, min_p, repeat_penalty, seed: Optional[int]):
 def model_ctx(ctx: int, path: str) -> int:
     """-c larger than the model's training context is capped silently only when left at default."""
     return ctx
+
+
+class CompileNotice:
+    """A first run's notice on stderr: one line at once ("compiling kernels for this CPU, once:
+    about N s"), on a terminal the seconds so far on that line until `done()` (the first token)."""
+
+    def __init__(self):
+        import sys
+        import threading
+        import time
+
+        from infer.kernels import warmup
+        self.active = warmup.is_cold()
+        if not self.active:
+            return
+        self.err = sys.stderr
+        self.msg = f"compiling kernels for this CPU, once: about {warmup.ESTIMATE_S} s"
+        self.tty = self.err.isatty()
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        print(self.msg + ("" if self.tty else ""), file=self.err, end="" if self.tty else "\n", flush=True)
+        if self.tty:
+            def tick():
+                while not self._stop.wait(1.0):
+                    print(f"\r{self.msg} ... {time.perf_counter() - self.t0:.0f} s", file=self.err, end="", flush=True)
+            self._thread = threading.Thread(target=tick, daemon=True)
+            self._thread.start()
+
+    def done(self):
+        if not self.active:
+            return
+        import time
+        self.active = False
+        self._stop.set()
+        if self.tty:
+            self._thread.join()
+            print(f"\r{self.msg}: done in {time.perf_counter() - self.t0:.0f} s", file=self.err, flush=True)
