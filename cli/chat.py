@@ -296,7 +296,7 @@ def run(chat: Chat, lines) -> None:
 def register(app: typer.Typer):
     @app.command("chat")
     def chat_cmd(
-        model: Path = typer.Argument(..., help="GGUF model file."),
+        model: Optional[Path] = common.Model,
         system: Optional[str] = typer.Option(None, "-s", "--system", help="System message."),
         ctx: int = common.Ctx,
         threads: Optional[int] = common.Threads,
@@ -320,6 +320,7 @@ def register(app: typer.Typer):
         from infer.errors import InferError
         if max_tokens < 1:
             raise InferError(f"--max-tokens must be at least 1 (got {max_tokens})")
+        model = common.resolve_model(model)
         params = common.sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
         interactive = sys.stdin.isatty() and sys.stdout.isatty()
         with LLM(model, n_ctx=ctx, n_threads=threads, context_policy=policy, n_keep=keep,

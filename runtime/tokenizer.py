@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 from .errors import InferError, TokenizerError
-from .gguf_file import StringArray
+from .gguf_file import StringArray, _show
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,9 @@ def _check_special_ids(md, source, n):
         if not (key.startswith(_ID_PREFIX) and key.endswith(_ID_SUFFIX)):
             continue
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-            raise TokenizerError(f"{source}: {key} must be an integer token id, got {_describe(v)}")
+            raise TokenizerError(f"{source}: {_show(key)} must be an integer token id, got {_describe(v)}")
         if not 0 <= v < n:
-            raise TokenizerError(f"{source}: {key} is {int(v)}, outside the vocabulary of {n} tokens")
+            raise TokenizerError(f"{source}: {_show(key)} is {int(v)}, outside the vocabulary of {n} tokens")
 
 
 class Tokenizer:
@@ -325,7 +325,8 @@ class Tokenizer:
         try:
             bpe = models.BPE(self._ids, pairs, ignore_merges=ignore_merges)
         except Exception as e:  # the library reports merges whose parts are not tokens
-            raise TokenizerError(f"{self.source}: inconsistent BPE vocabulary ({e})") from None
+            why = " ".join(str(e).split())   # one line, whatever the tokens hold
+            raise TokenizerError(f"{self.source}: inconsistent BPE vocabulary ({why})") from None
         hf = HFTokenizer(bpe)
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in _PRE_REGEXES[pre_kind]]

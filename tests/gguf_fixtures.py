@@ -132,7 +132,9 @@ def gguf_bytes(kv, tensors, *, version=3, n_tensors=None, n_kv=None, alignment=3
         put(struct.pack("<Q", len(kb)), "key length")
         put(kb)
         put(struct.pack("<I", vtype), "value type")
-        if vtype == ARR:
+        if isinstance(v, bytes):            # the value's bytes as given (unknown types, deep nesting)
+            put(v)
+        elif vtype == ARR:
             itype, items = v
             put(struct.pack("<I", itype), "array type")
             put(struct.pack("<Q", len(items)), "array length")
@@ -147,8 +149,6 @@ def gguf_bytes(kv, tensors, *, version=3, n_tensors=None, n_kv=None, alignment=3
             b = v.encode() if isinstance(v, str) else bytes(v)
             put(struct.pack("<Q", len(b)), "string length")
             put(b)
-        elif isinstance(v, bytes):          # a value of an unknown type: its bytes as given
-            put(v)
         else:
             put(gguf_value(vtype, v), "value")
     offs, off = [], 0

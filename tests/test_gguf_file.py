@@ -68,3 +68,20 @@ def test_damaged_string_arrays(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(good[:good.index(b"cd") + 1])
     with pytest.raises(GGUFError, match="cut.gguf: truncated file"):
         GGUFFile(tmp_path / "cut.gguf")
+
+
+def test_value_kinds_and_partial_read(tmp_path):
+    """Bool arrays read as numpy bools (any non-zero byte true, as llama.cpp reads them), arrays
+    of arrays as lists; a refused file's error carries what was read before the problem."""
+    import numpy as np
+    from gguf_fixtures import ARR, BOOL, STR, U8, U32, gguf_bytes
+    body = gguf_bytes([("t.flags", ARR, (U8, [0, 1, 2])), ("t.nest", ARR, (ARR, [(STR, ["a"]), (U32, [7])]))], [])
+    body = body.replace(struct.pack("<IIQ", 9, U8, 3), struct.pack("<IIQ", 9, BOOL, 3))   # as bools
+    (tmp_path / "v.gguf").write_bytes(body)
+    with GGUFFile(tmp_path / "v.gguf") as g:
+        assert g.metadata["t.flags"].dtype == np.bool_ and g.metadata["t.flags"].tolist() == [False, True, True]
+        assert list(g.metadata["t.nest"][0]) == ["a"] and g.metadata["t.nest"][1].tolist() == [7]
+    (tmp_path / "d.gguf").write_bytes(gguf_bytes([("t.a", U32, 1), ("t.b", U32, 2), ("t.a", U32, 3)], []))
+    with pytest.raises(GGUFError, match=r"d.gguf: duplicate metadata key 't.a' \(metadata #2\)") as e:
+        GGUFFile(tmp_path / "d.gguf")
+    assert e.value.partial.metadata == {"t.a": 1, "t.b": 2} and e.value.partial.version == 3

@@ -307,3 +307,18 @@ def test_key_is_raw_bytes_checked(tmp_path):
 def test_errors_are_infer_errors():
     for cls, _, _ in CASES.values():
         assert issubclass(cls, InferError)
+
+
+def test_messages_stay_one_line(tmp_path):
+    """Names with control characters are escaped in messages (the file's bytes are not trusted)."""
+    kv, ts = tiny_model()
+    p = tmp_path / "nl.gguf"
+    p.write_bytes(gguf_bytes(kv + [("tokenizer.ggml.x\ny_token_id", U32, 9999)],
+                             ts + [_extra_tensor("a\nb"), _extra_tensor("a\nb")]))
+    with pytest.raises(TensorError, match=r"duplicate tensor name 'a\\nb'") as e:
+        GGUFFile(p)
+    assert "\n" not in str(e.value)
+    p.write_bytes(gguf_bytes(kv + [("tokenizer.ggml.x\ny_token_id", U32, 9999)], ts))
+    with pytest.raises(TokenizerError, match=r"'tokenizer.ggml.x\\ny_token_id' is 9999, outside") as e:
+        infer.LLM(p, n_ctx=16, n_threads=1)
+    assert "\n" not in str(e.value)

@@ -26,6 +26,12 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import isa
+
+# the CPU Numba compiles for (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, else the host): whether the x86
+# intrinsics and asm below may be emitted; elsewhere the same computation is written as generic IR
+TARGET = isa.target()
+
 F32 = ir.FloatType()
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 V8F = ir.VectorType(F32, 8)
@@ -49,9 +55,11 @@ def _xvec(builder, xp, idx):
 
 
 def _vfma(builder, a, b, c):
-    """a * b + c on <8 x float> (llvm.fma: one vfmadd with FMA3)."""
+    """a * b + c on <8 x float> (llvm.fma: one vfmadd with FMA3, fmla on AArch64). On a target
+    without fused multiply-add (x86 before Haswell / Piledriver) llvm.fmuladd, a multiply and an
+    add (llvm.fma would be a call to libm's fmaf per lane: decode 10x slower)."""
     mod = builder.module
-    name = "llvm.fma.v8f32"
+    name = "llvm.fma.v8f32" if TARGET.fma else "llvm.fmuladd.v8f32"
     f = mod.globals.get(name)
     if f is None:
         f = ir.Function(mod, ir.FunctionType(V8F, [V8F, V8F, V8F]), name=name)
@@ -72,10 +80,40 @@ def _prefetch(builder, base, off):
     builder.call(f, [builder.gep(base, [off]), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
 
 
-def _blk_f16(builder, wp, off):
+def _half_to_float(builder, h, hw=None):
+    """f16 bits (i16 or <n x i16>) to float32 (or <n x float>), exactly. hw: fpext, which LLVM
+    lowers to vcvtph2ps (F16C) or fcvt (AArch64) (default: where the target has it, TARGET.fp16);
+    else in integer ops: LLVM's fallback is a call to __extendhfsf2, which Numba does not link
+    (the call jumped to address 0)."""
+    vec = isinstance(h.type, ir.VectorType)
+    n = h.type.count if vec else 0
+    hty = ir.VectorType(ir.HalfType(), n) if vec else ir.HalfType()
+    if TARGET.fp16 if hw is None else hw:
+        return builder.fpext(builder.bitcast(h, hty), ir.VectorType(F32, n) if vec else F32)
+    ity = ir.VectorType(I32, n) if vec else I32
+    fty = ir.VectorType(F32, n) if vec else F32
+    k = (lambda v: ir.Constant(ity, [v] * n)) if vec else (lambda v: ir.Constant(I32, v))  # noqa: E731
+    b = builder.zext(h, ity)
+    sign = builder.shl(builder.and_(b, k(0x8000)), k(16))
+    em = builder.and_(b, k(0x7FFF))
+    # exponent and mantissa moved to float32's place and scaled by 2^112 (exact for normal and
+    # subnormal halves alike); infinities and NaNs (exponent 31) get float32's 255, NaNs quieted
+    # as vcvtph2ps does
+    fin = builder.bitcast(builder.fmul(builder.bitcast(builder.shl(em, k(13)), fty),
+                                       ir.Constant(fty, [2.0 ** 112] * n) if vec else ir.Constant(F32, 2.0 ** 112)), ity)
+    nan = builder.select(builder.icmp_unsigned(">", em, k(0x7C00)), k(0x7FC00000), k(0x7F800000))
+    special = builder.or_(nan, builder.shl(builder.and_(em, k(0x3FF)), k(13)))
+    bits = builder.select(builder.icmp_unsigned(">=", em, k(0x7C00)), special, fin)
+    return builder.bitcast(builder.or_(bits, sign), fty)
+
+
+def _blk_f16(builder, wp, off, native=None):
     """The f16 at byte `off` of the i8* wp (a block's scale or Q4_1 min) as float32: read where
-    the block is (no extra stream, no float32 copy); one vcvtph2ps with F16C."""
-    # four bytes loaded into a zeroed register (vmovd) and passed through an empty asm, so LLVM
+    the block is (no extra stream, no float32 copy); one vcvtph2ps with F16C. native: the x86 asm
+    below (default: when compiling for x86 with F16C), else a plain two-byte load."""
+    if not (TARGET.x86 and TARGET.f16c if native is None else native):
+        return _half_to_float(builder, builder.load(builder.bitcast(builder.gep(wp, [off]), I16.as_pointer()), align=1))
+    # on x86: four bytes loaded into a zeroed register (vmovd) and passed through an empty asm, so LLVM
     # cannot see that one lane is used: it otherwise narrows the load to two bytes as vpinsrw,
     # whose merge into a live register (often the accumulator) chained the loop's iterations
     # (1.1B q8_0 decode 35-40 % slower; every block of a block format has more than 4 bytes)
@@ -119,7 +157,7 @@ def _block_vecs(builder, kind, base, boff):
         for j in range(4):
             h = _vload(builder, base, builder.add(boff, c(16 * j)), ir.VectorType(I16, 8))
             if kind == KIND_F16:
-                out.append(builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 8)), V8F))
+                out.append(_half_to_float(builder, h))
             else:
                 w = builder.shl(builder.zext(h, ir.VectorType(I32, 8)), ir.Constant(ir.VectorType(I32, 8), [16] * 8))
                 out.append(builder.bitcast(w, V8F))
@@ -336,17 +374,13 @@ def dequant_rows(wu8, kind, off, cols, r0, r1, dst):
 # Like llama.cpp's q8 dot products: x is quantized per block of 32 to int8 (xq) with a float scale
 # (xd), and a block's dot product is vpmaddubsw (u8 x s8 -> pairs of i16) + vpmaddwd (-> 8 x i32),
 # converted once and scaled by d_w * d_x: about 9 instructions per 32 weights and row against 14-16
-# for the float path. Only on CPUs with AVX2 (HAVE_AVX2); the float kernels above serve the rest.
+# for the float path. Used only when Numba compiles for an x86 CPU with AVX2 (HAVE_AVX2, from
+# TARGET: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES or the host); the float kernels above serve the rest.
+# The kernels are compiled on every target all the same (a caller such as qmatmul.matvec_group
+# holds both paths): there the x86 intrinsics (_pmaddubsw, _pmaddwd, _psign, _hadd) are replaced
+# by generic IR that computes the same bits.
 
-def _host_has_avx2() -> bool:
-    try:
-        import llvmlite.binding as ll
-        return bool(ll.get_host_cpu_features().get("avx2", False))
-    except Exception:  # pragma: no cover - llvmlite always answers on supported platforms
-        return False
-
-
-HAVE_AVX2 = _host_has_avx2()
+HAVE_AVX2 = TARGET.avx2
 # int8 kernels run one row per pass (one sequential stream) and prefetch PF_DIST bytes ahead:
 # from DRAM, one thread, Q8_0 rows of 2048-5632 columns: ~10.5 GB/s without, 12-15 GB/s with
 # (distances 2048-4096 measured best; 256-1024 did not help)
@@ -356,11 +390,36 @@ V16S = ir.VectorType(I16, 16)
 V8I = ir.VectorType(I32, 8)
 
 
+_EVEN16 = ir.Constant(ir.VectorType(I32, 16), list(range(0, 32, 2)))
+_ODD16 = ir.Constant(ir.VectorType(I32, 16), list(range(1, 32, 2)))
+_EVEN8 = ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2)))
+_ODD8 = ir.Constant(ir.VectorType(I32, 8), list(range(1, 16, 2)))
+
+
+def _pmaddubsw(builder, u, s, native=None):
+    """<16 x i16>: u[2i] * s[2i] + u[2i+1] * s[2i+1] with signed saturation, u unsigned and s
+    signed bytes (<32 x i8>). vpmaddubsw when compiling for AVX2 (native: force either way)."""
+    if TARGET.avx2 if native is None else native:
+        return builder.call(_decl(builder, "llvm.x86.avx2.pmadd.ub.sw", V16S, [V32B, V32B]), [u, s])
+    # each product fits in i16 (255 * -128 .. 255 * 127); only the pair's sum saturates
+    prod = [builder.mul(builder.zext(builder.shuffle_vector(u, u, k), V16S),
+                        builder.sext(builder.shuffle_vector(s, s, k), V16S)) for k in (_EVEN16, _ODD16)]
+    return builder.call(_decl(builder, "llvm.sadd.sat.v16i16", V16S, [V16S, V16S]), prod)
+
+
+def _pmaddwd(builder, a, b, native=None):
+    """<8 x i32>: a[2i] * b[2i] + a[2i+1] * b[2i+1] of <16 x i16>, wrapping like vpmaddwd (only
+    -32768^2 * 2 wraps). vpmaddwd when compiling for AVX2 (native: force either way)."""
+    if TARGET.avx2 if native is None else native:
+        return builder.call(_decl(builder, "llvm.x86.avx2.pmadd.wd", V8I, [V16S, V16S]), [a, b])
+    prod = [builder.mul(builder.sext(builder.shuffle_vector(a, a, k), V8I),
+                        builder.sext(builder.shuffle_vector(b, b, k), V8I)) for k in (_EVEN8, _ODD8)]
+    return builder.add(*prod)
+
+
 def _dot_u8s8(builder, u, s):
     """<8 x i32> pairwise sums of u (unsigned bytes) * s (signed bytes), as vpmaddubsw + vpmaddwd."""
-    p16 = builder.call(_decl(builder, "llvm.x86.avx2.pmadd.ub.sw", V16S, [V32B, V32B]), [u, s])
-    ones = ir.Constant(V16S, [1] * 16)
-    return builder.call(_decl(builder, "llvm.x86.avx2.pmadd.wd", V8I, [V16S, V16S]), [p16, ones])
+    return _pmaddwd(builder, _pmaddubsw(builder, u, s), ir.Constant(V16S, [1] * 16))
 
 
 def _i8_weights(builder, kind, wp, boff):
@@ -402,10 +461,19 @@ def _q4_0_weights(builder, wp, boff):
     return builder.and_(builder.bitcast(q, V32B), ir.Constant(V32B, [15] * 32))
 
 
+def _hadd(builder, a, b, native=None):
+    """vhaddps of two <8 x float>: [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7];
+    the intrinsic when compiling for AVX (native: force either way), else the same adds."""
+    if TARGET.avx if native is None else native:
+        return builder.call(_decl(builder, "llvm.x86.avx.hadd.ps.256", V8F, [V8F, V8F]), [a, b])
+    i32x8 = ir.VectorType(I32, 8)
+    return builder.fadd(builder.shuffle_vector(a, b, ir.Constant(i32x8, [0, 2, 8, 10, 4, 6, 12, 14])),
+                        builder.shuffle_vector(a, b, ir.Constant(i32x8, [1, 3, 9, 11, 5, 7, 13, 15])))
+
+
 def _hsum2(builder, a, b):
     """(sum(a), sum(b)) of two <8 x float>: vhaddps, one 128-bit add, two shuffles and an add."""
-    hadd = _decl(builder, "llvm.x86.avx.hadd.ps.256", V8F, [V8F, V8F])
-    h = builder.call(hadd, [a, b])          # [a01 a23 b01 b23 | a45 a67 b45 b67]
+    h = _hadd(builder, a, b)                # [a01 a23 b01 b23 | a45 a67 b45 b67]
     i32x4 = ir.VectorType(I32, 4)
     q = builder.fadd(builder.shuffle_vector(h, h, ir.Constant(i32x4, [0, 1, 2, 3])),
                      builder.shuffle_vector(h, h, ir.Constant(i32x4, [4, 5, 6, 7])))
@@ -601,17 +669,21 @@ XG_SQ, XG_S, XG_C, XG_L = range(4)
 XG_FIELDS = XG_L + MAXT
 
 
-def _psign(builder, x, w):
-    """x with the signs of w (vpsignb: -x where w < 0, 0 where w == 0)."""
-    return builder.call(_decl(builder, "llvm.x86.avx2.psign.b", V32B, [V32B, V32B]), [x, w])
+def _psign(builder, x, w, native=None):
+    """x with the signs of w (vpsignb: -x where w < 0, 0 where w == 0; -(-128) wraps to -128), on
+    <32 x i8>. vpsignb when compiling for AVX2 (native: force either way)."""
+    if TARGET.avx2 if native is None else native:
+        return builder.call(_decl(builder, "llvm.x86.avx2.psign.b", V32B, [V32B, V32B]), [x, w])
+    zero = ir.Constant(V32B, [0] * 32)
+    neg = builder.select(builder.icmp_signed("<", w, zero), builder.sub(zero, x), x)
+    return builder.select(builder.icmp_signed("==", w, zero), zero, neg)
 
 
 def _hsum8(builder, vs):
     """[sum(vs[0]), ..., sum(vs[7])] for eight <8 x float>: six vhaddps, two lane permutes, an add."""
-    hadd = _decl(builder, "llvm.x86.avx.hadd.ps.256", V8F, [V8F, V8F])
-    h = [builder.call(hadd, [vs[i], vs[i + 1]]) for i in range(0, 8, 2)]
-    a = builder.call(hadd, [h[0], h[1]])     # [s0lo s1lo s2lo s3lo | s0hi s1hi s2hi s3hi]
-    b = builder.call(hadd, [h[2], h[3]])     # the same for vs[4:8]
+    h = [_hadd(builder, vs[i], vs[i + 1]) for i in range(0, 8, 2)]
+    a = _hadd(builder, h[0], h[1])           # [s0lo s1lo s2lo s3lo | s0hi s1hi s2hi s3hi]
+    b = _hadd(builder, h[2], h[3])           # the same for vs[4:8]
     i32x8 = ir.VectorType(I32, 8)
     lo = builder.shuffle_vector(a, b, ir.Constant(i32x8, [0, 1, 2, 3, 8, 9, 10, 11]))
     hi = builder.shuffle_vector(a, b, ir.Constant(i32x8, [4, 5, 6, 7, 12, 13, 14, 15]))
@@ -620,7 +692,8 @@ def _hsum8(builder, vs):
 
 def _clobber(builder, ptr):
     """Compiler barrier: an empty asm that may read and write memory through ptr, so the stores
-    before it stay and the loads after it read memory."""
+    before it stay and the loads after it read memory (no instruction; "r" and the memory clobber
+    are constraints every LLVM backend knows, x86 and AArch64 alike)."""
     fty = ir.FunctionType(ir.VoidType(), [ptr.type])
     builder.asm(fty, "", "r,~{memory}", [ptr], side_effect=True)
 
