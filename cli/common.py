@@ -68,36 +68,44 @@ def resolve_model(model):
 
 class CompileNotice:
     """A first run's notice on stderr: one line at once ("compiling kernels for this CPU, once:
-    about N s"), on a terminal the seconds so far on that line until `done()` (the first token)."""
+    about N s"); on a terminal, from `start()` (generate: at once; chat: when the first reply
+    begins) the seconds so far on that line until `done()` (the first token)."""
 
-    def __init__(self):
+    def __init__(self, start: bool = True):
         import sys
-        import threading
-        import time
 
         from infer.kernels import warmup
         self.active = warmup.is_cold()
+        self._thread = None
         if not self.active:
             return
         self.err = sys.stderr
         self.msg = f"compiling kernels for this CPU, once: about {warmup.ESTIMATE_S} s"
         self.tty = self.err.isatty()
+        print(self.msg, file=self.err, flush=True)
+        if start:
+            self.start()
+
+    def start(self):
+        import threading
+        import time
+        if not self.active or not self.tty or self._thread is not None:
+            return
         self.t0 = time.perf_counter()
         self._stop = threading.Event()
-        print(self.msg + ("" if self.tty else ""), file=self.err, end="" if self.tty else "\n", flush=True)
-        if self.tty:
-            def tick():
-                while not self._stop.wait(1.0):
-                    print(f"\r{self.msg} ... {time.perf_counter() - self.t0:.0f} s", file=self.err, end="", flush=True)
-            self._thread = threading.Thread(target=tick, daemon=True)
-            self._thread.start()
+
+        def tick():
+            while not self._stop.wait(1.0):
+                print(f"\r  ... {time.perf_counter() - self.t0:.0f} s", file=self.err, end="", flush=True)
+        self._thread = threading.Thread(target=tick, daemon=True)
+        self._thread.start()
 
     def done(self):
         if not self.active:
             return
         import time
         self.active = False
-        self._stop.set()
-        if self.tty:
+        if self._thread is not None:
+            self._stop.set()
             self._thread.join()
-            print(f"\r{self.msg}: done in {time.perf_counter() - self.t0:.0f} s", file=self.err, flush=True)
+            print(f"\r  compiled in {time.perf_counter() - self.t0:.0f} s", file=self.err, flush=True)

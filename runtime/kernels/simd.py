@@ -615,7 +615,7 @@ def quantize_x(x, xq, xd, xs):
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             ls = 0
             for i in range(4):
-                q = np.int32(np.round(x[i0 + i] * inv))
+                q = np.int32(np.rint(x[i0 + i] * inv))
                 xq[i0 + i] = q
                 ls += q
             xo[b * 8 + lane] = 8 * ls
@@ -688,14 +688,6 @@ def _hsum8(builder, vs):
     lo = builder.shuffle_vector(a, b, ir.Constant(i32x8, [0, 1, 2, 3, 8, 9, 10, 11]))
     hi = builder.shuffle_vector(a, b, ir.Constant(i32x8, [4, 5, 6, 7, 12, 13, 14, 15]))
     return builder.fadd(lo, hi)
-
-
-def _clobber(builder, ptr):
-    """Compiler barrier: an empty asm that may read and write memory through ptr, so the stores
-    before it stay and the loads after it read memory (no instruction; "r" and the memory clobber
-    are constraints every LLVM backend knows, x86 and AArch64 alike)."""
-    fty = ir.FunctionType(ir.VoidType(), [ptr.type])
-    builder.asm(fty, "", "r,~{memory}", [ptr], side_effect=True)
 
 
 def _make_i8_multi(kind):
@@ -780,7 +772,7 @@ mmi_q4_0 = _make_i8_multi(KIND_Q4_0)
 mmi_q4_1 = _make_i8_multi(KIND_Q4_1)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _quantize_row(v, xq, t, xg, exact):
     """Row t of the prompt's int8 activations from the float32 values v (cols,): xq[t] and token
     t's fields of xg (see quantize_rows); exact: whether sum(x) is v's own (False: v is the
@@ -800,7 +792,7 @@ def _quantize_row(v, xq, t, xg, exact):
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             ls = 0
             for i in range(4):
-                q = np.int32(np.round(v[i0 + i] * inv))
+                q = np.int32(np.rint(v[i0 + i] * inv))
                 xq[t, i0 + i] = q
                 ls += q
             xg[g, XG_L + tl, b, lane] = d

@@ -14,6 +14,8 @@ from collections import Counter
 import numpy as np
 from numba import njit
 
+from infer.quant import codecs
+
 from ..errors import TensorError, UnsupportedError
 from ..kernels import qmatmul as qm
 from ..kernels import simd
@@ -107,6 +109,10 @@ class LlamaModel:
                 self.vtab[i, V_BK] = vec(f"blk.{i}.attn_k.bias", c.kv_dim)
                 self.vtab[i, V_BV] = vec(f"blk.{i}.attn_v.bias", c.kv_dim)
         self.embd = mat("token_embd.weight", c.n_vocab, c.dim)
+        # a prompt's embeddings are a few rows: the numpy codec (decode's fused step has its own);
+        # no kernel to compile before a first run's first token
+        self.embd_raw = gf.raw("token_embd.weight")
+        self.embd_qtype = gf.tensors["token_embd.weight"].qtype
         out = mat("output.weight", c.n_vocab, c.dim, required=False)
         self.tied = out is None
         self.out = self.embd if out is None else out
@@ -207,7 +213,7 @@ class LlamaModel:
         qpos = kv.kpos[slots].copy()
         x = s.px[:n]
         h = s.ph[:n]
-        embed_rows(self.wu8, self.embd, toks, x, s.tmp[0])
+        x[:] = codecs.dequantize(self.embd_raw[toks], self.embd_qtype)
         qkv, fr = s.pqkv[:n], s.ffn_rows
         q, k, v = qkv[:, :c.q_dim], qkv[:, c.q_dim:c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim:]
         # the matmuls' outputs have a row more (see _matmul_i8): the last token's residual row
@@ -420,12 +426,6 @@ class Scratch:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-
-
-@njit(cache=True, fastmath=FM)
-def embed_rows(wu8, tab, toks, out, tmp_u32):
-    for i in range(toks.shape[0]):
-        qm.dequant_rows(wu8, tab, toks[i], toks[i] + 1, out[i:i + 1], tmp_u32)
 
 
 @njit(cache=True, fastmath=FM)
