@@ -54,6 +54,7 @@ class Chat:
         self.out, self.err, self.interactive = out, err, interactive
         self.messages: list[dict] = []
         self._stop = False
+        self.notice = None          # a first run's CompileNotice (cli/common.py)
 
     # --- conversation ---------------------------------------------------------------------------
     def conversation(self) -> list[dict]:
@@ -75,9 +76,13 @@ class Chat:
         self._stop = False
         old = _catch_sigint(self)
         try:
+            if self.notice is not None:
+                self.notice.start()
             gen = self.llm.chat_stream(self.conversation(), max_tokens=self.max_tokens)
             try:
                 for chunk in gen:
+                    if self.notice is not None:
+                        self.notice.done()
                     if chunk.text:
                         parts.append(chunk.text)
                         self.out.write(chunk.text)
@@ -87,6 +92,8 @@ class Chat:
                         break
             finally:
                 gen.close()
+                if self.notice is not None:
+                    self.notice.done()
         except InferError:
             self.messages.pop()          # the message was not answered: it is not part of the conversation
             raise
@@ -321,11 +328,13 @@ def register(app: typer.Typer):
         if max_tokens < 1:
             raise InferError(f"--max-tokens must be at least 1 (got {max_tokens})")
         model = common.resolve_model(model)
+        notice = common.CompileNotice(start=False)
         params = common.sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
         interactive = sys.stdin.isatty() and sys.stdout.isatty()
         with LLM(model, n_ctx=ctx, n_threads=threads, context_policy=policy, n_keep=keep,
                  sampling=params) as llm:
             chat = Chat(llm, system, max_tokens, verbose, interactive=interactive)
+            chat.notice = notice
             if load is not None:
                 try:
                     chat.load(str(load))

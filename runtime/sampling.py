@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .errors import InferError
+from .errors import InferError, NumericError
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ class Sampler:
         else:
             idx = np.arange(n)
         lg = logits[idx].astype(np.float64)
+        if not np.isfinite(lg).all():
+            raise NumericError("the model computed non-finite logits (NaN or inf): its weights hold NaN/inf "
+                               "or its activations overflow")
         order = np.argsort(-lg, kind="stable")
         idx, lg = idx[order], lg[order]
         pr = np.exp(lg - lg[0])

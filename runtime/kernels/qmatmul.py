@@ -198,7 +198,7 @@ def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, x
     tabs: (k, TAB_WIDTH) tensor rows; out_offs: (k,) offset of each result in `out`;
     chunk: rows per task (multiple of ROW_TILE); starts: (k+1,) int64 scratch;
     tmp_u32_2d: (n_threads, max_cols) scratch, one row per thread.
-    xq, xd, xsq (prep_x, simd.quantize_x): x quantized to int8 per block; when use_i8, the quantized
+    xq, xd, xsq (prep_x, simd.quantize_x): x quantized to int8, a scale per 4 values; when use_i8, the quantized
     types run the int8 kernels on them (AVX2 hosts only: callers set it only if simd.HAVE_AVX2).
     One signature for both (the float and int8 paths were two compilations of the whole group,
     and decode_step linked both: about 4 s of the first run's JIT compile).

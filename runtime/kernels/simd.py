@@ -445,7 +445,7 @@ def _i8_dot(builder, aw, wv, xv):
 
 
 def _i8_offset_term(builder, d, m, xsb, xcb):
-    """Q4_1, per block: m * sum(x) + 8 d * (sum(x) - dx * sum(xq)), re-centring its unsigned quants
+    """Q4_1, per block: m * sum(x) + 8 d * (sum(x) - sum(xhat)), re-centring its unsigned quants
     so that the int8 rounding error multiplies q - 8 instead of q."""
     return builder.fadd(builder.fmul(m, xsb), builder.fmul(builder.fmul(ir.Constant(F32, 8.0), d), xcb))
 
@@ -485,8 +485,9 @@ def _hsum2(builder, a, b):
 def _make_i8(kind, nrows):
     """kernel(w, woff, rstride, nb, xq, xd, xs, out, o0): out[o0 + r] = the row of nb blocks at
     byte woff + r * rstride of w times x quantized to int8 (quantize_x), for r < nrows (1 or 2).
+    xd: LANES scales per block (one per 4 values).
     xs: for Q4_0 the int32 offset vectors of quantize_x (8 per block, stored in the float32
-    array's bytes), for Q4_1 the block sums of x and sum(x) - dx * sum(xq) (2 * nb floats).
+    array's bytes), for Q4_1 the block sums of x and sum(x) - sum(xhat) (2 * nb floats).
     A block is about 3.5 cycles of work but the accumulating fma has 4 of latency, so there are
     always two accumulator chains: one row alternates its blocks between two; two rows (short
     ones: SmolLM2's 576 columns are 18 blocks, and a row's fixed costs of loop entry, horizontal
@@ -513,7 +514,7 @@ def _make_i8(kind, nrows):
             def x_of(b):
                 """Block b's activations, Q4_0 offsets and d_x."""
                 xo = _vload(builder, xop, builder.mul(b, c(32)), V8I) if kind == KIND_Q4_0 else None
-                return _vload(builder, xqp, builder.mul(b, c(32)), V32B), xo, builder.load(builder.gep(xdp, [b]))
+                return _vload(builder, xqp, builder.mul(b, c(32)), V32B), xo, _xvec(builder, xdp, builder.mul(b, c(LANES)))
 
             def block(b, row, a, xv, xo, dx, pf=True):
                 """Accumulate block b of row `row` into accumulator a (pf: prefetch ahead of it)."""
@@ -527,7 +528,8 @@ def _make_i8(kind, nrows):
                     aw, neg = _i8_weights(builder, kind, wp, boff)
                     dot = _i8_dot(builder, aw, neg, xv)
                 d = _blk_f16(builder, wp, boff)
-                acc = _vfma(builder, _bcast(builder, builder.fmul(d, dx)), builder.sitofp(dot, V8F),
+                # lane l of dot is the sum of 4 products, whose x share the scale dx[l]
+                acc = _vfma(builder, builder.fmul(_bcast(builder, d), dx), builder.sitofp(dot, V8F),
                             builder.load(accs[a]))
                 builder.store(acc, accs[a])
                 if kind == KIND_Q4_1:
@@ -579,37 +581,48 @@ mvi2_q4_1 = _make_i8(KIND_Q4_1, 2)
 
 PAIR_BYTES = 512     # rows of at most this many bytes run two per pass (rows_i8)
 XS_PER_BLOCK = 10    # floats of the xs scratch per block of x: 8 (Q4_0 offsets) + 2 (Q4_1 sums)
+# int8 activations carry one scale per 4 values (LANES per block of 32), not one per block: the
+# int32 lanes of vpmaddwd each sum 4 products, so a lane's scale costs a vector multiply where a
+# block's was a broadcast. LLM activations have outlier channels: in SmolLM2's attention and FFN
+# inputs most blocks of 32 hold one value carrying nearly all of the block (max/rms 5.6 of at most
+# sqrt(32) = 5.66), and one scale per block gave the other 31 values a step of outlier/127 (the
+# logits moved by 1-5, flipping near ties such as the first token of a chat reply; llama.cpp, one
+# scale per block, shows the same). Per 4 values only the outlier's own lane is coarse.
+LANES = 8
 
 
 @njit(cache=True)
 def quantize_x(x, xq, xd, xs):
-    """x (float32, n a multiple of 32) -> xq int8 with per-block scales xd (amax/127), and in xs
-    (XS_PER_BLOCK * nb floats) the kernels' per-block terms: first Q4_0's offsets, int32 (in the
-    floats' bytes) 8 * sum(xq[32b + 4l: 32b + 4l + 4]) for lane l of block b (the lanes of
-    vpmaddwd), then for Q4_1 sum(x) per block and sum(x) - xd * sum(xq) per block."""
+    """x (float32, n a multiple of 32) -> xq int8 with a scale per 4 values in xd (LANES per
+    block: amax/127 of x[32b + 4l: 32b + 4l + 4] at xd[LANES * b + l]), and in xs (XS_PER_BLOCK *
+    nb floats) the kernels' per-block terms: first Q4_0's offsets, int32 (in the floats' bytes)
+    8 * sum(xq[32b + 4l: 32b + 4l + 4]) for lane l of block b (the lanes of vpmaddwd), then for
+    Q4_1 sum(x) per block and sum(x) - sum(xhat) per block (xhat: x as the int8 values stand
+    for it, xd[lane] * xq)."""
     nb = x.shape[0] // 32
     xo = xs[:8 * nb].view(np.int32)
     for b in range(nb):
-        m = np.float32(0.0)
         s = np.float32(0.0)
-        for i in range(32):
-            v = x[b * 32 + i]
-            m = max(m, abs(v))
-            s += v
-        d = m / np.float32(127.0)
-        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-        qs = 0
-        for lane in range(8):
+        sh = np.float32(0.0)
+        for lane in range(LANES):
+            i0 = b * 32 + 4 * lane
+            m = np.float32(0.0)
+            for i in range(4):
+                v = x[i0 + i]
+                m = max(m, abs(v))
+                s += v
+            d = m / np.float32(127.0)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             ls = 0
             for i in range(4):
-                q = np.int32(np.round(x[b * 32 + 4 * lane + i] * inv))
-                xq[b * 32 + 4 * lane + i] = q
+                q = np.int32(np.rint(x[i0 + i] * inv))
+                xq[i0 + i] = q
                 ls += q
             xo[b * 8 + lane] = 8 * ls
-            qs += ls
-        xd[b] = d
+            xd[b * LANES + lane] = d
+            sh += d * np.float32(ls)
         xs[8 * nb + b] = s
-        xs[9 * nb + b] = s - d * np.float32(qs)
+        xs[9 * nb + b] = s - sh
 
 
 @njit(cache=True)
@@ -643,14 +656,17 @@ def rows_i8(kind, wu8, off, cols, xq, xd, xs, out, o0, r0, r1):
 
 # --- several tokens at once (prefill) -------------------------------------------------------------
 # Each block of a weight row is loaded and unpacked once and multiplied with up to MAXT tokens'
-# int8 activations, one <8 x float> accumulator per token. The per-block scalars of the tokens
-# (scales, offset sums) sit in `xg` as vectors of MAXT tokens, so that one vmulps gives all MAXT
-# products d_w * d_x and one fma all Q4 offset terms; per token and block the work is the dot
-# product (Q8_0: vpsignb, vpmaddubsw, vpmaddwd), vcvtdq2ps, one lane broadcast and one fma.
+# int8 activations, one <8 x float> accumulator per token. The per-block sums of the tokens (Q4
+# offset terms) sit in `xg` as vectors of MAXT tokens, so that one fma gives all MAXT offset
+# terms; per token and block the work is the dot product (Q8_0: vpsignb, vpmaddubsw, vpmaddwd),
+# vcvtdq2ps, one vmulps of d_w by the token's LANES scales (from memory) and one fma.
 # (The first version did the scalar work per token: about 1.5x slower.)
 
 MAXT = 8
-XG_D, XG_SQ, XG_S, XG_C = range(4)   # xg fields: d_x, d_x*sum(xq), sum(x), sum(x) - d_x*sum(xq)
+# xg fields (quantize_rows): per token group and block, vectors of the MAXT tokens' sum(xhat),
+# sum(x) and sum(x) - sum(xhat), then for token t of the group (field XG_L + t) its LANES scales
+XG_SQ, XG_S, XG_C, XG_L = range(4)
+XG_FIELDS = XG_L + MAXT
 
 
 def _psign(builder, x, w, native=None):
@@ -674,23 +690,15 @@ def _hsum8(builder, vs):
     return builder.fadd(lo, hi)
 
 
-def _clobber(builder, ptr):
-    """Compiler barrier: an empty asm that may read and write memory through ptr, so the stores
-    before it stay and the loads after it read memory (no instruction; "r" and the memory clobber
-    are constraints every LLVM backend knows, x86 and AArch64 alike)."""
-    fty = ir.FunctionType(ir.VoidType(), [ptr.type])
-    builder.asm(fty, "", "r,~{memory}", [ptr], side_effect=True)
-
-
 def _make_i8_multi(kind):
     bsize = {KIND_Q8_0: 34, KIND_Q4_0: 18, KIND_Q4_1: 20}[kind]
 
     @intrinsic
     def kernel(typingctx, w, woff, nb, b0, nbk, xq, xg, g, ntok, out, orow, ocol):
         """Blocks b0..b0+nbk of the row at byte woff (nb blocks) times tokens 8g..8g+ntok, added to
-        out[orow + t, ocol] for t < ntok. xq int8 (n, 32*nb); xg float32 (ceil(n/8), 4, nb, 8): per
-        token group, field and block the MAXT tokens' d_x, d_x*sum(xq), sum(x), sum(x) - d_x*sum(xq)
-        (quantize_rows)."""
+        out[orow + t, ocol] for t < ntok. xq int8 (n, 32*nb); xg float32 (ceil(n/8), XG_FIELDS, nb, 8):
+        per token group, field and block the MAXT tokens' sum(xhat), sum(x), sum(x) - sum(xhat),
+        then each token's LANES scales (quantize_rows)."""
         sig = types.void(w, woff, nb, b0, nbk, xq, xg, g, ntok, out, orow, ocol)
 
         def codegen(context, builder, signature, args):
@@ -706,14 +714,9 @@ def _make_i8_multi(kind):
             c = lambda v: ir.Constant(I64, v)  # noqa: E731
             accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXT)]
             offs = cgutils.alloca_once_value(builder, ZERO8)
-            # the MAXT products d_w * d_x go through memory: a broadcast from memory is a bare load,
-            # where broadcasting lane t of a register takes two shuffles (the barrier keeps LLVM
-            # from forwarding the stored vector, which brings the shuffles back)
-            svbuf = cgutils.alloca_once_value(builder, ZERO8)
-            svf = builder.bitcast(svbuf, F32.as_pointer())
             cols = builder.mul(nb_, c(32))
             t0 = builder.mul(g_, c(MAXT))
-            gbase = builder.mul(builder.mul(g_, c(4)), nb_)          # xg[g, 0, 0, 0] / MAXT
+            gbase = builder.mul(builder.mul(g_, c(XG_FIELDS)), nb_)  # xg[g, 0, 0, 0] / MAXT
 
             def xgv(field, b):
                 return _xvec(builder, xgp, builder.mul(builder.add(builder.add(gbase, builder.mul(c(field), nb_)), b),
@@ -727,16 +730,14 @@ def _make_i8_multi(kind):
                         _prefetch(builder, wp, builder.add(boff, c(PF_DIST)))
                         d = _blk_f16(builder, wp, boff)
                         aw, wv = _i8_weights(builder, kind, wp, boff)
-                        sv = builder.fmul(_bcast(builder, d), xgv(XG_D, b))     # d_w * d_x per token
-                        builder.store(sv, svbuf)
-                        _clobber(builder, svf)
+                        dv = _bcast(builder, d)
                         for t in range(nt):
                             xo = builder.add(builder.mul(builder.add(t0, c(t)), cols), builder.mul(b, c(32)))
                             dot = _i8_dot(builder, aw, wv, _vload(builder, xqp, xo, V32B))
-                            st = _bcast(builder, builder.load(builder.gep(svf, [c(t)])))
+                            st = builder.fmul(dv, xgv(XG_L + t, b))     # d_w * the token's lane scales
                             builder.store(_vfma(builder, st, builder.sitofp(dot, V8F), builder.load(accs[t])), accs[t])
-                        if kind == KIND_Q4_0:       # d_w * d_x * sum(xq), times -8 at the end
-                            builder.store(_vfma(builder, _bcast(builder, d), xgv(XG_SQ, b), builder.load(offs)), offs)
+                        if kind == KIND_Q4_0:       # d_w * sum(xhat), times -8 at the end
+                            builder.store(_vfma(builder, dv, xgv(XG_SQ, b), builder.load(offs)), offs)
                         elif kind == KIND_Q4_1:     # m * sum(x) + 8 d * (sum(x) - d_x * sum(xq)), see _i8_offset_term
                             m = _blk_f16(builder, wp, builder.add(boff, c(2)))
                             o = _vfma(builder, _bcast(builder, m), xgv(XG_S, b), builder.load(offs))
@@ -771,33 +772,56 @@ mmi_q4_0 = _make_i8_multi(KIND_Q4_0)
 mmi_q4_1 = _make_i8_multi(KIND_Q4_1)
 
 
-@njit(cache=True, parallel=True)
-def quantize_rows(h, xq, xg):
-    """Rows of h (n, cols) to int8 per block of 32: xq (n, cols) and the per-block scalars in
-    xg (ceil(n/MAXT), 4, nb, MAXT): d_x (amax/127), d_x*sum(xq), sum(x), sum(x) - d_x*sum(xq),
-    token t at [t // MAXT, field, block, t % MAXT] (see quantize_x and the kernels above)."""
-    n, cols = h.shape
-    nb = cols // 32
-    for t in prange(n):
-        g, lane = t // MAXT, t % MAXT
-        for b in range(nb):
+@njit(cache=True)
+def _quantize_row(v, xq, t, xg, exact):
+    """Row t of the prompt's int8 activations from the float32 values v (cols,): xq[t] and token
+    t's fields of xg (see quantize_rows); exact: whether sum(x) is v's own (False: v is the
+    residual of the row before, whose exact sums that row already carries)."""
+    g, tl = t // MAXT, t % MAXT
+    for b in range(v.shape[0] // 32):
+        s = np.float32(0.0)
+        sh = np.float32(0.0)
+        for lane in range(LANES):
+            i0 = b * 32 + 4 * lane
             m = np.float32(0.0)
-            s = np.float32(0.0)
-            for i in range(32):
-                v = h[t, b * 32 + i]
-                m = max(m, abs(v))
-                s += v
+            for i in range(4):
+                x = v[i0 + i]
+                m = max(m, abs(x))
+                s += x
             d = m / np.float32(127.0)
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-            qs = 0
-            for i in range(32):
-                q = np.int32(np.round(h[t, b * 32 + i] * inv))
-                xq[t, b * 32 + i] = q
-                qs += q
-            xg[g, XG_D, b, lane] = d
-            xg[g, XG_SQ, b, lane] = d * np.float32(qs)
-            xg[g, XG_S, b, lane] = s
-            xg[g, XG_C, b, lane] = s - d * np.float32(qs)
+            ls = 0
+            for i in range(4):
+                q = np.int32(np.rint(v[i0 + i] * inv))
+                xq[t, i0 + i] = q
+                ls += q
+            xg[g, XG_L + tl, b, lane] = d
+            sh += d * np.float32(ls)
+        if not exact:
+            s = np.float32(0.0)
+        xg[g, XG_SQ, b, tl] = sh
+        xg[g, XG_S, b, tl] = s
+        xg[g, XG_C, b, tl] = s - sh
+
+
+@njit(cache=True, parallel=True)
+def quantize_rows(h, xq, xg, resid):
+    """Rows of h (n, cols) to int8 with a scale per 4 values (as quantize_x): xq (n, cols) and in
+    xg (ceil(n/MAXT), XG_FIELDS, nb, MAXT) the per-block terms, token t at [t // MAXT, field,
+    block, t % MAXT]: sum(xhat), sum(x), sum(x) - sum(xhat) (xhat: the values the int8 stand for),
+    and its LANES scales at [t // MAXT, XG_L + t % MAXT, block, :] (see the kernels above).
+    resid: also row n (xq and xg have room for n + 1 rows), the int8 quantization of what row
+    n - 1's int8 values miss (h[n-1] - xhat): the matmul's rows n - 1 and n added give that
+    token's product to about float precision (the int8 error squared)."""
+    n, cols = h.shape
+    for t in prange(n):
+        _quantize_row(h[t], xq, t, xg, True)
+    if resid:
+        r = np.empty(cols, np.float32)
+        g, tl = (n - 1) // MAXT, (n - 1) % MAXT
+        for i in range(cols):
+            r[i] = h[n - 1, i] - np.float32(xq[n - 1, i]) * xg[g, XG_L + tl, i // 32, (i % 32) // 4]
+        _quantize_row(r, xq, n, xg, False)
 
 
 # qmatmul.matmul_i8_group's work: tasks of rows (about 8 per thread, each task's rows of one column slice within

@@ -9,9 +9,12 @@ fused Numba call (`decode_step`).
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 from numba import njit
+
+from infer.quant import codecs
 
 from ..errors import TensorError, UnsupportedError
 from ..kernels import qmatmul as qm
@@ -44,6 +47,12 @@ class LlamaModel:
         self.gf, self.cfg = gf, cfg
         self.observer = None    # calibration: observer(tensor_name, h) before each prefill matmul
         self._names = {}        # tensor file offset -> name (for the observer)
+        # how the prompts ran, counted per call ("int8", "blas", "matvec", "attend_rows",
+        # "attn_tasks", "attn_tasks_threads"): the tests check that each route was taken
+        self.routes = Counter()
+        # a first run's second process compiling the decode kernels (kernels.warmup): waited for
+        # before the first matvec, which then loads them from the cache
+        self.pending = None
         c = cfg
         src = gf.path
         vecs = []
@@ -100,6 +109,10 @@ class LlamaModel:
                 self.vtab[i, V_BK] = vec(f"blk.{i}.attn_k.bias", c.kv_dim)
                 self.vtab[i, V_BV] = vec(f"blk.{i}.attn_v.bias", c.kv_dim)
         self.embd = mat("token_embd.weight", c.n_vocab, c.dim)
+        # a prompt's embeddings are a few rows: the numpy codec (decode's fused step has its own);
+        # no kernel to compile before a first run's first token
+        self.embd_raw = gf.raw("token_embd.weight")
+        self.embd_qtype = gf.tensors["token_embd.weight"].qtype
         out = mat("output.weight", c.n_vocab, c.dim, required=False)
         self.tied = out is None
         self.out = self.embd if out is None else out
@@ -126,46 +139,60 @@ class LlamaModel:
         return Scratch(self, n_batch, n_slots, n_threads, int8_activations)
 
     def _matmuls(self, s, tabs, h, out):
-        """Several matrices on the same h: out (n, sum of rows), each matrix's result in its
-        columns; on int8 activations h is quantized once and one parallel region runs them all."""
-        if s.i8_for(h.shape[0]) and all(int(t[qm.TAB_TYPE]) in I8_KINDS for t in tabs) and out.flags.c_contiguous:
+        """Several matrices on the same h (n, cols): out (n + s.resid, sum of rows; the result in
+        out[:n]), each matrix's result in its columns; on int8 activations h is quantized once
+        and one parallel region runs them all."""
+        n = h.shape[0]
+        if s.i8_for(n) and all(int(t[qm.TAB_TYPE]) in I8_KINDS for t in tabs) and out.flags.c_contiguous:
             if self.observer is not None:
                 for t in tabs:
                     self.observer(self._names[int(t[0])], h)
-            xq, xg = self._quantize(s, h)
-            qm.matmul_i8_group(self.wu8, tabs, xq, xg, out, s.n_threads, s.starts)
+            self.routes["int8"] += 1
+            self._matmul_i8(s, tabs, h, out)
             return
         c0 = 0
         for t in tabs:
             rows = int(t[TAB_ROWS])
-            self._matmul(s, t, h, out[:, c0:c0 + rows])
+            self._matmul(s, t, h, out[:n, c0:c0 + rows])
             c0 += rows
 
-    def _quantize(self, s, h):
+    def _matmul_i8(self, s, tabs, h, out):
+        """out[:n] = h @ W.T for the matrices `tabs` on int8 activations. With s.resid the last row
+        runs in two int8 parts, its values and what they miss (simd.quantize_rows), as one more
+        row of the same matmul, folded into row n - 1: the prompt's last token, whose logits pick
+        the reply's first token, gets nearly float precision for 1/n of the work."""
         n, cols = h.shape
+        r = s.resid
         nb = cols // 32
-        xq = s.pxq[:n * cols].reshape(n, cols)       # contiguous: the kernels index rows by cols
-        xg = s.pxg[:(n + simd.MAXT - 1) // simd.MAXT * 4 * nb * simd.MAXT].reshape(-1, 4, nb, simd.MAXT)
-        simd.quantize_rows(h, xq, xg)
-        return xq, xg
+        xq = s.pxq[:(n + r) * cols].reshape(n + r, cols)   # contiguous: the kernels index rows by cols
+        ng = (n + r + simd.MAXT - 1) // simd.MAXT
+        xg = s.pxg[:ng * simd.XG_FIELDS * nb * simd.MAXT].reshape(ng, simd.XG_FIELDS, nb, simd.MAXT)
+        simd.quantize_rows(h, xq, xg, bool(r))
+        qm.matmul_i8_group(self.wu8, tabs, xq, xg, out[:n + r], s.n_threads, s.starts)
+        if r:
+            out[n - 1] += out[n]
 
     def _matmul(self, s, tab, h, out, allow_i8=True):
-        """out (n, rows) = h (n, cols) @ W.T: int8 activations (see I8_KINDS) or W dequantized in
-        tiles into s.wbuf and float32 BLAS."""
+        """out[:n] (out: n or, with s.resid, n + 1 rows) = h (n, cols) @ W.T: int8 activations (see
+        I8_KINDS, _matmul_i8) or W dequantized in tiles into s.wbuf and float32 BLAS."""
         if self.observer is not None:
             self.observer(self._names[int(tab[0])], h)
         rows, cols = int(tab[TAB_ROWS]), int(tab[TAB_COLS])
         n = h.shape[0]
         kind = I8_KINDS.get(int(tab[qm.TAB_TYPE]))
         if allow_i8 and s.i8_for(n) and kind is not None and out.flags.c_contiguous:
-            xq, xg = self._quantize(s, h)
-            qm.matmul_i8_group(self.wu8, tab.reshape(1, -1), xq, xg, out, s.n_threads, s.starts)
+            self.routes["int8"] += 1
+            self._matmul_i8(s, tab.reshape(1, -1), h, out)
             return
+        out = out[:n]
         if n == 1 and out.flags.c_contiguous:
             # one row (the prompt's logits): decode's float matvec, no dequantized copy
+            self.routes["matvec"] += 1
+            self._wait_pending()
             _mv(self.wu8, tab.reshape(1, -1), h[0], s.xsum, out.reshape(-1), s.offs1, s.chunks[4],
                 s.starts, s.tmp, s.xq, s.xd, s.xsq, False)
             return
+        self.routes["blas"] += 1
         if s.wbuf is None:
             s.wbuf = np.zeros(s.wbuf_size, np.float32)
         tile = s.wbuf.shape[0] // cols
@@ -186,16 +213,20 @@ class LlamaModel:
         qpos = kv.kpos[slots].copy()
         x = s.px[:n]
         h = s.ph[:n]
-        embed_rows(self.wu8, self.embd, toks, x, s.tmp[0])
+        x[:] = codecs.dequantize(self.embd_raw[toks], self.embd_qtype)
         qkv, fr = s.pqkv[:n], s.ffn_rows
         q, k, v = qkv[:, :c.q_dim], qkv[:, c.q_dim:c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim:]
+        # the matmuls' outputs have a row more (see _matmul_i8): the last token's residual row
+        resid = 0 if all_logits else 1
+        qkv1, h1 = s.pqkv[:n + 1], s.ph[:n + 1]
         att = s.patt[:n]
         scale = np.float32(1.0 / math.sqrt(c.head_dim))
         n_filled = kv.offset          # slots_for advanced it (a full ring stays at its size)
         for li in range(c.n_layers):
             t = self.tab[li]
             rmsnorm(x, self.v(li, V_ATTN_NORM), c.norm_eps, h)
-            self._matmuls(s, self.tab_qkv[li], h, qkv)
+            s.resid = resid
+            self._matmuls(s, self.tab_qkv[li], h, qkv1)
             if c.attn_bias:
                 q += self.v(li, V_BQ); k += self.v(li, V_BK); v += self.v(li, V_BV)
             rope(q, c.n_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq, self.rope_mode)
@@ -204,17 +235,19 @@ class LlamaModel:
             kc[:, slots, :] = k.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
             vc[:, slots, :] = v.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
             self._attend(s, qkv, kc, vc, qpos, kv.kpos, n_filled, scale, att)
-            self._matmul(s, t[K_O], att, h)
+            self._matmul(s, t[K_O], att, h1)
             x += h
             rmsnorm(x, self.v(li, V_FFN_NORM), c.norm_eps, h)
             for r0 in range(0, n, fr):      # the FFN in row blocks: s.pgu holds fr rows
                 r1 = min(n, r0 + fr)
+                s.resid = resid if r1 == n else 0
                 gu, hr = s.pgu[:r1 - r0], h[r0:r1]
                 g, u = gu[:, :c.n_ff], gu[:, c.n_ff:]
-                self._matmuls(s, self.tab_gu[li], hr, gu)
+                self._matmuls(s, self.tab_gu[li], hr, s.pgu[:r1 - r0 + 1])
                 (silu_mul_par if s.blas_threads == 1 else silu_mul)(g, u, g)
-                self._matmul(s, t[K_DOWN], g, hr)
+                self._matmul(s, t[K_DOWN], g, s.ph[r0:r1 + 1])
             x += h
+        s.resid = 0
         if all_logits:
             rmsnorm(x, self.vec[self.out_norm:self.out_norm + c.dim], c.norm_eps, h)
             out = np.empty((n, c.n_vocab), np.float32)
@@ -243,6 +276,7 @@ class LlamaModel:
             # threads (F16, float activations): they spin after each call and took Numba's cores
             n_slots = kc.shape[1]
             nw = max(1, min(s.n_threads, s.ascores.size // n_slots))
+            self.routes["attend_rows"] += 1
             attend_rows(qkv, kc, vc, qpos, kpos, n_filled, scale,
                         s.ascores.reshape(-1)[:nw * n_slots].reshape(nw, n_slots), att)
             return
@@ -252,6 +286,7 @@ class LlamaModel:
         # short chunks stay on this thread: the hand-offs (and the GIL between the BLAS calls)
         # cost more than they save (SmolLM2, 128 tokens: 53 ms on one thread, 70 ms on two)
         nw = min(s.n_workers, len(tasks)) if n >= ATT_PAR_MIN else 1
+        self.routes["attn_tasks_threads" if nw > 1 else "attn_tasks"] += 1
         if nw <= 1:
             self._attend_tasks(s, 0, tasks, q3, kc, vc, qpos, kpos, n_filled, scale, a3)
             return
@@ -279,9 +314,15 @@ class LlamaModel:
             np.matmul(sc, vc[kh, :ncol], out=og)
             a3[t0:t1, kh * group:(kh + 1) * group, :] = og.reshape(m, group, hd)
 
+    def _wait_pending(self):
+        if self.pending is not None:
+            wait, self.pending = self.pending, None
+            wait()
+
     def decode(self, s, kv, token):
         """One token at position kv.pos; returns logits (n_vocab,) (a view into s)."""
         c = self.cfg
+        self._wait_pending()
         slot = kv.next_slot()
         s.posv[0] = kv.kpos[slot]
         decode_step(self.wu8, self.vec, self.tab, self.vtab, self.embd, self.out,
@@ -304,8 +345,9 @@ class Scratch:
         self.n_threads = n_threads
         nb = n_batch
         self.px = np.zeros((nb, c.dim), f)
-        self.ph = np.zeros((nb, c.dim), f)
-        self.pqkv = np.zeros((nb, c.q_dim + 2 * c.kv_dim), f)
+        # a row more than the chunk: the last token's residual row (LlamaModel._matmul_i8)
+        self.ph = np.zeros((nb + 1, c.dim), f)
+        self.pqkv = np.zeros((nb + 1, c.q_dim + 2 * c.kv_dim), f)
         self.patt = np.zeros((nb, c.q_dim), f)
         # int8 prefill: its matmuls are Numba's parallel work; BLAS (attention only) one thread
         # per worker, attention tasks on n_threads Python threads (LlamaModel._attend)
@@ -320,7 +362,7 @@ class Scratch:
         # cache either way; 2 * n_ff floats a token: 6 MiB for SmolLM2's 512, 23 for the 1.1B's);
         # a whole chunk where BLAS may run it (dequantizing a weight tile per block would cost)
         self.ffn_rows = min(nb, FFN_ROWS) if i8_prefill else nb
-        self.pgu = np.zeros((self.ffn_rows, 2 * c.n_ff), f)
+        self.pgu = np.zeros((self.ffn_rows + 1, 2 * c.n_ff), f)
         self.blas_threads = 1 if i8_prefill else n_threads
         self.n_workers = n_threads if i8_prefill else 1
         self._pool = None
@@ -344,13 +386,14 @@ class Scratch:
         self.xsum = np.zeros(max(c.dim, c.n_ff, c.q_dim) // 32 + 1, f)
         # int8 activations for the quantized matvecs (AVX2 only; see kernels/simd.py)
         self.xq = np.zeros(max(c.dim, c.n_ff, c.q_dim), np.int8)
-        self.xd = np.zeros_like(self.xsum)
+        self.xd = np.zeros(simd.LANES * self.xsum.shape[0], f)       # a scale per 4 values
         self.xsq = np.zeros(simd.XS_PER_BLOCK * self.xsum.shape[0], f)   # see simd.quantize_x
         # prompts on int8 activations (LlamaModel._matmul, simd.quantize_rows)
         mc = max(c.dim, c.n_ff, c.q_dim)
         ni = (nb if self.i8_prefill else min(nb, I8_SHORT)) if self.use_i8 else 0
-        self.pxq = np.zeros(ni * mc, np.int8)
-        self.pxg = np.zeros((ni + simd.MAXT - 1) // simd.MAXT * 4 * (mc // 32) * simd.MAXT, f)
+        self.pxq = np.zeros((ni + 1) * mc, np.int8)
+        self.pxg = np.zeros((ni + simd.MAXT) // simd.MAXT * simd.XG_FIELDS * (mc // 32) * simd.MAXT, f)
+        self.resid = 0          # the prefill's matmuls: whether the last row gets its residual row
         self.starts = np.zeros(4, np.int64)
         self.posv = np.zeros(1, np.int64)          # position of the token being decoded
         import numba
@@ -383,12 +426,6 @@ class Scratch:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-
-
-@njit(cache=True, fastmath=FM)
-def embed_rows(wu8, tab, toks, out, tmp_u32):
-    for i in range(toks.shape[0]):
-        qm.dequant_rows(wu8, tab, toks[i], toks[i] + 1, out[i:i + 1], tmp_u32)
 
 
 @njit(cache=True, fastmath=FM)
