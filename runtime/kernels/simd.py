@@ -591,6 +591,26 @@ XS_PER_BLOCK = 10    # floats of the xs scratch per block of x: 8 (Q4_0 offsets)
 LANES = 8
 
 
+@njit(cache=True, inline="always")
+def _quantize4(v, i0, xq):
+    """v[i0:i0+4] to int8 in xq[i0:i0+4] with one scale, amax/127 (one lane of vpmaddwd's); returns
+    (the scale, the sum of the int8 values, the sum of the values)."""
+    m = np.float32(0.0)
+    s = np.float32(0.0)
+    for i in range(4):
+        x = v[i0 + i]
+        m = max(m, abs(x))
+        s += x
+    d = m / np.float32(127.0)
+    inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+    ls = 0
+    for i in range(4):
+        q = np.int32(np.rint(v[i0 + i] * inv))
+        xq[i0 + i] = q
+        ls += q
+    return d, ls, s
+
+
 @njit(cache=True)
 def quantize_x(x, xq, xd, xs):
     """x (float32, n a multiple of 32) -> xq int8 with a scale per 4 values in xd (LANES per
@@ -605,19 +625,8 @@ def quantize_x(x, xq, xd, xs):
         s = np.float32(0.0)
         sh = np.float32(0.0)
         for lane in range(LANES):
-            i0 = b * 32 + 4 * lane
-            m = np.float32(0.0)
-            for i in range(4):
-                v = x[i0 + i]
-                m = max(m, abs(v))
-                s += v
-            d = m / np.float32(127.0)
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-            ls = 0
-            for i in range(4):
-                q = np.int32(np.rint(x[i0 + i] * inv))
-                xq[i0 + i] = q
-                ls += q
+            d, ls, s4 = _quantize4(x, b * 32 + 4 * lane, xq)
+            s += s4
             xo[b * 8 + lane] = 8 * ls
             xd[b * LANES + lane] = d
             sh += d * np.float32(ls)
@@ -778,23 +787,13 @@ def _quantize_row(v, xq, t, xg, exact):
     t's fields of xg (see quantize_rows); exact: whether sum(x) is v's own (False: v is the
     residual of the row before, whose exact sums that row already carries)."""
     g, tl = t // MAXT, t % MAXT
+    xr = xq[t]
     for b in range(v.shape[0] // 32):
         s = np.float32(0.0)
         sh = np.float32(0.0)
         for lane in range(LANES):
-            i0 = b * 32 + 4 * lane
-            m = np.float32(0.0)
-            for i in range(4):
-                x = v[i0 + i]
-                m = max(m, abs(x))
-                s += x
-            d = m / np.float32(127.0)
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-            ls = 0
-            for i in range(4):
-                q = np.int32(np.rint(v[i0 + i] * inv))
-                xq[t, i0 + i] = q
-                ls += q
+            d, ls, s4 = _quantize4(v, b * 32 + 4 * lane, xr)
+            s += s4
             xg[g, XG_L + tl, b, lane] = d
             sh += d * np.float32(ls)
         if not exact:
