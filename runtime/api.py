@@ -188,7 +188,7 @@ class LLM:
         log.info("compiling kernels for this CPU, once: about %d s", warmup.ESTIMATE_S)
         if default_threads() > 1:
             self._background = warmup.Background(self.path, self.n_threads, int8_activations)
-            self.model.pending = self._background.wait
+            self.model.pending = self._background
 
     def _compiled(self):
         """After a first decode step: the kernels are in the cache."""

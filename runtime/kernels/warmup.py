@@ -96,6 +96,9 @@ class Background:
         else:
             log.info("infer: decode kernels compiled in a second process in %.1f s", time.perf_counter() - self.t0)
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
