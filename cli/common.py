@@ -66,6 +66,7 @@ def resolve_model(model):
     print(f"infer: no MODEL given, using the default model {p}", file=sys.stderr, flush=True)
     return p
 
+
 class CompileNotice:
     """A first run's notice on stderr: one line at once ("compiling kernels for this CPU, once:
     about N s"); on a terminal, from `start()` (generate: at once; chat: when the first reply

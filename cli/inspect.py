@@ -33,21 +33,6 @@ def _metadata_table(title, metadata):
     return t
 
 
-def check_model(gf):
-    """Everything `infer generate` (infer.LLM) checks when it loads a model, short of running it:
-    the model configuration, the vocabulary, their agreement, the tensors the model needs."""
-    from infer.config import ModelConfig
-    from infer.errors import TokenizerError
-    from infer.models import load_model
-    from infer.tokenizer import Tokenizer
-    cfg = ModelConfig.from_metadata(gf.metadata, gf.path)
-    tok = Tokenizer.from_metadata(gf.metadata, gf.path)
-    if tok.n_vocab != cfg.n_vocab:
-        raise TokenizerError(f"{gf.path}: vocabulary has {tok.n_vocab} tokens but the model has "
-                             f"{cfg.n_vocab} output rows")
-    load_model(gf, cfg)
-
-
 def register(app: typer.Typer):
     @app.command("inspect")
     def inspect(model: Path = typer.Argument(..., help="GGUF model file."),
@@ -85,4 +70,5 @@ def register(app: typer.Typer):
                 for ti in gf.tensors.values():
                     tt.add_row(Text(ti.name), ti.qtype.name, "x".join(map(str, ti.shape)), f"{ti.nbytes / 2**20:.2f}")
                 con.print(tt)
-            check_model(gf)
+            from infer.api import open_model
+            open_model(gf)          # the checks `infer generate` runs

@@ -51,6 +51,21 @@ def default_threads() -> int:
     return max(1, len(cores) or len(cpus))
 
 
+def open_model(gf):
+    """(config, tokenizer, model) of an open GGUFFile: everything loading a model checks (its
+    configuration, vocabulary, their agreement, the tensors the model needs); `infer inspect` runs
+    the same checks."""
+    from .config import ModelConfig
+    from .models import load_model
+    from .tokenizer import Tokenizer
+    config = ModelConfig.from_metadata(gf.metadata, gf.path)
+    tokenizer = Tokenizer.from_metadata(gf.metadata, gf.path)
+    if tokenizer.n_vocab != config.n_vocab:
+        raise TokenizerError(f"{gf.path}: vocabulary has {tokenizer.n_vocab} tokens but the "
+                             f"model has {config.n_vocab} output rows")
+    return config, tokenizer, load_model(gf, config)
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -76,23 +91,16 @@ class LLM:
         seed: seeds the session's random generator (used by calls whose SamplingParams has no seed
         of its own; it is saved and restored with save_state/load_state).
         sampling: the default SamplingParams of calls that give none (`llm.sampling`, settable).
-        int8_activations: decode's quantized matvecs quantize the activations to int8 per block
-        of 32, as llama.cpp does (AVX2 hosts; faster, logits within ~1 of float); False keeps
+        int8_activations: the quantized matmuls quantize the activations to int8 (a scale per 4
+        values; the prompt's last token in two int8 parts), as llama.cpp does with one scale per
+        32 (AVX2 hosts; faster; the top token of float activations at >= 97 %); False keeps
         float32 activations (results equal a float reference up to rounding)."""
-        from .config import ModelConfig
         from .gguf_file import GGUFFile
-        from .models import load_model
-        from .tokenizer import Tokenizer
 
         self.path = os.fspath(path)
         self._gf = GGUFFile(self.path)
         try:
-            self.config = ModelConfig.from_metadata(self._gf.metadata, self.path)
-            self.tokenizer = Tokenizer.from_metadata(self._gf.metadata, self.path)
-            if self.tokenizer.n_vocab != self.config.n_vocab:
-                raise TokenizerError(f"{self.path}: vocabulary has {self.tokenizer.n_vocab} tokens but the "
-                                     f"model has {self.config.n_vocab} output rows")
-            self.model = load_model(self._gf, self.config)
+            self.config, self.tokenizer, self.model = open_model(self._gf)
         except BaseException:
             self._gf.close()
             raise

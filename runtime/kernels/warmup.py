@@ -4,9 +4,9 @@ With an empty kernel cache, Numba compiles every kernel on first use: 15-20 s on
 the process that wants its first token. `LLM` starts this module as a second process
 (`python -m infer.kernels.warmup MODEL ...`) that compiles the decode step (one token through
 the model: the fused decode_step, the matvec drivers, decode attention) and writes it to the
-cache, while the first process compiles the prompt's kernels; the first process waits for it
-before its first matvec and then loads what it wrote. On two cores the first token comes after
-the longer half, not after both.
+cache, while the first process compiles the prompt's kernels. The prompt's logits come from
+numpy while the second process still runs; the first decode step waits for it and then loads what
+it wrote. On two cores the first token comes after the prompt's half of the work.
 
 `is_cold()` says whether this CPU target's kernels are still to be compiled (a marker file in the
 cache, written by `mark_warm()` after a first generation), so the CLI can say so at once.
