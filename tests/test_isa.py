@@ -205,13 +205,15 @@ def test_f16_loads_equal_numpy_on_every_half():
 @needs_avx2
 def test_host_target_still_emits_the_avx2_instructions():
     """Compiled for this host, the int8 kernels are the intrinsics' instructions, as before."""
-    f = njit(simd.rows_i8.py_func)
-    a1 = types.Array(types.float32, 1, "C")
-    sig = (types.int64, types.Array(types.uint8, 1, "C"), types.int64, types.int64, types.Array(types.int8, 1, "C"),
-           a1, a1, a1, types.int64, types.int64, types.int64)
-    f.compile(sig)
-    asm = f.inspect_asm(sig)
-    for ins in ("vpmaddubsw", "vpmaddwd", "vpsignb", "vhaddps", "vcvtph2ps", "vfmadd"):
+    from infer.kernels import blockir, qmatmul as qm
+    from infer.quant.types import IQ4_NL, Q4_K, Q8_0
+    k = qm.kernels(blockir.mask_of([Q8_0.id, Q4_K.id, IQ4_NL.id]))
+    cols, z = 256, np.zeros
+    k.mv(z(64, np.uint8), np.array([[0, Q8_0.id, 0, cols]]), z(cols, np.float32), z(cols // 16, np.float32),
+         z(1, np.float32), z(1, np.int64), 4, z(4, np.int64), z((8, cols), np.uint32), z(2 * cols, np.int8),
+         z(cols // 4, np.float32), z(cols // 4, np.float32), True)
+    asm = k.mv.inspect_asm(k.mv.signatures[0])
+    for ins in ("vpmaddubsw", "vpmaddwd", "vpsignb", "vhaddps", "vcvtph2ps", "vfmadd", "vpshufb"):
         assert ins in asm, ins
 
 
@@ -356,11 +358,17 @@ def _run_pytest(env, args, check, after="", timeout=1500):
                                   after=textwrap.dedent(after).strip().replace("\n", "\n    ")), env, timeout)
 
 
+# the block formats' kernel tests run on the other targets (a few: each format compiles its own)
+FORMAT_TESTS = ["tests/test_formats.py::test_kernels[13-1-Q4_K]", "tests/test_formats.py::test_kernels[6-24-Q8_0]",
+                "tests/test_formats.py::test_kernels[13-1-IQ4_XS]", "tests/test_formats.py::test_kernels[6-24-Q5_1]",
+                "tests/test_formats.py::test_mixed_formats_in_one_group"]
+
+
 @pytest.mark.skipif(not T.x86, reason="x86 CPU models")
 def test_int8_path_on_avx2_without_avx512():
-    """Compiled for haswell (AVX2, FMA, F16C, no AVX-512): the int8 kernel tests and the int8
-    decode tests run (and use the int8 path) with the intrinsics."""
-    _run_pytest(_env("haswell", ""), ["tests/test_kernels.py", "-k", "int8", "tests/test_int8_decode.py"],
+    """Compiled for haswell (AVX2, FMA, F16C, no AVX-512): block-format kernel tests (float and int8
+    paths) and the int8 decode tests run (and use the int8 path) with the intrinsics."""
+    _run_pytest(_env("haswell", ""), [*FORMAT_TESTS, "tests/test_int8_decode.py"],
                 """
                 assert t.cpu == "haswell" and t.features == "" and t.avx2 and t.fma and t.f16c
                 assert simd.HAVE_AVX2
@@ -385,7 +393,7 @@ def test_float_fallback_without_avx2():
     branches still compile, as generic IR), the kernel tests and the golden tests pass, and a
     greedy generation says Paris."""
     _run_pytest(_env("x86-64", "", PYTHONPATH=str(ROOT / "tests")),
-                ["tests/test_kernels.py", "-k", "not int8", "tests/test_model_golden.py"],
+                ["tests/test_kernels.py", *FORMAT_TESTS, "tests/test_model_golden.py"],
                 """
                 assert t.cpu == "x86-64" and not (t.avx or t.avx2 or t.fma or t.f16c or t.fp16)
                 assert not simd.HAVE_AVX2
@@ -394,37 +402,47 @@ def test_float_fallback_without_avx2():
 
 _I8_OUTPUTS = """
     import numpy as np
-    from infer.kernels import simd
+    from infer.kernels import blockir, qmatmul as qm
+    from infer.quant.formats import FORMATS
+
+    NAMES = ("Q8_0", "Q4_0", "Q4_1", "IQ4_NL", "Q4_K", "Q6_K")
 
     def outputs(inp=None):
         # inp: the quantized activations of the first run, so that the second compares the
         # kernels alone (quantize_x's float sums may round differently on another target)
         rng = np.random.default_rng(13)
         res, made = {}, {}
-        for kind, bs in ((simd.KIND_Q8_0, 34), (simd.KIND_Q4_0, 18), (simd.KIND_Q4_1, 20)):
-            for rows, cols, n in ((6, 576, 9), (3, 4096, 3)):
-                nb = cols // 32
-                w = rng.integers(0, 256, rows * nb * bs + 64).astype(np.uint8)
-                blk = w[:rows * nb * bs].reshape(-1, bs)
-                blk[:, 0:2] = np.float16(rng.uniform(0.001, 0.01, len(blk))).view(np.uint8).reshape(-1, 2)
-                if kind == simd.KIND_Q4_1:
-                    blk[:, 2:4] = np.float16(rng.uniform(-0.05, 0.05, len(blk))).view(np.uint8).reshape(-1, 2)
+        fmts = [f for f in FORMATS.values() if f.name in NAMES]
+        k = qm.kernels(blockir.mask_of([f.id for f in fmts]))
+        for f in fmts:
+            for rows, cols, n in ((6, 512, 9), (3, 4096, 3)):
+                nb = cols // f.block
+                w = rng.integers(0, 256, rows * nb * f.size + 64).astype(np.uint8)
+                blk = w[:rows * nb * f.size].reshape(-1, f.size)
+                for i, at in enumerate(f.f16_at):
+                    lo, hi = (0.001, 0.01) if i == 0 else (-0.05, 0.05)
+                    blk[:, at:at + 2] = np.float16(rng.uniform(lo, hi, len(blk))).view(np.uint8).reshape(-1, 2)
+                tab = np.array([[0, f.id, rows, cols]], np.int64)
                 x = rng.standard_normal(cols).astype(np.float32)
-                xq, xd = np.zeros(cols, np.int8), np.zeros(simd.LANES * nb, np.float32)
-                xs = np.zeros(simd.XS_PER_BLOCK * nb, np.float32)
-                simd.quantize_x(x, xq, xd, xs)
+                ng = cols // 32
+                xq, xd, xs = np.zeros(2 * cols, np.int8), np.zeros(8 * ng, np.float32), np.zeros(8 * ng, np.float32)
+                blockir.quantize_x(x, xq[:cols], xd, xs)
+                blockir.quantize_xk(x, xq, xs)
                 h = rng.standard_normal((n, cols)).astype(np.float32)
                 hq = np.zeros((n, cols), np.int8)
-                xg = np.zeros(((n + simd.MAXT - 1) // simd.MAXT, simd.XG_FIELDS, nb, simd.MAXT), np.float32)
-                simd.quantize_rows(h, hq, xg, False)
-                key = f"{kind}_{cols}"
+                xg = np.zeros(((n + 7) // 8, blockir.XG_FIELDS, ng, 8), np.float32)
+                blockir.quantize_rows(h, hq, xg, False)
+                key = f"{f.name}_{cols}"
                 if inp is not None:
-                    xq, xd, xs, hq, xg = (inp[f"{f}{key}"] for f in ("xq", "xd", "xs", "hq", "xg"))
+                    xq, xd, xs, hq, xg = (inp[f"{v}{key}"] for v in ("xq", "xd", "xs", "hq", "xg"))
                 made.update({f"xq{key}": xq, f"xd{key}": xd, f"xs{key}": xs, f"hq{key}": hq, f"xg{key}": xg})
                 out = np.zeros(rows, np.float32)
-                simd.rows_i8(kind, w, 0, cols, xq, xd, xs, out, 0, 0, rows)
+                # use_i8 with the quantized inputs as given: mv's prep_x would redo them, so the
+                # matvec group is called through the kernels' own entry with prep skipped
+                k.mv_prepared(w, tab, x, np.zeros(2 * ng, np.float32), out, np.zeros(1, np.int64), 8,
+                              np.zeros(4, np.int64), np.zeros((8, cols), np.uint32), xq, xd, xs, True)
                 mm = np.zeros((n, rows), np.float32)
-                simd.mm_rows(kind, w, 0, cols, hq, xg, mm, 0, 0, rows)
+                k.matmul_i8(w, tab, hq, xg, mm, 2, np.zeros(2, np.int64))
                 res[f"mv{key}"], res[f"mm{key}"] = out, mm
         return res, made
 """
@@ -433,28 +451,27 @@ _I8_OUTPUTS = """
 @needs_avx2
 def test_int8_kernels_in_generic_ir_equal_the_intrinsics(tmp_path):
     """The int8 decode and prompt kernels compiled for x86-64-v2 + FMA + F16C (AVX, no AVX2:
-    generic IR for vpmaddubsw/vpmaddwd/vpsignb; FMA so that the float parts round as here) give
-    this host's (AVX2 intrinsics) output bits."""
+    generic IR for vpmaddubsw/vpmaddwd/vpsignb/vpshufb; FMA so that the float parts round as here)
+    give this host's (AVX2 intrinsics) output bits."""
     ns: dict = {}
     exec(textwrap.dedent(_I8_OUTPUTS), ns)
     here, inputs = ns["outputs"]()
-    from infer.kernels import simd as _simd
-    simd_kinds = {"Q4_1": _simd.KIND_Q4_1}
     np.savez(tmp_path / "inputs.npz", **inputs)
     dst = tmp_path / "generic.npz"
     _python(_I8_OUTPUTS + f"""
+    from infer.kernels import simd
     t = simd.TARGET
     assert t.avx and t.fma and t.f16c and not t.avx2
     np.savez({str(dst)!r}, **outputs(np.load({str(tmp_path / "inputs.npz")!r}))[0])
-    """, _env("x86-64-v2", "+fma,+f16c"), 600)
+    """, _env("x86-64-v2", "+fma,+f16c"), 900)
     there = np.load(dst)
     assert sorted(there.files) == sorted(here)
     for k, v in here.items():
         assert np.isfinite(v).all() and np.abs(v).max() > 0, k
-        if k[2] == str(simd_kinds["Q4_1"]):
-            # Q4_1's offset terms (m * sum(x) + 8d * (sum(x) - sum(xhat)), scalar float ops per
-            # block) come out up to 2 ulp apart between the two targets' code (measured); the
-            # integer dot products and the Q8_0 / Q4_0 results are the same bits
+        if k[2:].split("_")[0] in ("Q4_1", "Q4_K", "Q6_K"):
+            # the float terms of formats with mins or several scales per block (scalar float ops
+            # per block and group) come out a few ulp apart between the two targets' code; the
+            # integer dot products and the Q8_0 / Q4_0 / IQ4_NL results are the same bits
             np.testing.assert_allclose(there[k], v, rtol=1e-6, atol=1e-6 * np.abs(v).max(), err_msg=k)
         else:
             np.testing.assert_array_equal(there[k].view(np.uint32), v.view(np.uint32), err_msg=k)

@@ -6,10 +6,11 @@ import pytest
 from gguf import GGMLQuantizationType as GT
 from gguf import quants
 
-from infer.kernels import ops, qmatmul as qm, simd
+from infer.kernels import blockir, ops, qmatmul as qm
 from infer.kernels.attention import attend_one, attend_rows, masked_softmax
 
-TYPES = {"F32": GT.F32, "F16": GT.F16, "BF16": GT.BF16, "Q8_0": GT.Q8_0, "Q4_0": GT.Q4_0, "Q4_1": GT.Q4_1}
+TYPES = {"F32": GT.F32, "F16": GT.F16, "BF16": GT.BF16, "Q8_0": GT.Q8_0}
+PACK = {**TYPES, "Q4_1": GT.Q4_1}
 SHAPES = [(1, 32), (5, 64), (7, 96), (13, 4096), (64, 576), (3, 11008)]
 
 
@@ -21,7 +22,7 @@ def pack(w: np.ndarray, tname: str, pad: int = 7):
     """Quantize w (rows, cols) with gguf's reference and lay it out as the runtime does: raw bytes
     at an offset inside a larger buffer. Returns (buf, tab, dequantized w, (d, m)): the block scales
     and Q4_1 mins as float64 (rows, nb), for the references of the int8 kernels."""
-    gt = TYPES[tname]
+    gt = PACK[tname]
     if tname == "F32":
         raw = w.astype(np.float32).view(np.uint8)
     elif tname == "F16":
@@ -44,31 +45,39 @@ def pack(w: np.ndarray, tname: str, pad: int = 7):
     return buf, tab, ref, dm
 
 
+def kern(*type_ids):
+    return qm.kernels(blockir.mask_of(type_ids))
+
+
 def mv_float(buf, tabs, x, xsum, out, offs, chunk, starts, tmp):
-    """matvec_group on float activations (its int8 inputs unused)."""
-    nb = x.shape[0] // 32 + 1
-    qm.matvec_group(buf, tabs, x, xsum, out, offs, chunk, starts, tmp, np.zeros(x.shape[0], np.int8),
-                    np.zeros(simd.LANES * nb, np.float32), np.zeros(simd.XS_PER_BLOCK * nb, np.float32), False)
+    """The matvec group on float activations (its int8 inputs unused)."""
+    ng = x.shape[0] // 32 + 1
+    kern(*tabs[:, qm.TAB_TYPE]).mv(buf, tabs, x, xsum, out, offs, chunk, starts, tmp, np.zeros(x.shape[0], np.int8),
+                                   np.zeros(blockir.LANES * ng, np.float32),
+                                   np.zeros(blockir.XS_PER_GROUP * ng, np.float32), False)
 
 
 @pytest.mark.parametrize("tname", list(TYPES))
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dequant_and_matvec(tname, shape):
+    """F32/F16/BF16 (and Q8_0 beside them: the block formats' own tests are test_formats.py) through
+    the model's entry points, rows of any length."""
     rng = np.random.default_rng([list(TYPES).index(tname), *shape])
     w = rng.standard_normal(shape).astype(np.float32) * 0.05
     buf, tab, ref, dm = pack(w, tname)
     rows, cols = shape
+    k = kern(int(tab[qm.TAB_TYPE]))
     tmp = np.zeros((8, cols), np.uint32)
     deq = np.zeros(shape, np.float32)
-    qm.dequant_rows(buf, tab, 0, rows, deq, tmp[0])
+    k.dequant(buf, tab, 0, rows, deq, tmp[0])
     assert nmse(deq, ref) <= 1e-12
     deq2 = np.zeros(shape, np.float32)
-    qm.dequant_matrix(buf, tab, 0, rows, deq2, tmp)
+    k.dequant_par(buf, tab, 0, rows, deq2, tmp)
     np.testing.assert_array_equal(deq, deq2)
 
     x = rng.standard_normal(cols).astype(np.float32)
-    xsum = np.zeros(cols // 32 + 1, np.float32)
-    qm.block_sums(x, xsum)
+    xsum = np.zeros(cols // 16 + 2, np.float32)
+    blockir.half_sums(x, xsum)
     out = np.full(rows + 5, np.nan, np.float32)
     starts = np.zeros(4, np.int64)
     for chunk in (4, 8, 64):
@@ -79,97 +88,11 @@ def test_dequant_and_matvec(tname, shape):
         assert np.isnan(out[:5]).all()              # nothing written outside the result
 
 
-@pytest.mark.skipif(not simd.HAVE_AVX2, reason="int8 activation kernels need AVX2")
-@pytest.mark.parametrize("tname", ["Q8_0", "Q4_0", "Q4_1"])
-@pytest.mark.parametrize("shape", [(1, 32), (5, 64), (7, 96), (13, 4096), (64, 576), (3, 11008)])
-def test_int8_activation_matvec(tname, shape):
-    """int8-activation kernels == the dequantized weights (gguf reference) times the dequantized
-    int8 activations: the only error left is float rounding (the int8 rounding of x is exact here
-    because the reference uses the same quantized x)."""
-    rng = np.random.default_rng([7, list(TYPES).index(tname), *shape])
-    rows, cols = shape
-    w = rng.standard_normal(shape).astype(np.float32) * 0.05
-    buf, tab, ref, dm = pack(w, tname)
-    x = rng.standard_normal(cols).astype(np.float32)
-    x[3] = 9.0                                    # an outlier channel, as LLM activations have
-    nb = cols // 32
-    cap = simd.XS_PER_BLOCK * nb
-    xsum, xq = np.zeros(cols // 32 + 1, np.float32), np.zeros(cols, np.int8)
-    xd, xsq = np.zeros(simd.LANES * (nb + 1), np.float32), np.zeros(cap, np.float32)
-    qm.prep_x(x, xsum, xq, xd, xsq, True)
-    xhat = (xq.astype(np.float64).reshape(-1, 4) * xd[:cols // 4, None]).ravel()
-    # half a step of each group of 4 values: only the outlier's own group is coarse
-    step = np.repeat(np.abs(x).reshape(-1, 4).max(1) / 127, 4)
-    assert (np.abs(xhat - x) <= step / 2 + 1e-6).all()
-    out = np.full(rows + 3, np.nan, np.float32)
-    tmp = np.zeros((8, cols), np.uint32)
-    qm.matvec_group(buf, tab.reshape(1, -1), x, xsum, out, np.array([3]), 8, np.zeros(4, np.int64),
-                    tmp, xq, xd, xsq, True)
-    want = ref.astype(np.float64) @ xhat
-    cen = np.zeros((rows, cols))
-    if tname == "Q4_1":
-        # Q4_1 re-centres its unsigned quants: the value d*q + m is taken as d*(q - 8) on the
-        # quantized x plus (m + 8d) on the exact block sums of x (see simd._make_i8)
-        d, m = dm[0][:, :, None], dm[1][:, :, None]
-        cen = np.broadcast_to(m + 8 * d, (rows, nb, 32)).reshape(rows, cols)
-        want = (ref - cen) @ xhat + cen @ x.astype(np.float64)
-    assert nmse(out[3:], want) <= 1e-10
-    assert np.isnan(out[:3]).all()
-    # and against the float kernels: the int8 rounding of x is the whole difference, bounded by
-    # sum |centred weight| * |x - xhat| per row
-    outf = np.zeros(rows, np.float32)
-    qm.prep_x(x, xsum, xq, xd, xsq, False)        # the float kernels' block sums
-    mv_float(buf, tab.reshape(1, -1), x, xsum, outf, np.array([0]), 8, np.zeros(4, np.int64), tmp)
-    bound = np.abs(ref - cen) @ np.abs(x - xhat)
-    assert (np.abs(out[3:] - outf) <= bound + 1e-4 * (1 + np.abs(outf))).all()
-
-
-@pytest.mark.skipif(not simd.HAVE_AVX2, reason="int8 activation kernels need AVX2")
-@pytest.mark.parametrize("tname", ["Q8_0", "Q4_0", "Q4_1"])
-@pytest.mark.parametrize("shape,n", [((1, 32), 1), ((5, 64), 8), ((37, 96), 9), ((13, 4096), 13),
-                                     ((70, 576), 23), ((3, 11008), 17)])
-def test_int8_activation_matmul(tname, shape, n):
-    """The prompt's int8 matmul (n tokens x rows, column slices, 8-token groups, a ragged last
-    group) == the dequantized weights times each token's dequantized int8 activations, and
-    equal to the one-token int8 kernel up to float rounding."""
-    rng = np.random.default_rng([11, list(TYPES).index(tname), *shape, n])
-    rows, cols = shape
-    nb = cols // 32
-    w = rng.standard_normal(shape).astype(np.float32) * 0.05
-    buf, tab, ref, dm = pack(w, tname)
-    h = rng.standard_normal((n, cols)).astype(np.float32)
-    h[:, 3] = 9.0
-    xq = np.zeros((n, cols), np.int8)
-    xg = np.full(((n + simd.MAXT - 1) // simd.MAXT, simd.XG_FIELDS, nb, simd.MAXT), np.nan, np.float32)
-    simd.quantize_rows(h, xq, xg, False)
-    out = np.full((n, rows), np.nan, np.float32)
-    qm.matmul_i8_group(buf, tab.reshape(1, -1), xq, xg, out, 2, np.zeros(2, np.int64))
-    # (n, nb, LANES) scales of the tokens: token t's at [t // MAXT, XG_L + t % MAXT]
-    xd = xg[:, simd.XG_L:simd.XG_L + simd.MAXT].reshape(-1, nb, simd.LANES)[:n]
-    xhat = (xq.astype(np.float64).reshape(n, nb, simd.LANES, 4) * xd[:, :, :, None]).reshape(n, cols)
-    want = xhat @ ref.T.astype(np.float64)
-    if tname == "Q4_1":     # re-centred as in the one-token kernel (test_int8_activation_matvec)
-        d, m = dm[0][:, :, None], dm[1][:, :, None]
-        cen = np.broadcast_to(m + 8 * d, (rows, nb, 32)).reshape(rows, cols)
-        want = xhat @ (ref - cen).T + h.astype(np.float64) @ cen.T
-    assert nmse(out, want) <= 1e-10
-    tmp = np.zeros((8, cols), np.uint32)
-    for t in (0, n - 1):
-        xsum, xq1 = np.zeros(nb + 1, np.float32), np.zeros(cols, np.int8)
-        xd1, xsq1 = np.zeros(simd.LANES * (nb + 1), np.float32), np.zeros(simd.XS_PER_BLOCK * nb, np.float32)
-        qm.prep_x(h[t], xsum, xq1, xd1, xsq1, True)
-        one = np.zeros(rows, np.float32)
-        qm.matvec_group(buf, tab.reshape(1, -1), h[t], xsum, one, np.array([0]), 8, np.zeros(4, np.int64),
-                        tmp, xq1, xd1, xsq1, True)
-        assert np.array_equal(xq1, xq[t])
-        np.testing.assert_allclose(out[t], one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
-
-
 def test_matvec_group_several_tensors():
     rng = np.random.default_rng(1)
     cols = 128
     ws = [rng.standard_normal((r, cols)).astype(np.float32) for r in (12, 7, 9)]
-    packs = [pack(w, "Q8_0") for w in ws]
+    packs = [pack(w, t) for w, t in zip(ws, ("Q8_0", "F16", "Q4_1"))]
     # put the three tensors in one buffer
     buf = np.concatenate([p[0] for p in packs])
     tabs = np.stack([p[1] for p in packs])
@@ -178,8 +101,8 @@ def test_matvec_group_several_tensors():
         tabs[i, qm.TAB_OFF] += boff
         boff += p[0].size
     x = rng.standard_normal(cols).astype(np.float32)
-    xsum = np.zeros(cols // 32, np.float32)
-    qm.block_sums(x, xsum)
+    xsum = np.zeros(cols // 16, np.float32)
+    blockir.half_sums(x, xsum)
     out = np.zeros(28, np.float32)
     mv_float(buf, tabs, x, xsum, out, np.array([0, 12, 19]), 4, np.zeros(4, np.int64),
              np.zeros((8, cols), np.uint32))

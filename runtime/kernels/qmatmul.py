@@ -10,19 +10,20 @@ Shapes: x is float32 (cols,), out float32 (rows,), a tensor is (rows, cols) row-
 """
 from __future__ import annotations
 
+import functools
 import math
+from types import SimpleNamespace
 
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from infer.quant.types import BF16, F16, F32, Q4_0, Q4_1, Q8_0
+from infer.quant.types import BF16, F16, F32
 
-from . import simd
+from . import blockir, simd
 
 FM = {"reassoc", "contract", "nsz", "arcp"}   # fastmath flags that allow vectorized reductions
 
-T_F32, T_F16, T_Q4_0, T_Q4_1, T_Q8_0, T_BF16 = F32.id, F16.id, Q4_0.id, Q4_1.id, Q8_0.id, BF16.id
-QK = 32  # elements per block of the quantized types
+T_F32, T_F16, T_BF16 = F32.id, F16.id, BF16.id
 
 # tensor table columns
 TAB_OFF, TAB_TYPE, TAB_ROWS, TAB_COLS = range(4)
@@ -37,17 +38,6 @@ def _f16_bits_to_f32_bits(h):
     and zero; inf/nan become large finite numbers, which never occur in weights)."""
     h = np.uint32(h)
     return ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-
-
-@njit(cache=True, inline="always")
-def _f16_at(wu8, p):
-    """The little-endian f16 at byte p of wu8 as float32 (the scalar fallbacks' block scales;
-    finite values: weights hold no inf/nan)."""
-    h = np.int64(wu8[p]) | (np.int64(wu8[p + 1]) << 8)
-    e = (h >> 10) & 31
-    m = h & 1023
-    v = math.ldexp(float(m), -24) if e == 0 else math.ldexp(float(1024 + m), int(e) - 25)
-    return np.float32(-v if h & 0x8000 else v)
 
 
 @njit(cache=True, fastmath=FM)
@@ -68,22 +58,21 @@ def decode_bf16_row(u16, start, n, tmp_u32, tmp_f32, dst, dst_off):
 
 
 @njit(cache=True, fastmath=FM)
-def dequant_rows(wu8, tab, r0, r1, dst, tmp_u32):
-    """dst[:r1-r0, :cols] = rows r0..r1 of the tensor `tab` (one table row) as float32."""
+def dequant_rows(mask, wu8, tab, r0, r1, dst, tmp_u32):
+    """dst[:r1-r0, :cols] = rows r0..r1 of the tensor `tab` (one table row) as float32 (dst
+    C-contiguous)."""
     off, t, cols = tab[TAB_OFF], tab[TAB_TYPE], tab[TAB_COLS]
     tmp_f32 = tmp_u32.view(np.float32)
-    if t != T_F32 and cols % 32 == 0 and dst.shape[1] == cols and dst.strides[1] == 4 \
-            and dst.strides[0] == 4 * cols:
-        kind = simd.KIND_Q8_0 if t == T_Q8_0 else simd.KIND_Q4_0 if t == T_Q4_0 else \
-            simd.KIND_Q4_1 if t == T_Q4_1 else simd.KIND_F16 if t == T_F16 else simd.KIND_BF16
-        simd.dequant_rows(wu8, kind, off, cols, r0, r1, dst)
-        return
-    if t == T_F32:
+    if blockir.is_block(t):
+        blockir.dequant_rows(mask, t, wu8, off, cols, r0, r1, dst)
+    elif t != T_F32 and cols % 32 == 0:
+        simd.dequant_rows(wu8, simd.KIND_F16 if t == T_F16 else simd.KIND_BF16, off, cols, r0, r1, dst)
+    elif t == T_F32:
         wf = wu8[off:off + tab[TAB_ROWS] * cols * 4].view(np.float32)
         for r in range(r0, r1):
             for c in range(cols):
                 dst[r - r0, c] = wf[r * cols + c]
-    elif t == T_F16 or t == T_BF16:
+    else:
         w16 = wu8[off:off + tab[TAB_ROWS] * cols * 2].view(np.uint16)
         for r in range(r0, r1):
             row = dst[r - r0]
@@ -91,48 +80,22 @@ def dequant_rows(wu8, tab, r0, r1, dst, tmp_u32):
                 decode_f16_row(w16, r * cols, cols, tmp_u32, tmp_f32, row, 0)
             else:
                 decode_bf16_row(w16, r * cols, cols, tmp_u32, tmp_f32, row, 0)
-    else:
-        nb = cols // QK
-        if t == T_Q8_0:
-            rb = nb * 34
-            wi8 = wu8.view(np.int8)
-            for r in range(r0, r1):
-                for b in range(nb):
-                    d = _f16_at(wu8, off + r * rb + b * 34)
-                    p = off + r * rb + b * 34 + 2
-                    for i in range(QK):
-                        dst[r - r0, b * QK + i] = d * np.float32(wi8[p + i])
-        elif t == T_Q4_0 or t == T_Q4_1:
-            ts = 18 if t == T_Q4_0 else 20
-            rb = nb * ts
-            for r in range(r0, r1):
-                for b in range(nb):
-                    d = _f16_at(wu8, off + r * rb + b * ts)
-                    if t == T_Q4_0:
-                        m = np.float32(-8.0) * d
-                    else:
-                        m = _f16_at(wu8, off + r * rb + b * ts + 2)
-                    p = off + r * rb + b * ts + (ts - 16)
-                    for i in range(16):
-                        q = wu8[p + i]
-                        dst[r - r0, b * QK + i] = d * np.float32(np.int32(q & 15)) + m
-                        dst[r - r0, b * QK + 16 + i] = d * np.float32(np.int32(q >> 4)) + m
 
 
 @njit(cache=True, fastmath=FM, parallel=True)
-def dequant_matrix(wu8, tab, r0, r1, dst, tmp_u32_2d):
+def dequant_matrix(mask, wu8, tab, r0, r1, dst, tmp_u32_2d):
     """Parallel dequantization of rows r0..r1 into dst (tiles of 16 rows per task)."""
     n = r1 - r0
     ntask = (n + 15) // 16
     for k in prange(ntask):
         a = r0 + k * 16
         b = min(a + 16, r1)
-        dequant_rows(wu8, tab, a, b, dst[a - r0:b - r0], tmp_u32_2d[get_thread_id()])
+        dequant_rows(mask, wu8, tab, a, b, dst[a - r0:b - r0], tmp_u32_2d[get_thread_id()])
 
 
 # ----------------------------------------------------------------------------------------------
-# matvec: out[r] = sum_c W[r, c] * x[c] for r in [r0, r1); x float32 (cols,), xsum (nb,) holds
-# the per-block sums of x (used by Q4_0's -8 offset and Q4_1's mins).
+# matvec: out[r] = sum_c W[r, c] * x[c] for r in [r0, r1); x float32 (cols,); block formats run
+# blockir's kernels (xsum: sums of x per 16 values, their offsets and mins), F32/F16/BF16 these.
 
 @njit(cache=True, fastmath=FM)
 def _mv_f32(wf, cols, x, out, o0, r0, r1):
@@ -180,19 +143,8 @@ def matvec_rows(wu8, tab, x, out, o0, r0, r1, tmp_u32):
         _mv_16(w16, t == T_BF16, cols, x, out, o0, r0, r1, tmp_u32)
 
 
-@njit(cache=True, fastmath=FM)
-def block_sums(x, xsum):
-    """xsum[b] = sum of x over block b of 32 (only used by the Q4 types)."""
-    nb = x.shape[0] // QK
-    for b in range(nb):
-        s = np.float32(0.0)
-        for i in range(QK):
-            s += x[b * QK + i]
-        xsum[b] = s
-
-
 @njit(cache=True, fastmath=FM, parallel=True)
-def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, xq, xd, xsq, use_i8):
+def matvec_group(mask, wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, xq, xd, xsq, use_i8):
     """Several matvecs over the same input x in one parallel region.
 
     tabs: (k, TAB_WIDTH) tensor rows; out_offs: (k,) offset of each result in `out`;
@@ -217,39 +169,38 @@ def matvec_group(wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32_2d, x
         # the common types dispatched here, not through matvec_rows: called from inside the
         # parallel region, matvec_rows ran at half speed (measured, SmolLM2 layers 12 vs 24 ms)
         t, off, cols, o0 = tabs[j, TAB_TYPE], tabs[j, TAB_OFF], tabs[j, TAB_COLS], out_offs[j]
-        if use_i8 and (t == T_Q8_0 or t == T_Q4_0 or t == T_Q4_1):
-            simd.rows_i8(_i8_kind(t), wu8, off, cols, xq, xd, xsq, out, o0, r0, r1)
-        elif t == T_Q8_0:
-            simd.rows_q8_0(wu8, off, cols, x, out, o0, r0, r1)
-        elif t == T_Q4_0:
-            simd.rows_q4_0(wu8, off, cols, x, xsum, out, o0, r0, r1)
-        elif t == T_Q4_1:
-            simd.rows_q4_1(wu8, off, cols, x, xsum, out, o0, r0, r1)
+        if blockir.is_block(t):
+            if use_i8:
+                blockir.rows_i8(mask, t, wu8, off, cols, xq, xd, xsq, out, o0, r0, r1)
+            else:
+                blockir.rows_float(mask, t, wu8, off, cols, x, xsum, out, o0, r0, r1)
         else:
             matvec_rows(wu8, tabs[j], x, out, o0, r0, r1, tmp_u32_2d[get_thread_id()])
 
 
 @njit(cache=True, fastmath=FM)
 def prep_x(x, xsum, xq, xd, xs, use_i8):
-    """x's int8 quantization when use_i8 (xs: simd.XS_PER_BLOCK floats per block, see
-    simd.quantize_x), else its per-block sums (xsum: the float Q4 kernels' offsets)."""
+    """x's int8 quantizations when use_i8 (xq: 2 * len(x) bytes; xs: blockir.XS_PER_GROUP floats per
+    32 values; see blockir.quantize_x and quantize_xk), else its sums per 16 values (xsum: the
+    float kernels' offsets and mins)."""
     if use_i8:
-        simd.quantize_x(x, xq[:x.shape[0]], xd, xs)
+        blockir.quantize_x(x, xq[:x.shape[0]], xd, xs)
+        if x.shape[0] % 256 == 0:           # the 256-value formats' form (xq's second half)
+            blockir.quantize_xk(x, xq, xs)
     else:
-        block_sums(x, xsum)
+        blockir.half_sums(x, xsum)
 
 
 @njit(cache=True, parallel=True)
-def matmul_i8_group(wu8, tabs, xq, xg, out, n_threads, starts):
-    """out (n, sum of rows) = x @ W.T for one or several Q8_0/Q4_0/Q4_1 matrices on the same int8
-    activations (simd.quantize_rows) in one parallel region (the prompt's q/k/v, gate/up): matrix
-    j's rows at columns from sum(rows of tabs[:j]). n_threads: numba.get_num_threads() (called
-    here it would keep this function out of the disk cache); starts: (k+1,) int64 scratch."""
+def matmul_i8_group(mask, wu8, tabs, xq, xg, out, n_threads, starts):
+    """out (n, sum of rows) = x @ W.T for one or several block-format matrices on the same int8
+    activations (blockir.quantize_rows) in one parallel region (the prompt's q/k/v, gate/up):
+    matrix j's rows at columns from sum(rows of tabs[:j]). n_threads: numba.get_num_threads()
+    (called here it would keep this function out of the disk cache); starts: (k+1,) int64 scratch."""
     k = tabs.shape[0]
     starts[0] = 0
     for j in range(k):
-        kind = _i8_kind(tabs[j, TAB_TYPE])
-        rt = simd.mm_rows_per_task(tabs[j, TAB_ROWS], tabs[j, TAB_COLS], kind, n_threads)
+        rt = blockir.mm_rows_per_task(tabs[j, TAB_ROWS], tabs[j, TAB_COLS], tabs[j, TAB_TYPE], n_threads)
         starts[j + 1] = starts[j] + (tabs[j, TAB_ROWS] + rt - 1) // rt
     for task in prange(starts[k]):
         j = 0
@@ -257,13 +208,44 @@ def matmul_i8_group(wu8, tabs, xq, xg, out, n_threads, starts):
         while starts[j + 1] <= task:
             ocol += tabs[j, TAB_ROWS]
             j += 1
-        rows, cols = tabs[j, TAB_ROWS], tabs[j, TAB_COLS]
-        kind = _i8_kind(tabs[j, TAB_TYPE])
-        rt = simd.mm_rows_per_task(rows, cols, kind, n_threads)
+        rows, cols, t = tabs[j, TAB_ROWS], tabs[j, TAB_COLS], tabs[j, TAB_TYPE]
+        rt = blockir.mm_rows_per_task(rows, cols, t, n_threads)
         r0 = (task - starts[j]) * rt
-        simd.mm_rows(kind, wu8, tabs[j, TAB_OFF], cols, xq, xg, out, ocol, r0, min(rows, r0 + rt))
+        blockir.mm_rows(mask, t, wu8, tabs[j, TAB_OFF], cols, xq, xg, out, ocol, r0, min(rows, r0 + rt))
 
 
-@njit(cache=True)
-def _i8_kind(t):
-    return simd.KIND_Q8_0 if t == T_Q8_0 else (simd.KIND_Q4_0 if t == T_Q4_0 else simd.KIND_Q4_1)
+@functools.lru_cache(maxsize=None)
+def kernels(mask):
+    """The entry points called from Python, compiled for the block formats in `mask`
+    (blockir.mask_of): held as a constant in each (a closure's cell: Numba caches one compilation
+    per value), it reaches blockir's dispatchers as a compile-time literal.
+
+      mv(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8): prep_x + matvec_group
+      mv_prepared(...): matvec_group alone (x's sums or int8 form given: the tests)
+      matmul_i8(wu8, tabs, xq, xg, out, n_threads, starts): matmul_i8_group
+      dequant(wu8, tab, r0, r1, dst, tmp_u32): dequant_rows
+      dequant_par(wu8, tab, r0, r1, dst, tmp_u32_2d): dequant_matrix
+    """
+    @njit(cache=True, fastmath=FM)
+    def mv(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
+        prep_x(x, xsum, xq, xd, xsq, use_i8)
+        matvec_group(mask, wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8)
+
+    @njit(cache=True, fastmath=FM)
+    def mv_prepared(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
+        matvec_group(mask, wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8)
+
+    @njit(cache=True)
+    def matmul_i8(wu8, tabs, xq, xg, out, n_threads, starts):
+        matmul_i8_group(mask, wu8, tabs, xq, xg, out, n_threads, starts)
+
+    @njit(cache=True)
+    def dequant(wu8, tab, r0, r1, dst, tmp_u32):
+        dequant_rows(mask, wu8, tab, r0, r1, dst, tmp_u32)
+
+    @njit(cache=True)
+    def dequant_par(wu8, tab, r0, r1, dst, tmp_u32_2d):
+        dequant_matrix(mask, wu8, tab, r0, r1, dst, tmp_u32_2d)
+
+    return SimpleNamespace(mask=mask, mv=mv, mv_prepared=mv_prepared, matmul_i8=matmul_i8, dequant=dequant,
+                           dequant_par=dequant_par)

@@ -8,6 +8,7 @@ fused Numba call (`decode_step`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -15,8 +16,10 @@ import numpy as np
 from numba import njit
 
 from infer.quant import codecs
+from infer.quant.formats import FORMATS
 
 from ..errors import TensorError, UnsupportedError
+from ..kernels import blockir
 from ..kernels import qmatmul as qm
 from ..kernels import simd
 from ..kernels.attention import attend_one, attend_rows, masked_softmax
@@ -29,7 +32,8 @@ K_Q, K_K, K_V, K_O, K_GATE, K_UP, K_DOWN = range(7)
 # per-layer vectors, in vector-table order (-1 offset when absent)
 VECS = ("attn_norm.weight", "ffn_norm.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias")
 V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV = range(5)
-NATIVE = {qm.T_F32, qm.T_F16, qm.T_BF16, qm.T_Q8_0, qm.T_Q4_0, qm.T_Q4_1}
+# F32/F16/BF16 and every block format of quant/formats (blockir's kernels)
+NATIVE = {qm.T_F32, qm.T_F16, qm.T_BF16, *FORMATS}
 # with int8 activations (AVX2) the prompt's quantized matmuls run qmatmul.matmul_i8_group (weights read as
 # they are, each block unpacked once per 8 tokens); otherwise dequantized tiles + float32 BLAS
 I8_SHORT = 32            # prompt chunks of at most this many tokens always run int8 (see Scratch)
@@ -39,7 +43,6 @@ ATT_ROWS = 64
 FFN_ROWS = 128         # prompt tokens per FFN pass on int8 activations (Scratch.pgu)
 ATT_PAR_MIN = 256      # tokens in a chunk before its attention tasks go to worker threads
 ATT_ROWS_MAX_SEEN = 512  # shorter chunks over at most this many cache slots: attend_rows (LlamaModel._attend)
-I8_KINDS = {qm.T_Q8_0: simd.KIND_Q8_0, qm.T_Q4_0: simd.KIND_Q4_0, qm.T_Q4_1: simd.KIND_Q4_1}
 
 
 class LlamaModel:
@@ -86,8 +89,9 @@ class LlamaModel:
             if t.shape != (rows, cols):
                 raise TensorError(f"{src}: tensor {name} has shape {list(t.shape)}, expected {[rows, cols]}")
             if t.qtype.id not in NATIVE:
+                names = ", ".join(["F32", "F16", "BF16"] + [f.name for f in FORMATS.values()])
                 raise UnsupportedError(f"{src}: tensor {name} has type {t.qtype.name}, not supported "
-                                       f"(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
+                                       f"(supported: {names})")
             row = np.zeros(TAB_WIDTH, np.int64)
             row[:4] = (t.offset, t.qtype.id, rows, cols)
             self._names[t.offset] = name
@@ -127,6 +131,11 @@ class LlamaModel:
         # the matrices a prompt multiplies together (LlamaModel._matmuls)
         self.tab_qkv = np.ascontiguousarray(self.tab[:, [K_Q, K_K, K_V]])
         self.tab_gu = np.ascontiguousarray(self.tab[:, [K_GATE, K_UP]])
+        # the kernels, compiled for the block formats this model's matrices have
+        self.formats = blockir.mask_of({int(t) for t in self.tab[:, :, qm.TAB_TYPE].ravel()} |
+                                       {int(self.embd[qm.TAB_TYPE]), int(self.out[qm.TAB_TYPE])})
+        self.k = qm.kernels(self.formats)
+        self.decode_step = decode_step_for(self.formats)
 
     def v(self, layer, which):
         o = self.vtab[layer, which]
@@ -143,7 +152,7 @@ class LlamaModel:
         out[:n]), each matrix's result in its columns; on int8 activations h is quantized once
         and one parallel region runs them all."""
         n = h.shape[0]
-        if s.i8_for(n) and all(int(t[qm.TAB_TYPE]) in I8_KINDS for t in tabs) and out.flags.c_contiguous:
+        if s.i8_for(n) and all(int(t[qm.TAB_TYPE]) in FORMATS for t in tabs) and out.flags.c_contiguous:
             if self.observer is not None:
                 for t in tabs:
                     self.observer(self._names[int(t[0])], h)
@@ -158,7 +167,7 @@ class LlamaModel:
 
     def _matmul_i8(self, s, tabs, h, out):
         """out[:n] = h @ W.T for the matrices `tabs` on int8 activations. With s.resid the last row
-        runs in two int8 parts, its values and what they miss (simd.quantize_rows), as one more
+        runs in two int8 parts, its values and what they miss (blockir.quantize_rows), as one more
         row of the same matmul, folded into row n - 1: the prompt's last token, whose logits pick
         the reply's first token, gets nearly float precision for 1/n of the work."""
         n, cols = h.shape
@@ -166,21 +175,20 @@ class LlamaModel:
         nb = cols // 32
         xq = s.pxq[:(n + r) * cols].reshape(n + r, cols)   # contiguous: the kernels index rows by cols
         ng = (n + r + simd.MAXT - 1) // simd.MAXT
-        xg = s.pxg[:ng * simd.XG_FIELDS * nb * simd.MAXT].reshape(ng, simd.XG_FIELDS, nb, simd.MAXT)
-        simd.quantize_rows(h, xq, xg, bool(r))
-        qm.matmul_i8_group(self.wu8, tabs, xq, xg, out[:n + r], s.n_threads, s.starts)
+        xg = s.pxg[:ng * blockir.XG_FIELDS * nb * simd.MAXT].reshape(ng, blockir.XG_FIELDS, nb, simd.MAXT)
+        blockir.quantize_rows(h, xq, xg, bool(r))
+        self.k.matmul_i8(self.wu8, tabs, xq, xg, out[:n + r], s.n_threads, s.starts)
         if r:
             out[n - 1] += out[n]
 
     def _matmul(self, s, tab, h, out, allow_i8=True):
         """out[:n] (out: n or, with s.resid, n + 1 rows) = h (n, cols) @ W.T: int8 activations (see
-        I8_KINDS, _matmul_i8) or W dequantized in tiles into s.wbuf and float32 BLAS."""
+        _matmul_i8) or W dequantized in tiles into s.wbuf and float32 BLAS."""
         if self.observer is not None:
             self.observer(self._names[int(tab[0])], h)
         rows, cols = int(tab[TAB_ROWS]), int(tab[TAB_COLS])
         n = h.shape[0]
-        kind = I8_KINDS.get(int(tab[qm.TAB_TYPE]))
-        if allow_i8 and s.i8_for(n) and kind is not None and out.flags.c_contiguous:
+        if allow_i8 and s.i8_for(n) and int(tab[qm.TAB_TYPE]) in FORMATS and out.flags.c_contiguous:
             self.routes["int8"] += 1
             self._matmul_i8(s, tab.reshape(1, -1), h, out)
             return
@@ -199,7 +207,7 @@ class LlamaModel:
                 return
             self.routes["matvec"] += 1
             self._wait_pending()
-            _mv(self.wu8, tab.reshape(1, -1), h[0], s.xsum, out.reshape(-1), s.offs1, s.chunks[4],
+            self.k.mv(self.wu8, tab.reshape(1, -1), h[0], s.xsum, out.reshape(-1), s.offs1, s.chunks[4],
                 s.starts, s.tmp, s.xq, s.xd, s.xsq, False)
             return
         self.routes["blas"] += 1
@@ -210,7 +218,7 @@ class LlamaModel:
             r1 = min(rows, r0 + tile)
             w = s.wbuf[:(r1 - r0) * cols].reshape(r1 - r0, cols)
             # serial: OpenBLAS's threads spin after a call and would fight Numba's for the cores
-            qm.dequant_rows(self.wu8, tab, r0, r1, w, s.tmp[0])
+            self.k.dequant(self.wu8, tab, r0, r1, w, s.tmp[0])
             np.matmul(h, w.T, out=out[:, r0:r1])
 
     def prefill(self, s, kv, tokens, all_logits=False):
@@ -335,7 +343,7 @@ class LlamaModel:
         self._wait_pending()
         slot = kv.next_slot()
         s.posv[0] = kv.kpos[slot]
-        decode_step(self.wu8, self.vec, self.tab, self.vtab, self.embd, self.out,
+        self.decode_step(self.wu8, self.vec, self.tab, self.vtab, self.embd, self.out,
                     self.out_norm, c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_ff,
                     c.rope_dim, self.rope_mode, np.float32(c.norm_eps), c.attn_bias,
                     int(token), s.posv, int(slot), kv.offset, kv.k, kv.v,
@@ -365,7 +373,7 @@ class Scratch:
         # long prompts too, except on one thread with a small model: there BLAS on dequantized
         # tiles is faster (SmolLM2, dim 576, pp128: 250 vs 210 tok/s; the 1.1B-shaped model, dim
         # 2048: int8 1.11x llama.cpp, BLAS 0.97x); short prompts always (I8_SHORT)
-        i8_prefill = self.use_i8 and int(m.tab[0, K_GATE, qm.TAB_TYPE]) in I8_KINDS and \
+        i8_prefill = self.use_i8 and int(m.tab[0, K_GATE, qm.TAB_TYPE]) in FORMATS and \
             (n_threads > 1 or c.dim >= I8_MIN_DIM_1T)
         self.i8_prefill = i8_prefill
         # the FFN's gate|up activations, FFN_ROWS tokens at a time on int8 (the weights stream from
@@ -393,16 +401,17 @@ class Scratch:
         self.att = np.zeros(c.q_dim, f)
         self.scores = np.zeros((c.n_heads, n_slots), f)
         self.gu = np.zeros(2 * c.n_ff, f)
-        self.xsum = np.zeros(max(c.dim, c.n_ff, c.q_dim) // 32 + 1, f)
-        # int8 activations for the quantized matvecs (AVX2 only; see kernels/simd.py)
-        self.xq = np.zeros(max(c.dim, c.n_ff, c.q_dim), np.int8)
-        self.xd = np.zeros(simd.LANES * self.xsum.shape[0], f)       # a scale per 4 values
-        self.xsq = np.zeros(simd.XS_PER_BLOCK * self.xsum.shape[0], f)   # see simd.quantize_x
-        # prompts on int8 activations (LlamaModel._matmul, simd.quantize_rows)
+        ng = max(c.dim, c.n_ff, c.q_dim) // 32 + 1                        # groups of 32 values
+        self.xsum = np.zeros(blockir.XS2_PER_GROUP * ng, f)    # the float kernels' sums per 16
+        # int8 activations for the quantized matvecs (AVX2 only; see kernels/blockir.py)
+        self.xq = np.zeros(2 * max(c.dim, c.n_ff, c.q_dim), np.int8)   # two forms (qmatmul.prep_x)
+        self.xd = np.zeros(blockir.LANES * ng, f)       # a scale per 4 values
+        self.xsq = np.zeros(blockir.XS_PER_GROUP * ng, f)   # see blockir.quantize_x
+        # prompts on int8 activations (LlamaModel._matmul, blockir.quantize_rows)
         mc = max(c.dim, c.n_ff, c.q_dim)
         ni = (nb if self.i8_prefill else min(nb, I8_SHORT)) if self.use_i8 else 0
         self.pxq = np.zeros((ni + 1) * mc, np.int8)
-        self.pxg = np.zeros((ni + simd.MAXT) // simd.MAXT * simd.XG_FIELDS * (mc // 32) * simd.MAXT, f)
+        self.pxg = np.zeros((ni + simd.MAXT) // simd.MAXT * blockir.XG_FIELDS * (mc // 32) * simd.MAXT, f)
         self.resid = 0          # the prefill's matmuls: whether the last row gets its residual row
         self.starts = np.zeros(4, np.int64)
         self.posv = np.zeros(1, np.int64)          # position of the token being decoded
@@ -450,58 +459,65 @@ def _rmsnorm1(x, w, eps, out):
 
 
 @njit(cache=True, fastmath=FM)
-def _mv(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
+def _mv(mask, wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
     """One matvec group of decode_step: float activations, or int8 ones when use_i8."""
     qm.prep_x(x, xsum, xq, xd, xsq, use_i8)
-    qm.matvec_group(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8)
+    qm.matvec_group(mask, wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8)
 
 
-# error_model="numpy": a float division with Python's ZeroDivisionError check does not vectorize
-# (decode's SiLU ran 4 ns an element, 0.3 ms of SmolLM2's 7 ms token; vectorized 0.7)
-@njit(cache=True, fastmath=FM, error_model="numpy")
-def decode_step(wu8, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_heads, n_kv,
-                head_dim, n_ff, rope_dim, rope_mode, eps, attn_bias, token, posv, slot, n_filled,
-                kcache, vcache, inv_freq, x, xn, qkv, att, scores, gu, xsum, starts, tmp, logits,
-                offs3, offs2, offs1, chunks, xq, xd, xsq, use_i8):
-    """The whole forward pass of one token at position posv[0], writing its K/V into `slot` and
-    logits into `logits`. Allocates nothing."""
-    q_dim = n_heads * head_dim
-    kv_dim = n_kv * head_dim
-    qm.dequant_rows(wu8, embd, token, token + 1, x.reshape((1, dim)), tmp[0])
-    scale = np.float32(1.0 / math.sqrt(head_dim))
-    for li in range(n_layers):
-        t = tab[li]
-        o = vtab[li, V_ATTN_NORM]
-        _rmsnorm1(x, vec[o:o + dim], eps, xn)
-        _mv(wu8, t[K_Q:K_V + 1], xn, xsum, qkv, offs3, chunks[0], starts, tmp, xq, xd, xsq, use_i8)
-        if attn_bias:
-            for j in range(q_dim):
-                qkv[j] += vec[vtab[li, V_BQ] + j]
-            for j in range(kv_dim):
-                qkv[q_dim + j] += vec[vtab[li, V_BK] + j]
-                qkv[q_dim + kv_dim + j] += vec[vtab[li, V_BV] + j]
-        q = qkv[:q_dim].reshape((1, q_dim))
-        k = qkv[q_dim:q_dim + kv_dim].reshape((1, kv_dim))
-        rope(q, n_heads, head_dim, rope_dim, posv, inv_freq, rope_mode)
-        rope(k, n_kv, head_dim, rope_dim, posv, inv_freq, rope_mode)
-        for hh in range(n_kv):
-            for d in range(head_dim):
-                kcache[li, hh, slot, d] = qkv[q_dim + hh * head_dim + d]
-                vcache[li, hh, slot, d] = qkv[q_dim + kv_dim + hh * head_dim + d]
-        attend_one(qkv, kcache[li], vcache[li], n_filled, scale, n_heads, n_kv, head_dim, scores, att)
-        _mv(wu8, t[K_O:K_O + 1], att, xsum, xn, offs1, chunks[1], starts, tmp, xq, xd, xsq, use_i8)
-        for j in range(dim):
-            x[j] += xn[j]
-        o = vtab[li, V_FFN_NORM]
-        _rmsnorm1(x, vec[o:o + dim], eps, xn)
-        _mv(wu8, t[K_GATE:K_UP + 1], xn, xsum, gu, offs2, chunks[2], starts, tmp, xq, xd, xsq, use_i8)
-        for j in range(n_ff):
-            gv = gu[j]
-            gu[j] = gv / (np.float32(1.0) + exp32(-gv)) * gu[n_ff + j]
-        h = gu[:n_ff]
-        _mv(wu8, t[K_DOWN:K_DOWN + 1], h, xsum, xn, offs1, chunks[3], starts, tmp, xq, xd, xsq, use_i8)
-        for j in range(dim):
-            x[j] += xn[j]
-    _rmsnorm1(x, vec[out_norm:out_norm + dim], eps, xn)
-    _mv(wu8, outt.reshape((1, outt.shape[0])), xn, xsum, logits, offs1, chunks[4], starts, tmp,
-        xq, xd, xsq, use_i8)
+@functools.lru_cache(maxsize=None)
+def decode_step_for(mask):
+    """The fused decode step compiled for the block formats in `mask` (blockir.mask_of; a
+    constant of the closure, so that it reaches the kernels' dispatchers as a literal)."""
+
+    # error_model="numpy": a float division with Python's ZeroDivisionError check does not vectorize
+    # (decode's SiLU ran 4 ns an element, 0.3 ms of SmolLM2's 7 ms token; vectorized 0.7)
+    @njit(cache=True, fastmath=FM, error_model="numpy")
+    def decode_step(wu8, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_heads, n_kv,
+                    head_dim, n_ff, rope_dim, rope_mode, eps, attn_bias, token, posv, slot, n_filled,
+                    kcache, vcache, inv_freq, x, xn, qkv, att, scores, gu, xsum, starts, tmp, logits,
+                    offs3, offs2, offs1, chunks, xq, xd, xsq, use_i8):
+        """The whole forward pass of one token at position posv[0], writing its K/V into `slot` and
+        logits into `logits`. Allocates nothing."""
+        q_dim = n_heads * head_dim
+        kv_dim = n_kv * head_dim
+        qm.dequant_rows(mask, wu8, embd, token, token + 1, x.reshape((1, dim)), tmp[0])
+        scale = np.float32(1.0 / math.sqrt(head_dim))
+        for li in range(n_layers):
+            t = tab[li]
+            o = vtab[li, V_ATTN_NORM]
+            _rmsnorm1(x, vec[o:o + dim], eps, xn)
+            _mv(mask, wu8, t[K_Q:K_V + 1], xn, xsum, qkv, offs3, chunks[0], starts, tmp, xq, xd, xsq, use_i8)
+            if attn_bias:
+                for j in range(q_dim):
+                    qkv[j] += vec[vtab[li, V_BQ] + j]
+                for j in range(kv_dim):
+                    qkv[q_dim + j] += vec[vtab[li, V_BK] + j]
+                    qkv[q_dim + kv_dim + j] += vec[vtab[li, V_BV] + j]
+            q = qkv[:q_dim].reshape((1, q_dim))
+            k = qkv[q_dim:q_dim + kv_dim].reshape((1, kv_dim))
+            rope(q, n_heads, head_dim, rope_dim, posv, inv_freq, rope_mode)
+            rope(k, n_kv, head_dim, rope_dim, posv, inv_freq, rope_mode)
+            for hh in range(n_kv):
+                for d in range(head_dim):
+                    kcache[li, hh, slot, d] = qkv[q_dim + hh * head_dim + d]
+                    vcache[li, hh, slot, d] = qkv[q_dim + kv_dim + hh * head_dim + d]
+            attend_one(qkv, kcache[li], vcache[li], n_filled, scale, n_heads, n_kv, head_dim, scores, att)
+            _mv(mask, wu8, t[K_O:K_O + 1], att, xsum, xn, offs1, chunks[1], starts, tmp, xq, xd, xsq, use_i8)
+            for j in range(dim):
+                x[j] += xn[j]
+            o = vtab[li, V_FFN_NORM]
+            _rmsnorm1(x, vec[o:o + dim], eps, xn)
+            _mv(mask, wu8, t[K_GATE:K_UP + 1], xn, xsum, gu, offs2, chunks[2], starts, tmp, xq, xd, xsq, use_i8)
+            for j in range(n_ff):
+                gv = gu[j]
+                gu[j] = gv / (np.float32(1.0) + exp32(-gv)) * gu[n_ff + j]
+            h = gu[:n_ff]
+            _mv(mask, wu8, t[K_DOWN:K_DOWN + 1], h, xsum, xn, offs1, chunks[3], starts, tmp, xq, xd, xsq, use_i8)
+            for j in range(dim):
+                x[j] += xn[j]
+        _rmsnorm1(x, vec[out_norm:out_norm + dim], eps, xn)
+        _mv(mask, wu8, outt.reshape((1, outt.shape[0])), xn, xsum, logits, offs1, chunks[4], starts, tmp,
+            xq, xd, xsq, use_i8)
+
+    return decode_step

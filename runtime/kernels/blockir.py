@@ -1,0 +1,920 @@
+"""Kernels for every block format of quant/formats, generated from the formats' definitions.
+
+A format states how one block unpacks into groups of 32 columns (`Group(q, s, m)`: 32 integer
+values as bytes, scales and mins per group or per half of 16; see quant/formats/base.py). The
+kernels here are written once over that description:
+
+  mv_float   decode, float activations (the exact path; every CPU): per group the 32 q as floats
+             times x, scaled once per group or half; offsets and mins on per-16 sums of x (xs2).
+  mv_i8      decode, int8 activations (quantize_x: a scale per 4 values): per group one u8 x s8
+             dot product (vpmaddubsw + vpmaddwd on AVX2: pairs of i16, then 8 lanes of i32, each
+             the sum of 4 products), the offset subtracted from the lanes as an integer, one
+             multiply by the group's scale and the lanes' x scales, one fma; mins on x's exact
+             per-lane sums (a vector fma).
+  mm_i8      prefill: a row's blocks unpacked once and multiplied with up to MAXT tokens.
+  dequant    rows to float32 (BLAS tiles, embeddings).
+
+Each sits behind a dispatcher on the GGUF type id (`*_any`): a `switch` whose cases are the
+formats' kernels, each specialised for its format. Its first argument, `mask`, says which formats
+the switch holds: the drivers pass it down, and the entry points (qmatmul.kernels(mask),
+models' decode steps) hold it as a compile-time constant, so that a model compiles the kernels of
+its own types only (all twelve formats' prefill and decode kernels take minutes to compile). Signed formats (Q8_0, IQ4) move the weights' signs onto the
+activations (vpsignb) and multiply |q|; unsigned ones subtract `offset` (Q4_0's 8) or `centre`
+(formats with mins; the min gets centre * s back on x's exact sums) from the integer dot products.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from infer.quant.formats import FORMATS
+from infer.quant.formats.base import Lane
+
+from . import simd
+from .simd import (F32, I8, I16, I32, I64, MAXR, MAXT, PF_DIST, SHORT_ROW, V8F, V8I, V16S, V32B, ZERO8,
+                   _bcast, _blk_f16, _decl, _dot_u8s8, _hsum, _hsum2, _hsum8, _pmaddubsw, _pmaddwd, _prefetch, _psign,
+                   _row_switch, _vfma, _vload, _xvec)
+
+TARGET = simd.TARGET
+# int8 activations carry one scale per 4 values (LANES per group of 32), not one per group: the
+# int32 lanes of vpmaddwd each sum 4 products, so a lane's scale costs a vector multiply where a
+# group's was a broadcast. LLM activations have outlier channels: in SmolLM2's attention and FFN
+# inputs most groups of 32 hold one value carrying nearly all of the group (max/rms 5.6 of at most
+# sqrt(32) = 5.66), and one scale per group gave the other 31 values a step of outlier/127 (the
+# logits moved by 1-5, flipping near ties such as the first token of a chat reply; llama.cpp, one
+# scale per block, shows the same). Per 4 values only the outlier's own lane is coarse.
+LANES = 8
+XS_PER_GROUP = 8          # quantize_x's xs: sums of xhat and of x per 16 and per 32 values, then quantize_xk's
+XS2_PER_GROUP = 2         # the float kernels' sums of x per 16 values
+# quantize_rows's xg fields per token group and group of 32: vectors of the MAXT tokens' sum(xhat)
+# and sum(x) over the group and over each half, then each token's LANES scales (field XG_L + t)
+XG_SH, XG_S, XG_SH0, XG_SH1, XG_S0, XG_S1, XG_L = range(7)
+XG_FIELDS = XG_L + MAXT
+PAIR_BYTES = 512          # int8 decode: rows of at most this many bytes go two per pass
+
+V4I = ir.VectorType(I32, 4)
+V16B = ir.VectorType(I8, 16)
+
+
+def _c(v):
+    return ir.Constant(I64, v)
+
+
+def _c32(v):
+    return ir.Constant(I32, v)
+
+
+class Emit:
+    """The operations a format's unpack(e) builds a block's groups with; offsets are bytes from
+    the block's start; scalars are i32 (integers) or float (scales)."""
+
+    def __init__(self, builder, wp, boff, size):
+        self.b, self.wp, self.boff, self.size = builder, wp, boff, size
+
+    def _at(self, k):
+        return self.b.add(self.boff, _c(k))
+
+    def load(self, k, n):
+        """<n x i8> at byte k (unaligned)."""
+        return _vload(self.b, self.wp, self._at(k), ir.VectorType(I8, n))
+
+    def f16(self, k):
+        """The f16 at byte k as float32 (simd._blk_f16 reads 4 bytes: near the block's end it
+        reads the 4 ending at k + 2 and takes their upper half, never a byte past the block)."""
+        if k + 4 <= self.size:
+            return _blk_f16(self.b, self.wp, self._at(k))
+        return _blk_f16(self.b, self.wp, self._at(k - 2), lane=1)
+
+    def u8(self, k):
+        return self.b.zext(self.b.load(self.b.gep(self.wp, [self._at(k)])), I32)
+
+    def i8(self, k):
+        return self.b.sext(self.b.load(self.b.gep(self.wp, [self._at(k)])), I32)
+
+    def u16(self, k):
+        p = self.b.bitcast(self.b.gep(self.wp, [self._at(k)]), I16.as_pointer())
+        return self.b.zext(self.b.load(p, align=1), I32)
+
+    def _i(self, v):
+        return _c32(v) if isinstance(v, int) else v
+
+    def and_(self, a, b):
+        return self.b.and_(self._i(a), self._i(b))
+
+    def or_(self, a, b):
+        return self.b.or_(self._i(a), self._i(b))
+
+    def shr(self, a, n):
+        return a if n == 0 else self.b.lshr(a, self._i(n))
+
+    def shl(self, a, n):
+        return a if n == 0 else self.b.shl(a, self._i(n))
+
+    def sub(self, a, b):
+        return self.b.sub(self._i(a), self._i(b))
+
+    def itof(self, a):
+        return self.b.sitofp(a, F32)
+
+    def fmul(self, a, b):
+        return self.b.fmul(a, b)
+
+    def fneg(self, a):
+        return self.b.fneg(a)
+
+    # <32 x i8> (or <16 x i8>) vectors of unsigned bytes
+    def _splat(self, v, n=32):
+        return ir.Constant(ir.VectorType(I8, n), [v] * n)
+
+    def vand(self, v, m):
+        return self.b.and_(v, self._splat(m, v.type.count))
+
+    def vor(self, a, b):
+        return self.b.or_(a, b)
+
+    def vshr(self, v, n):
+        return v if n == 0 else self.b.lshr(v, self._splat(n, v.type.count))
+
+    def vshl(self, v, n):
+        return v if n == 0 else self.b.shl(v, self._splat(n, v.type.count))
+
+    def nibbles16(self, k):
+        """The 16 bytes at k as 32 values: low nibbles (columns 0-15), then high ones (16-31)."""
+        q = self.load(k, 16)
+        lo = self.b.and_(q, self._splat(15, 16))
+        hi = self.b.lshr(q, self._splat(4, 16))
+        return self.b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+
+    def bitplane(self, src, idx, mask, val):
+        """<32 x i8>: val where src[idx[c]] & mask[c] is set, else 0 (src: <n x i8>)."""
+        v = src if list(idx) == list(range(32)) else \
+            self.b.shuffle_vector(src, src, ir.Constant(ir.VectorType(I32, 32), list(idx)))
+        m = ir.Constant(V32B, list(mask))
+        hit = self.b.icmp_unsigned("!=", self.b.and_(v, m), self._splat(0))
+        return self.b.select(hit, self._splat(val), self._splat(0))
+
+    # <8 x i32> vectors (a block's 8 or 16 scales at once) and <8 x float>
+    def bytes8(self, k, idx, signed=False):
+        """<8 x i32>: the bytes at k + idx[i] (zero- or sign-extended); one 16-byte load, placed
+        so that it stays inside the block."""
+        base = min(k, self.size - 16)
+        v = self.load(base, 16)
+        v = self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), [i + k - base for i in idx]))
+        return self.b.sext(v, V8I) if signed else self.b.zext(v, V8I)
+
+    def splat8(self, a):
+        v = self.b.insert_element(ir.Constant(V8I, ir.Undefined), a, _c32(0))
+        return self.b.shuffle_vector(v, v, ir.Constant(V8I, [0] * 8))
+
+    def _v8(self, c):
+        return ir.Constant(V8I, list(c)) if isinstance(c, (list, tuple)) else (ir.Constant(V8I, [c] * 8) if isinstance(c, int) else c)
+
+    def and8(self, a, c):
+        return self.b.and_(a, self._v8(c))
+
+    def or8(self, a, b):
+        return self.b.or_(a, self._v8(b))
+
+    def shr8(self, a, c):
+        return self.b.lshr(a, self._v8(c))
+
+    def shl8(self, a, c):
+        return self.b.shl(a, self._v8(c))
+
+    def sub8(self, a, c):
+        return self.b.sub(a, self._v8(c))
+
+    def tof8(self, a, scale):
+        """<8 x float>: float(a) * scale (a float scalar)."""
+        return self.b.fmul(self.b.sitofp(a, V8F), _bcast(self.b, scale))
+
+    def lane(self, vf, i):
+        """Element i of an <8 x float> as a group's scale or min (the kernels broadcast it with
+        one shuffle)."""
+        return Lane(vf, i)
+
+    def pairs16(self, v):
+        """<16 x i16> [v0, v0, v1, v1, ...] of an <8 x i32> (per-group values, per half)."""
+        t = self.b.trunc(v, ir.VectorType(I16, 8))
+        return self.b.shuffle_vector(t, t, ir.Constant(ir.VectorType(I32, 16), [i // 2 for i in range(16)]))
+
+    def cat16(self, a, b):
+        """<16 x i16> of two <8 x i32> (per-half values: halves 0-7, 8-15)."""
+        ta, tb = (self.b.trunc(v, ir.VectorType(I16, 8)) for v in (a, b))
+        return self.b.shuffle_vector(ta, tb, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
+
+    def lookup16(self, idx, table):
+        """<32 x i8> table[idx[c]] for indices 0..15 (vpshufb with AVX2, else selects)."""
+        if TARGET.avx2:
+            t = ir.Constant(V32B, [v & 255 for v in table] * 2)
+            f = _decl(self.b, "llvm.x86.avx2.pshuf.b", V32B, [V32B, V32B])
+            return self.b.call(f, [t, idx])
+        out = self._splat(table[0] & 255)
+        for i in range(1, 16):
+            out = self.b.select(self.b.icmp_unsigned("==", idx, self._splat(i)), self._splat(table[i] & 255), out)
+        return out
+
+
+def _floats(builder, fmt, q, j):
+    """Columns 8j..8j+7 of a group's q as <8 x float>."""
+    part = builder.shuffle_vector(q, q, ir.Constant(ir.VectorType(I32, 8), list(range(8 * j, 8 * j + 8))))
+    return builder.sitofp(builder.sext(part, V8I) if fmt.signed else builder.zext(part, V8I), V8F)
+
+
+def _bc(builder, v):
+    """A scale (float scalar or Lane) broadcast to <8 x float>."""
+    if isinstance(v, Lane):
+        return builder.shuffle_vector(v.vec, v.vec, ir.Constant(V8I, [v.i] * 8))
+    return _bcast(builder, v)
+
+
+def _scalar(builder, v):
+    return builder.extract_element(v.vec, _c32(v.i)) if isinstance(v, Lane) else v
+
+
+def _fop(builder, fn, a, b):
+    """fn(a, b) on scales: scalars, or Lanes of the same index (computed on the whole vectors:
+    the same vector op for every group of a block, which LLVM computes once), or a Lane and a
+    float constant."""
+    if isinstance(a, Lane) or isinstance(b, Lane):
+        i = a.i if isinstance(a, Lane) else b.i
+        # one vector op per pair of operands (memo on the builder): the groups' Lanes of the
+        # result then share its vector (blockir's per-block terms look for that)
+        memo = builder.__dict__.setdefault("_fop_memo", {})
+        key = (fn.__name__, id(a.vec) if isinstance(a, Lane) else str(a), id(b.vec) if isinstance(b, Lane) else str(b))
+        if key not in memo:
+            va = a.vec if isinstance(a, Lane) else _bcast(builder, a)
+            vb = b.vec if isinstance(b, Lane) else _bcast(builder, b)
+            memo[key] = (fn(va, vb), a, b)            # a, b kept: their ids stay theirs
+        return Lane(memo[key][0], i)
+    return fn(a, b)
+
+
+def _lanes(builder, vals):
+    """<8 x float> of per-group (one value) or per-half (two: lanes 0-3, 4-7) values."""
+    if len(vals) == 1:
+        return _bc(builder, vals[0])
+    a, b = vals
+    if isinstance(a, Lane) and isinstance(b, Lane) and a.vec is b.vec:
+        return builder.shuffle_vector(a.vec, a.vec, ir.Constant(V8I, [a.i] * 4 + [b.i] * 4))
+    return builder.shuffle_vector(_bc(builder, a), _bc(builder, b), ir.Constant(V8I, [0, 1, 2, 3, 12, 13, 14, 15]))
+
+
+def _shift_of(k):
+    assert k & (k - 1) == 0, "offsets and centres are powers of two"
+    return k.bit_length() - 1
+
+
+def _ioff(fmt):
+    """The integer the int8 kernels subtract from q: the offset, or the centre of a format with mins."""
+    return fmt.centre if fmt.has_min else fmt.offset
+
+
+def _mins(builder, fmt, g):
+    """Per half: the coefficient of sum(x) in the int8 kernels: m + centre * s (formats with
+    mins), -offset * s (float kernels use this via _fmins)."""
+    if fmt.has_min:
+        if fmt.centre:
+            c = ir.Constant(F32, float(fmt.centre))
+            cs = [_fop(builder, builder.fmul, c, s) for s in g.s]
+            return [_fop(builder, builder.fadd, m, v) for m, v in zip(g.m, cs)]
+        return list(g.m)
+    return None
+
+
+def _fmins(builder, fmt, g):
+    """Per half: the coefficient of sum(x) in the float kernels: m - offset * s, or None."""
+    if fmt.has_min:
+        return list(g.m)
+    if fmt.offset:
+        c = ir.Constant(F32, -float(fmt.offset))
+        return [_fop(builder, builder.fmul, c, s) for s in g.s]
+    return None
+
+
+# --- decode on float activations ----------------------------------------------------------------
+
+def _cg_mv_float(fmt, builder, w_p, woff, rstride, nb, xp, xs2p, outp, o0, nrows):
+    """out[o0 + r] = row r . x for r < nrows (1..MAXR rows, rstride bytes apart, from byte woff),
+    nb blocks a row; xs2p: sums of x per 16 columns."""
+    G = fmt.groups
+    most = MAXR if G == 1 else 1
+    accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(most)]
+    offs = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(most)]
+    cases, end = _row_switch(builder, nrows, most)
+    for bb, nr in cases:
+        with builder.goto_block(bb):
+            if nr not in (1, most):         # the driver passes 1 or MAXR (compile time)
+                builder.branch(end)
+                continue
+            for r in range(nr):
+                builder.store(ZERO8, accs[r])
+                builder.store(ir.Constant(F32, 0.0), offs[r])
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                for r in range(nr):
+                    boff = builder.add(builder.add(woff, builder.mul(_c(r), rstride)), builder.mul(b, _c(fmt.size)))
+                    groups = fmt.unpack(Emit(builder, w_p, boff, fmt.size))
+                    for gi, g in enumerate(groups):
+                        col = builder.add(builder.mul(b, _c(fmt.block)), _c(32 * gi))
+                        xv = [_xvec(builder, xp, builder.add(col, _c(8 * j))) for j in range(4)]
+                        qf = [_floats(builder, fmt, g.q, j) for j in range(4)]
+                        acc = builder.load(accs[r])
+                        if len(g.s) == 1:
+                            t = builder.fmul(qf[0], xv[0])
+                            for j in range(1, 4):
+                                t = _vfma(builder, qf[j], xv[j], t)
+                            acc = _vfma(builder, _bc(builder, g.s[0]), t, acc)
+                        else:
+                            for h in range(2):
+                                t = _vfma(builder, qf[2 * h + 1], xv[2 * h + 1], builder.fmul(qf[2 * h], xv[2 * h]))
+                                acc = _vfma(builder, _bc(builder, g.s[h]), t, acc)
+                        builder.store(acc, accs[r])
+                        fm = _fmins(builder, fmt, g)
+                        if fm is not None:
+                            fm = [_scalar(builder, v) for v in fm]
+                            gidx = builder.add(builder.mul(b, _c(G)), _c(gi))
+                            x0 = builder.load(builder.gep(xs2p, [builder.mul(gidx, _c(2))]))
+                            x1 = builder.load(builder.gep(xs2p, [builder.add(builder.mul(gidx, _c(2)), _c(1))]))
+                            if len(fm) == 1:
+                                o = builder.fmul(fm[0], builder.fadd(x0, x1))
+                            else:
+                                o = builder.fadd(builder.fmul(fm[0], x0), builder.fmul(fm[1], x1))
+                            builder.store(builder.fadd(builder.load(offs[r]), o), offs[r])
+            for r in range(nr):
+                s = builder.fadd(_hsum(builder, builder.load(accs[r])), builder.load(offs[r]))
+                builder.store(s, builder.gep(outp, [builder.add(o0, _c(r))]))
+            builder.branch(end)
+    builder.position_at_end(end)
+
+
+# --- decode on int8 activations -----------------------------------------------------------------
+
+def _i8_group_dot(builder, fmt, q, xv):
+    """<8 x i32> lane dot products of a group's q with 32 int8 activations."""
+    if fmt.signed:
+        aw = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]), [q, ir.Constant(ir.IntType(1), 0)])
+        return _dot_u8s8(builder, aw, _psign(builder, xv, q))
+    return _dot_u8s8(builder, q, xv)
+
+
+def _sum_terms(builder, fmt, g):
+    """Per half (or per group): the coefficients (a, b) of the int8 kernels' float terms
+    a * sum(xhat) + b * sum(x): a = -K s (K the offset, or the centre of a format with mins; None
+    if 0), b = m + centre * s (None without mins)."""
+    k = _ioff(fmt)
+    a = [_fop(builder, builder.fmul, ir.Constant(F32, -float(k)), v) for v in g.s] if k else None
+    return a, _mins(builder, fmt, g)
+
+
+def _block_terms(builder, fmt, groups, region_at, macc, sacc):
+    """Add a block's float terms (offsets, centres, mins) to macc (<8 x float> accumulator) and
+    sacc (float): a block whose scales come as Lanes of vectors that run along its groups (or
+    halves) in order takes one fma per vector and coefficient (Q4_K: 8 groups' mins in one);
+    scalar scales one fma per group or half. region_at(kind, unit, idx) -> pointer to the sums
+    (kind 'sh' / 's', unit 16 or 32) at index idx (a group or half number within the block)."""
+    coefs = [_sum_terms(builder, fmt, g) for g in groups]
+    unit = 16 if fmt.halves == 2 else 32
+    for which, kind in ((0, "sh"), (1, "s")):
+        per = [c[which] for c in coefs]
+        if per[0] is None:
+            continue
+        vals = [v for lst in per for v in lst]                     # in (group, half) order
+        if all(isinstance(v, Lane) for v in vals):
+            runs, ok = {}, True
+            for pos, v in enumerate(vals):
+                r = runs.setdefault(id(v.vec), [v.vec, pos - v.i, []])
+                ok &= r[1] == pos - v.i
+                r[2].append(v.i)
+            if ok and all(sorted(r[2]) == list(range(8)) for r in runs.values()):
+                for vec, base, _ in runs.values():
+                    p = builder.bitcast(region_at(kind, unit, base), V8F.as_pointer())
+                    builder.store(_vfma(builder, vec, builder.load(p, align=4), builder.load(macc)), macc)
+                continue
+        for pos, v in enumerate(vals):
+            x = builder.load(region_at(kind, unit, pos))
+            builder.store(builder.fadd(builder.load(sacc), builder.fmul(_scalar(builder, v), x)), sacc)
+
+
+def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0):
+    """The int8 decode kernel of a 256-value format as llama.cpp's Q8_K dot products: x quantized
+    with one scale per 256 values (quantize_xk), each group's u8 x s8 products paired by vpmaddubsw
+    and multiplied by the integer scales of its halves in vpmaddwd, summed over the block as int32
+    and converted once per block; offsets and mins on x's integer sums per 16 (vpmaddwd again).
+    About 5 vector ops per 32 weights against 14 with a scale per 4 values (decode is compute
+    bound at one thread)."""
+    ngr = builder.mul(nb, _c(8))
+    xkp = builder.gep(xqp, [builder.mul(ngr, _c(32))])                 # xq[n:2n]
+    dkp = builder.gep(xsp, [builder.mul(ngr, _c(6))])                  # one scale per 256
+    bsp = builder.bitcast(builder.gep(xsp, [builder.mul(ngr, _c(7))]), I8.as_pointer())  # int16 per 16
+    accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(2)]
+    V16H = ir.VectorType(I16, 16)
+
+    def block(b, row, a):
+        boff = builder.add(builder.add(woff, builder.mul(_c(row), rstride)), builder.mul(b, _c(fmt.size)))
+        _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST)))
+        e = Emit(builder, w_p, boff, fmt.size)
+        groups = fmt.unpack(e)
+        ks = fmt.kscales(e)
+        acc = ir.Constant(V8I, [0] * 8)
+        xb = builder.mul(b, _c(256))
+        for j, g in enumerate(groups):
+            xv = _vload(builder, xkp, builder.add(xb, _c(32 * j)), V32B)
+            if fmt.signed:
+                aw = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]), [g.q, ir.Constant(ir.IntType(1), 0)])
+                p = _pmaddubsw(builder, aw, _psign(builder, xv, g.q))
+            else:
+                p = _pmaddubsw(builder, g.q, xv)
+            scj = builder.shuffle_vector(ks.sc, ks.sc, ir.Constant(ir.VectorType(I32, 16), [2 * j] * 8 + [2 * j + 1] * 8))
+            acc = builder.add(acc, _pmaddwd(builder, p, scj))
+        bs = _vload(builder, bsp, builder.mul(b, _c(32)), V16H)
+        if fmt.offset:
+            off = _pmaddwd(builder, ks.sc, bs)
+            acc = builder.sub(acc, builder.shl(off, ir.Constant(V8I, [_shift_of(fmt.offset)] * 8)))
+        dk = builder.load(builder.gep(dkp, [b]))
+        f = _vfma(builder, _bcast(builder, builder.fmul(ks.d, dk)), builder.sitofp(acc, V8F), builder.load(accs[a]))
+        if ks.m is not None:
+            mi = builder.sitofp(_pmaddwd(builder, ks.m, bs), V8F)
+            f = _vfma(builder, _bcast(builder, builder.fmul(ks.dm, dk)), mi, f)
+        builder.store(f, accs[a])
+
+    if nrows == 1:
+        with cgutils.for_range(builder, nb) as loop:
+            block(loop.index, 0, 0)
+        sums = [_hsum(builder, builder.load(accs[0]))]
+    else:
+        with cgutils.for_range(builder, nb) as loop:
+            for r in range(2):
+                block(loop.index, r, r)
+        sums = list(_hsum2(builder, builder.load(accs[0]), builder.load(accs[1])))
+    for r, v in enumerate(sums):
+        builder.store(v, builder.gep(outp, [builder.add(o0, _c(r))]))
+
+
+def _cg_mv_i8(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xdp, xsp, outp, o0):
+    """out[o0 + r] = row r . x on int8 activations, r < nrows (1 or 2). Per group one integer
+    dot product, converted and scaled by s and the lanes' x scales; offsets, centres and mins as
+    float terms on x's sums (quantize_x), per block."""
+    G = fmt.groups
+    accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(2)]
+    maccs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(2)]
+    saccs = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(2)]
+    ngr = builder.mul(nb, _c(G))
+
+    def block(b, row, a, pf=True):
+        boff = builder.add(builder.add(woff, builder.mul(_c(row), rstride)), builder.mul(b, _c(fmt.size)))
+        if PF_DIST and pf:
+            _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST)))
+        groups = fmt.unpack(Emit(builder, w_p, boff, fmt.size))
+        g0 = builder.mul(b, _c(G))
+        for gi, g in enumerate(groups):
+            gidx = builder.add(g0, _c(gi))
+            ai = (a + gi) % 2 if nrows == 1 and G > 1 else a
+            dot = _i8_group_dot(builder, fmt, g.q, _vload(builder, xqp, builder.mul(gidx, _c(32)), V32B))
+            st = builder.fmul(_lanes(builder, g.s), _xvec(builder, xdp, builder.mul(gidx, _c(LANES))))
+            builder.store(_vfma(builder, st, builder.sitofp(dot, V8F), builder.load(accs[ai])), accs[ai])
+
+        def region_at(kind, unit, idx):
+            base = {("sh", 16): 0, ("s", 16): 2, ("sh", 32): 4, ("s", 32): 5}[kind, unit]
+            per = 2 if unit == 16 else 1
+            i = builder.add(builder.mul(ngr, _c(base)), builder.add(builder.mul(g0, _c(per)), _c(idx)))
+            return builder.gep(xsp, [i])
+        _block_terms(builder, fmt, groups, region_at, maccs[a], saccs[a])
+
+    if nrows == 1:
+        if G == 1:
+            with cgutils.for_range(builder, builder.ashr(nb, _c(1))) as loop:
+                b = builder.mul(loop.index, _c(2))
+                block(b, 0, 0)
+                block(builder.add(b, _c(1)), 0, 1, pf=2 * fmt.size > 64)
+            with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, _c(1)), _c(0))):
+                block(builder.sub(nb, _c(1)), 0, 0)
+        else:
+            with cgutils.for_range(builder, nb) as loop:
+                block(loop.index, 0, 0)
+        tot = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
+                           builder.fadd(builder.load(maccs[0]), builder.load(maccs[1])))
+        sums = [builder.fadd(_hsum(builder, tot), builder.fadd(builder.load(saccs[0]), builder.load(saccs[1])))]
+    else:
+        with cgutils.for_range(builder, nb) as loop:
+            for r in range(2):
+                block(loop.index, r, r)
+        a0 = builder.fadd(builder.load(accs[0]), builder.load(maccs[0]))
+        a1 = builder.fadd(builder.load(accs[1]), builder.load(maccs[1]))
+        sums = [builder.fadd(v, builder.load(saccs[r])) for r, v in enumerate(_hsum2(builder, a0, a1))]
+    for r, v in enumerate(sums):
+        builder.store(v, builder.gep(outp, [builder.add(o0, _c(r))]))
+
+
+# --- prefill: MAXT tokens at a time on int8 activations -----------------------------------------
+
+def _cg_mm_i8(fmt, builder, w_p, woff, nb, b0, nbk, xqp, xgp, g_, ntok, outp, ocols, orow, ocol):
+    """Blocks b0..b0+nbk of the row at byte woff (nb blocks) times tokens MAXT g .. + ntok, added
+    to out[orow + t, ocol] (stored for b0 == 0)."""
+    G = fmt.groups
+    ngr = builder.mul(nb, _c(G))                     # groups of 32 in a row
+    accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXT)]
+    offs = cgutils.alloca_once_value(builder, ZERO8)
+    cols = builder.mul(ngr, _c(32))
+    t0 = builder.mul(g_, _c(MAXT))
+    gbase = builder.mul(builder.mul(g_, _c(XG_FIELDS)), ngr)
+    k = _ioff(fmt)
+
+    def xgv(field, gidx):
+        return _xvec(builder, xgp, builder.mul(builder.add(builder.add(gbase, builder.mul(_c(field), ngr)), gidx), _c(MAXT)))
+
+    # one body for every token count: MAXT tokens always (a ragged group's missing ones repeat its
+    # last token's activations, which stay in the buffer), only ntok of them stored (one body per
+    # count compiled 4.5x the code: a first run's compile time)
+    last = builder.sub(ntok, _c(1))
+    toks = [builder.select(builder.icmp_signed("<", _c(t), ntok), _c(t), last) for t in range(MAXT)]
+    for t in range(MAXT):
+        builder.store(ZERO8, accs[t])
+    builder.store(ZERO8, offs)
+    with cgutils.for_range(builder, nbk) as loop:
+        b = builder.add(b0, loop.index)
+        boff = builder.add(woff, builder.mul(b, _c(fmt.size)))
+        _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST)))
+        groups = fmt.unpack(Emit(builder, w_p, boff, fmt.size))
+        for gi, g in enumerate(groups):
+            gidx = builder.add(builder.mul(b, _c(G)), _c(gi))
+            if fmt.signed:
+                aw = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]),
+                                  [g.q, ir.Constant(ir.IntType(1), 0)])
+            sv = _lanes(builder, g.s)
+            for t in range(MAXT):
+                xo = builder.add(builder.mul(builder.add(t0, toks[t]), cols), builder.mul(gidx, _c(32)))
+                xv = _vload(builder, xqp, xo, V32B)
+                dot = _dot_u8s8(builder, aw, _psign(builder, xv, g.q)) if fmt.signed else _dot_u8s8(builder, g.q, xv)
+                st = builder.fmul(sv, xgv(XG_L + t, gidx))
+                builder.store(_vfma(builder, st, builder.sitofp(dot, V8F), builder.load(accs[t])), accs[t])
+            o = builder.load(offs)
+            if k:
+                kc = ir.Constant(F32, -float(k))
+                if len(g.s) == 1:
+                    o = _vfma(builder, _bc(builder, _fop(builder, builder.fmul, kc, g.s[0])), xgv(XG_SH, gidx), o)
+                else:
+                    for h in range(2):
+                        o = _vfma(builder, _bc(builder, _fop(builder, builder.fmul, kc, g.s[h])), xgv(XG_SH0 + h, gidx), o)
+            mn = _mins(builder, fmt, g)
+            if mn is not None:
+                if len(mn) == 1:
+                    o = _vfma(builder, _bc(builder, mn[0]), xgv(XG_S, gidx), o)
+                else:
+                    for h in range(2):
+                        o = _vfma(builder, _bc(builder, mn[h]), xgv(XG_S0 + h, gidx), o)
+            builder.store(o, offs)
+    res = builder.fadd(_hsum8(builder, [builder.load(a) for a in accs]), builder.load(offs))
+    first = builder.icmp_signed("==", b0, _c(0))
+    for t in range(MAXT):
+        with builder.if_then(builder.icmp_signed("<", _c(t), ntok)):
+            v = builder.extract_element(res, _c32(t))
+            op = builder.gep(outp, [builder.add(builder.mul(builder.add(orow, _c(t)), ocols), ocol)])
+            builder.store(builder.select(first, v, builder.fadd(builder.load(op), v)), op)
+
+
+# --- dequantization -----------------------------------------------------------------------------
+
+def _cg_dequant(fmt, builder, w_p, woff, nb, dp, doff):
+    """nb blocks from byte woff to float32 dst[doff:doff + nb * block]."""
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        boff = builder.add(woff, builder.mul(b, _c(fmt.size)))
+        groups = fmt.unpack(Emit(builder, w_p, boff, fmt.size))
+        for gi, g in enumerate(groups):
+            fm = _fmins(builder, fmt, g)
+            base = builder.add(doff, builder.add(builder.mul(b, _c(fmt.block)), _c(32 * gi)))
+            for j in range(4):
+                h = j // 2 if len(g.s) == 2 else 0
+                v = builder.fmul(_bc(builder, g.s[h]), _floats(builder, fmt, g.q, j))
+                if fm is not None:
+                    v = builder.fadd(v, _bc(builder, fm[h]))
+                p = builder.gep(dp, [builder.add(base, _c(8 * j))])
+                builder.store(v, builder.bitcast(p, V8F.as_pointer()), align=4)
+
+
+# --- intrinsics: one per format, and dispatchers over the type id -------------------------------
+
+def _ptr(context, builder, ty, v, i8=False):
+    p = context.make_array(ty)(context, builder, v).data
+    return builder.bitcast(p, I8.as_pointer()) if i8 else p
+
+
+def _switch(builder, t, fmts, emit):
+    """switch (t) { case fmt.id: emit(fmt) } over fmts; other ids do nothing."""
+    fn = builder.function
+    end = fn.append_basic_block("fmt.end")
+    sw = builder.switch(t, end)
+    for f in fmts:
+        bb = fn.append_basic_block(f"fmt.{f.name}")
+        sw.add_case(ir.Constant(t.type, f.id), bb)
+        with builder.goto_block(bb):
+            emit(f)
+            builder.branch(end)
+    builder.position_at_end(end)
+
+
+ALL = tuple(FORMATS.values())
+
+
+def mask_of(type_ids) -> int:
+    """The formats mask of a set of GGUF type ids (bit id per block format among them)."""
+    m = 0
+    for t in type_ids:
+        if int(t) in FORMATS:
+            m |= 1 << int(t)
+    return m
+
+
+def _formats(mask):
+    """The formats a dispatcher's switch holds: those in `mask` when it is a compile-time
+    constant (a Literal[int], as kernels.qmatmul's entry points pass it), else every format."""
+    if isinstance(mask, types.IntegerLiteral):
+        return tuple(f for f in ALL if mask.literal_value >> f.id & 1)
+    return ALL
+
+
+@intrinsic(prefer_literal=True)
+def mv_float_any(typingctx, mask, t, w, woff, rstride, nb, x, xs2, out, o0, nrows):
+    sig = types.void(mask, t, w, woff, rstride, nb, x, xs2, out, o0, nrows)
+    fmts = _formats(mask)
+
+    def codegen(context, builder, signature, args):
+        t_, w_, woff_, rs_, nb_, x_, xs2_, out_, o0_, nr_ = args[1:]
+        at = signature.args[1:]
+        wp = _ptr(context, builder, at[1], w_, True)
+        xp, xs2p, outp = (_ptr(context, builder, at[i], v) for i, v in ((5, x_), (6, xs2_), (7, out_)))
+        _switch(builder, t_, fmts, lambda f: _cg_mv_float(f, builder, wp, woff_, rs_, nb_, xp, xs2p, outp, o0_, nr_))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _make_mv_i8_any(nrows):
+    @intrinsic(prefer_literal=True)
+    def mv_i8_any(typingctx, mask, t, w, woff, rstride, nb, xq, xd, xs, out, o0):
+        sig = types.void(mask, t, w, woff, rstride, nb, xq, xd, xs, out, o0)
+        fmts = _formats(mask)
+
+        def codegen(context, builder, signature, args):
+            t_, w_, woff_, rs_, nb_, xq_, xd_, xs_, out_, o0_ = args[1:]
+            at = signature.args[1:]
+            wp = _ptr(context, builder, at[1], w_, True)
+            xqp = _ptr(context, builder, at[5], xq_, True)
+            xdp, xsp, outp = (_ptr(context, builder, at[i], v) for i, v in ((6, xd_), (7, xs_), (8, out_)))
+            _switch(builder, t_, fmts, lambda f: (
+                _cg_mv_i8_k(f, nrows, builder, wp, woff_, rs_, nb_, xqp, xsp, outp, o0_) if f.kscales is not None else
+                _cg_mv_i8(f, nrows, builder, wp, woff_, rs_, nb_, xqp, xdp, xsp, outp, o0_)))
+            return context.get_dummy_value()
+        return sig, codegen
+    return mv_i8_any
+
+
+mv_i8_1_any = _make_mv_i8_any(1)
+mv_i8_2_any = _make_mv_i8_any(2)
+
+
+@intrinsic(prefer_literal=True)
+def mm_i8_any(typingctx, mask, t, w, woff, nb, b0, nbk, xq, xg, g, ntok, out, orow, ocol):
+    sig = types.void(mask, t, w, woff, nb, b0, nbk, xq, xg, g, ntok, out, orow, ocol)
+    fmts = _formats(mask)
+
+    def codegen(context, builder, signature, args):
+        t_, w_, woff_, nb_, b0_, nbk_, xq_, xg_, g_, nt_, out_, orow_, ocol_ = args[1:]
+        at = signature.args[1:]
+        wp = _ptr(context, builder, at[1], w_, True)
+        xqp = _ptr(context, builder, at[6], xq_, True)
+        xgp = _ptr(context, builder, at[7], xg_)
+        oa = context.make_array(at[10])(context, builder, out_)
+        ocols = builder.extract_value(oa.shape, 1)
+        _switch(builder, t_, fmts, lambda f: _cg_mm_i8(f, builder, wp, woff_, nb_, b0_, nbk_, xqp, xgp, g_, nt_,
+                                                       oa.data, ocols, orow_, ocol_))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def dequant_any(typingctx, mask, t, w, woff, nb, dst, doff):
+    sig = types.void(mask, t, w, woff, nb, dst, doff)
+    fmts = _formats(mask)
+
+    def codegen(context, builder, signature, args):
+        t_, w_, woff_, nb_, dst_, doff_ = args[1:]
+        at = signature.args[1:]
+        wp = _ptr(context, builder, at[1], w_, True)
+        dp = _ptr(context, builder, at[4], dst_)
+        _switch(builder, t_, fmts, lambda f: _cg_dequant(f, builder, wp, woff_, nb_, dp, doff_))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+# --- per-type tables for the njit drivers (constants baked into the compiled code) ---------------
+_N = 64
+BLOCK = np.zeros(_N, np.int64)      # values per block (0: not a block format)
+BSIZE = np.zeros(_N, np.int64)      # bytes per block
+for _f in ALL:
+    BLOCK[_f.id], BSIZE[_f.id] = _f.block, _f.size
+
+
+@njit(cache=True)
+def is_block(t):
+    return 0 <= t < _N and BLOCK[t] > 0
+
+
+@njit(cache=True)
+def rows_float(mask, t, wu8, off, cols, x, xs2, out, o0, r0, r1):
+    """out[o0 + r] = W[r] . x for rows r0..r1 of a block-format matrix (float activations)."""
+    nb = cols // BLOCK[t]
+    rs = nb * BSIZE[t]
+    k = MAXR if rs >= SHORT_ROW and BLOCK[t] == 32 else 1
+    r = r0
+    while r + k <= r1:
+        mv_float_any(mask, t, wu8, off + r * rs, rs, nb, x, xs2, out, o0 + r, k)
+        r += k
+    for r in range(r, r1):
+        mv_float_any(mask, t, wu8, off + r * rs, rs, nb, x, xs2, out, o0 + r, 1)
+
+
+@njit(cache=True)
+def rows_i8(mask, t, wu8, off, cols, xq, xd, xs, out, o0, r0, r1):
+    """As rows_float on int8 activations (xq, xd, xs from quantize_x). Rows of at most PAIR_BYTES
+    go two per pass, longer ones one per pass (one sequential stream, prefetched PF_DIST ahead)."""
+    nb = cols // BLOCK[t]
+    rs = nb * BSIZE[t]
+    r2 = r0 + (r1 - r0) // 2 * 2 if rs <= PAIR_BYTES else r0
+    for r in range(r0, r2, 2):
+        mv_i8_2_any(mask, t, wu8, off + r * rs, rs, nb, xq, xd, xs, out, o0 + r)
+    for r in range(r2, r1):
+        mv_i8_1_any(mask, t, wu8, off + r * rs, rs, nb, xq, xd, xs, out, o0 + r)
+
+
+@njit(cache=True)
+def dequant_rows(mask, t, wu8, off, cols, r0, r1, dst):
+    """dst[:r1-r0, :cols] = rows r0..r1 as float32 (dst C-contiguous)."""
+    nb = cols // BLOCK[t]
+    rs = nb * BSIZE[t]
+    flat = dst.reshape(-1)
+    for r in range(r0, r1):
+        dequant_any(mask, t, wu8, off + r * rs, nb, flat, (r - r0) * cols)
+
+
+@njit(cache=True, inline="always")
+def _quantize4(v, i0, xq):
+    """v[i0:i0+4] to int8 in xq[i0:i0+4] with one scale, amax/127; returns (the scale, the sum
+    of the int8 values, the sum of the values)."""
+    m = np.float32(0.0)
+    s = np.float32(0.0)
+    for i in range(4):
+        x = v[i0 + i]
+        m = max(m, abs(x))
+        s += x
+    d = m / np.float32(127.0)
+    inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+    ls = 0
+    for i in range(4):
+        q = np.int32(np.rint(v[i0 + i] * inv))
+        xq[i0 + i] = q
+        ls += q
+    return d, ls, s
+
+
+@njit(cache=True)
+def quantize_x(x, xq, xd, xs):
+    """x (float32, n a multiple of 32) -> xq int8 with a scale per 4 values: xd[LANES g + l] =
+    amax/127 of x[32g + 4l:][:4]; xs (XS_PER_GROUP floats per group of 32, ng groups): sums of
+    xhat (the values the int8 stand for) per 16 values at [0, 2ng), of x per 16 at [2ng, 4ng),
+    of xhat per 32 at [4ng, 5ng), of x per 32 at [5ng, 6ng) (the kernels' float terms)."""
+    ng = x.shape[0] // 32
+    for g in range(ng):
+        sh0 = np.float32(0.0)
+        sh1 = np.float32(0.0)
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        for lane in range(LANES):
+            d, ls, s4 = _quantize4(x, g * 32 + 4 * lane, xq)
+            xd[g * LANES + lane] = d
+            if lane < 4:
+                sh0 += d * np.float32(ls)
+                s0 += s4
+            else:
+                sh1 += d * np.float32(ls)
+                s1 += s4
+        xs[2 * g] = sh0
+        xs[2 * g + 1] = sh1
+        xs[2 * ng + 2 * g] = s0
+        xs[2 * ng + 2 * g + 1] = s1
+        xs[4 * ng + g] = sh0 + sh1
+        xs[5 * ng + g] = s0 + s1
+
+
+@njit(cache=True)
+def quantize_xk(x, xq, xs):
+    """The 256-value formats' int8 activations (llama.cpp's Q8_K): x (n a multiple of 256) with one
+    scale per 256 values, amax/127, into xq[n:2n]; the scales at xs[6 ng + i] (ng = n / 32) and the
+    int16 sums of the int8 values per 16 in xs's bytes from float 7 ng on (see _cg_mv_i8_k)."""
+    n = x.shape[0]
+    ng = n // 32
+    bs = xs[7 * ng:8 * ng].view(np.int16)
+    for b in range(n // 256):
+        m = np.float32(0.0)
+        for i in range(256):
+            m = max(m, abs(x[256 * b + i]))
+        d = m / np.float32(127.0)
+        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        xs[6 * ng + b] = d
+        for h in range(16):
+            t = 0
+            for i in range(16):
+                q = np.int32(np.rint(x[256 * b + 16 * h + i] * inv))
+                xq[n + 256 * b + 16 * h + i] = q
+                t += q
+            bs[16 * b + h] = t
+
+
+@njit(cache=True)
+def half_sums(x, xs2):
+    """xs2[i] = the sum of x[16i:16i+16] (the float kernels' offsets and mins)."""
+    for i in range(x.shape[0] // 16):
+        s = np.float32(0.0)
+        for j in range(16):
+            s += x[16 * i + j]
+        xs2[i] = s
+
+
+@njit(cache=True)
+def _quantize_row(v, xq, t, xg, exact):
+    """Row t of the prompt's int8 activations from v (cols,): xq[t] and token t's fields of xg;
+    exact: whether sum(x) is v's own (False: v is the residual of the row before, whose exact
+    sums that row already carries)."""
+    g, tl = t // MAXT, t % MAXT
+    xr = xq[t]
+    for b in range(v.shape[0] // 32):
+        sh = np.zeros(2, np.float32)
+        s = np.zeros(2, np.float32)
+        for lane in range(LANES):
+            d, ls, s4 = _quantize4(v, b * 32 + 4 * lane, xr)
+            xg[g, XG_L + tl, b, lane] = d
+            sh[lane // 4] += d * np.float32(ls)
+            s[lane // 4] += s4
+        if not exact:
+            s[0] = np.float32(0.0)
+            s[1] = np.float32(0.0)
+        xg[g, XG_SH0, b, tl] = sh[0]
+        xg[g, XG_SH1, b, tl] = sh[1]
+        xg[g, XG_SH, b, tl] = sh[0] + sh[1]
+        xg[g, XG_S0, b, tl] = s[0]
+        xg[g, XG_S1, b, tl] = s[1]
+        xg[g, XG_S, b, tl] = s[0] + s[1]
+
+
+@njit(cache=True)
+def quantize_rows(h, xq, xg, resid):
+    """Rows of h (n, cols) to int8 with a scale per 4 values: xq (n, cols) and in xg
+    (ceil(n/MAXT), XG_FIELDS, cols/32, MAXT) the per-group terms, token t at [t // MAXT, field,
+    group, t % MAXT]; its LANES scales at [t // MAXT, XG_L + t % MAXT, group, :].
+    resid: also row n (xq and xg have room for n + 1 rows), the int8 quantization of what row
+    n - 1's int8 values miss (h[n-1] - xhat): the matmul's rows n - 1 and n added give that
+    token's product to about float precision."""
+    n, cols = h.shape
+    for t in range(n):
+        _quantize_row(h[t], xq, t, xg, True)
+    if resid:
+        r = np.empty(cols, np.float32)
+        g, tl = (n - 1) // MAXT, (n - 1) % MAXT
+        for i in range(cols):
+            r[i] = h[n - 1, i] - np.float32(xq[n - 1, i]) * xg[g, XG_L + tl, i // 32, (i % 32) // 4]
+        _quantize_row(r, xq, n, xg, False)
+
+
+# qmatmul.matmul_i8_group's work: tasks of rows (about 8 per thread, each task's rows of one column
+# slice within MM_ROW_BYTES so they stay in L2 while every token group passes) x column slices of
+# MM_COLS columns (8 tokens' int8 activations of a slice, 16 KiB, stay in L1 while the rows pass)
+MM_ROW_BYTES = 128 * 1024
+MM_COLS = 2048
+
+
+@njit(cache=True)
+def mm_rows_per_task(rows, cols, t, n_threads):
+    """Rows per task of qmatmul.matmul_i8_group: about 8 tasks per thread, the task's rows of one
+    column slice within MM_ROW_BYTES, a multiple of 16 (tasks write whole 64-byte lines of out)."""
+    kb = max(1, min(cols, MM_COLS) // BLOCK[t])
+    per_thread = (rows + 8 * n_threads - 1) // (8 * n_threads)
+    return max(16, min(64, MM_ROW_BYTES // (kb * BSIZE[t]), per_thread) // 16 * 16)
+
+
+@njit(cache=True)
+def mm_rows(mask, t, wu8, off, cols, xq, xg, out, ocol, r0, r1):
+    """out[:, ocol + r] = x @ W[r] for rows r0 <= r < r1 of a block-format matrix (one task of
+    qmatmul.matmul_i8_group): column slices of about MM_COLS, within a slice MAXT tokens at a time."""
+    nb = cols // BLOCK[t]
+    n = xq.shape[0]
+    rs = nb * BSIZE[t]
+    kb = max(1, min(nb, MM_COLS // BLOCK[t]))
+    for b0 in range(0, nb, kb):
+        nbk = min(kb, nb - b0)
+        for g in range((n + MAXT - 1) // MAXT):
+            nt = min(MAXT, n - g * MAXT)
+            for r in range(r0, r1):
+                mm_i8_any(mask, t, wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, out, g * MAXT, ocol + r)
