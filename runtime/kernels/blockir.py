@@ -399,6 +399,17 @@ def _block_terms(builder, fmt, groups, region_at, macc, sacc):
             builder.store(builder.fadd(builder.load(sacc), builder.fmul(_scalar(builder, v), x)), sacc)
 
 
+def _lane_dup(builder, v16, h):
+    """<16 x i16> [v[8h:8h+8], v[8h:8h+8]]: elements 8h..8h+7 in both 128-bit lanes; on x86 through
+    an empty asm, so that LLVM does not fold the shuffles that read it back into one cross-lane
+    shuffle (vpshufb + vpermq per group, where an in-lane vpshufb suffices)."""
+    V16H = ir.VectorType(I16, 16)
+    d = builder.shuffle_vector(v16, v16, ir.Constant(ir.VectorType(I32, 16), list(range(8 * h, 8 * h + 8)) * 2))
+    if TARGET.x86 and TARGET.avx2:
+        d = builder.asm(ir.FunctionType(V16H, [V16H]), "", "=x,0", [d], side_effect=False)
+    return d
+
+
 def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0):
     """The int8 decode kernel of a 256-value format as llama.cpp's Q8_K dot products: x quantized
     with one scale per 256 values (quantize_xk), each group's u8 x s8 products paired by vpmaddubsw
@@ -421,6 +432,7 @@ def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0)
         ks = fmt.kscales(e)
         acc = ir.Constant(V8I, [0] * 8)
         xb = builder.mul(b, _c(256))
+        dups = [_lane_dup(builder, ks.sc, h) for h in range(2)]
         for j, g in enumerate(groups):
             xv = _vload(builder, xkp, builder.add(xb, _c(32 * j)), V32B)
             if fmt.signed:
@@ -428,7 +440,11 @@ def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0)
                 p = _pmaddubsw(builder, aw, _psign(builder, xv, g.q))
             else:
                 p = _pmaddubsw(builder, g.q, xv)
-            scj = builder.shuffle_vector(ks.sc, ks.sc, ir.Constant(ir.VectorType(I32, 16), [2 * j] * 8 + [2 * j + 1] * 8))
+            # group j's two half scales, 8 x i16 each: an in-lane shuffle (one vpshufb) of the 8
+            # scales of its half block, copied into both 128-bit lanes once per 4 groups
+            jj = j % 4
+            scj = builder.shuffle_vector(dups[j // 4], dups[j // 4],
+                                         ir.Constant(ir.VectorType(I32, 16), [2 * jj] * 8 + [8 + 2 * jj + 1] * 8))
             acc = builder.add(acc, _pmaddwd(builder, p, scj))
         bs = _vload(builder, bsp, builder.mul(b, _c(32)), V16H)
         if fmt.offset:
