@@ -27,9 +27,10 @@ libllama.so: a wrapper setting PYTHONPATH and LLAMA_CPP_LIB_PATH).
         `quantize`), from the F16 file's weights and infer's importance matrix (E[a^2] per channel)
     python _llamacpp_side.py perplexity MODEL.gguf TEXT N_CTX OUT.json
         llama-perplexity's method computed on llama-cpp-python's logits (logits_all=True)
-    python _llamacpp_side.py dequantize SRC.gguf DST.gguf
+    python _llamacpp_side.py dequantize SRC.gguf DST.gguf [--all]
         a copy whose K-quant tensors are dequantized to F32 (the same weight values), for runtimes
-        without K-quant kernels
+        without K-quant kernels; --all: every quantized tensor (Q8_0, Q4_0, ... too), e.g. for a
+        llama.cpp reference without its int8 activations (F32 weights take its float matmul)
 """
 from __future__ import annotations
 
@@ -129,10 +130,10 @@ def imatrix_quantize(f16, template, dst, imatrix_path):
     print(f"{dst}: {len(replace)} tensors quantized with the importance matrix")
 
 
-def dequantize(src, dst):
+def dequantize(src, dst, all_types=False):
     import gguf
     G = gguf.GGMLQuantizationType
-    keep = {G.F32, G.F16, G.BF16, G.Q8_0, G.Q4_0, G.Q4_1}
+    keep = {G.F32, G.F16, G.BF16} if all_types else {G.F32, G.F16, G.BF16, G.Q8_0, G.Q4_0, G.Q4_1}
     replace = {}
     for t in gguf.GGUFReader(src).tensors:
         if t.tensor_type not in keep:
@@ -234,7 +235,7 @@ if __name__ == "__main__":
     elif cmd == "perplexity":
         perplexity(a[0], a[1], int(a[2]), a[3])
     elif cmd == "dequantize":
-        dequantize(a[0], a[1])
+        dequantize(a[0], a[1], all_types="--all" in a[2:])
     elif cmd == "logits":
         logits(a[0], a[1], a[2], n_threads=_opt(a, "--threads", 2, int), n_batch=_opt(a, "--batch", 512, int))
     elif cmd == "tokenize":

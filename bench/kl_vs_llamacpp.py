@@ -2,7 +2,7 @@
 
     python bench/kl_vs_llamacpp.py MODEL.gguf [--text /usr/share/common-licenses/GPL-3] [--n 320]
                                    [--offset 0] [--threads 2] [--peer /work/peer/python]
-                                   [--json OUT.json | --json -] [--check]
+                                   [--peer-model F32.gguf] [--json OUT.json | --json -] [--check]
 
 Method:
   * the text is read as llama-perplexity's -f reads it (one trailing newline dropped) and tokenized
@@ -21,6 +21,11 @@ Prints mean / median / p99 / max KL, top-1 agreement %, max |logit difference|, 
 llama.cpp's own tokenization of the text gives the same ids (informational: the comparison runs
 the same ids through both). Issue 14's must-show (a): mean KL <= 0.01 and same top token >= 95 %
 over >= 256 positions; `--check` exits 1 when it is not met.
+
+--peer-model FILE: llama.cpp runs FILE instead of MODEL (same vocabulary), e.g. a copy of MODEL with
+every tensor dequantized to F32 (`python bench/_llamacpp_side.py dequantize MODEL F32.gguf --all`):
+the same weight values through llama.cpp's float matmul, without its int8 (Q8_0/Q8_K) activations,
+a reference for infer's exact path.
 """
 from __future__ import annotations
 
@@ -88,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads of both runtimes (default 2)")
     ap.add_argument("--peer", default=os.environ.get("PEER_PYTHON", DEFAULT_PEER),
                     help=f"a Python with llama_cpp importable (default $PEER_PYTHON or {DEFAULT_PEER})")
+    ap.add_argument("--peer-model", default=None, metavar="FILE",
+                    help="the file llama.cpp runs (default MODEL), e.g. MODEL dequantized to F32")
     ap.add_argument("--no-token-check", action="store_true",
                     help="skip comparing llama.cpp's tokenization of the text with infer's")
     ap.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT ('-': stdout)")
@@ -116,13 +123,14 @@ def main(argv=None) -> int:
     if tok.add_bos and a.offset > 0:
         ids[0] = tok.bos_id
 
-    res = {"model": a.model, "text": a.text, "n": a.n, "offset": a.offset, "threads": a.threads,
+    peer_model = a.peer_model or a.model
+    res = {"model": a.model, "peer_model": peer_model, "text": a.text, "n": a.n, "offset": a.offset, "threads": a.threads,
            "peer": a.peer, "add_bos": bool(tok.add_bos)}
     with tempfile.TemporaryDirectory(prefix="kl_vs_llamacpp.") as d:
         ids_f, out_f, tok_f = Path(d, "ids.npy"), Path(d, "logits.npy"), Path(d, "tokens.npy")
         np.save(ids_f, np.array(ids, np.int32))
         if not a.no_token_check:
-            run_peer(a.peer, ["tokenize", a.model, a.text, str(tok_f)], a.timeout)
+            run_peer(a.peer, ["tokenize", peer_model, a.text, str(tok_f)], a.timeout)
             theirs = np.load(tok_f)
             k = min(len(theirs), len(all_ids))
             diff = np.flatnonzero(theirs[:k] != np.asarray(all_ids[:k]))
@@ -131,7 +139,7 @@ def main(argv=None) -> int:
                                    "identical": first is None, "first_difference": first}
         say(f"llama.cpp: logits of {a.n} positions ...")
         t0 = time.perf_counter()
-        info = json.loads(run_peer(a.peer, ["logits", a.model, str(ids_f), str(out_f), "--threads",
+        info = json.loads(run_peer(a.peer, ["logits", peer_model, str(ids_f), str(out_f), "--threads",
                                             str(a.threads), "--batch", str(min(a.n, 512))],
                                    a.timeout).strip().splitlines()[-1])
         ref = np.load(out_f)
@@ -154,7 +162,7 @@ def main(argv=None) -> int:
     res["passes_issue14_a"] = bool(c["n"] >= N_MIN and c["mean_kl"] <= KL_MAX and c["top1_pct"] >= TOP1_MIN)
 
     lines = [
-        f"{a.model}",
+        f"{a.model}" + (f" (llama.cpp: {peer_model})" if peer_model != a.model else ""),
         f"  {c['n']} positions of {a.text} (tokens {a.offset}..{a.offset + a.n - 1}), {a.threads} threads; "
         f"infer int8_activations=False vs llama-cpp-python logits_all=True",
         f"  KL(llama.cpp || infer): mean {c['mean_kl']:.3g} +/- {c['kl_stderr']:.2g}, median {c['median_kl']:.3g}, "
