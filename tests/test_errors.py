@@ -41,7 +41,7 @@ def bad(tmp_path_factory, smollm2_path):
         (d / "trunc.gguf").write_bytes(f.read(5_000_000))
     files["truncated"] = d / "trunc.gguf"
     files["arch"] = write_tiny(d / "arch.gguf", smollm2_path, arch="gpt-neo")
-    files["type"] = write_tiny(d / "type.gguf", smollm2_path, types={"blk.1.ffn_up.weight": GT.Q5_0})
+    files["type"] = write_tiny(d / "type.gguf", smollm2_path, types={"blk.1.ffn_up.weight": GT.Q8_1})
     files["shape"] = write_tiny(d / "shape.gguf", smollm2_path, reshape={"blk.0.attn_k.weight": (64, 64)})
     files["missing_tensor"] = write_tiny(d / "missing.gguf", smollm2_path, drop=("blk.1.ffn_down.weight",))
     files["missing_key"] = write_tiny(d / "nokey.gguf", smollm2_path, md_drop=("llama.block_count",))
@@ -64,7 +64,7 @@ def test_unknown_architecture(bad):
 
 
 def test_unsupported_tensor_type(bad):
-    check_error(bad["type"], "blk.1.ffn_up.weight", "Q5_0", "not supported")
+    check_error(bad["type"], "blk.1.ffn_up.weight", "Q8_1", "not supported")
 
 
 def test_shape_mismatch(bad):

@@ -100,6 +100,29 @@ def k_expected(f, raw_rows, xq, xs, x):
     return out.sum(1)
 
 
+def prompt_buffers(n, cols):
+    """The prompt matmul's int8 activations and terms for n tokens (blockir.quantize_rows's and
+    quantize_rows_k's layouts); 127 / NaN where nothing is written, so that a kernel storing a
+    ragged group's padding shows."""
+    g = (n + 7) // 8
+    return (np.full((g, cols // 32, 8, 32), 127, np.int8),
+            np.full((g, cols // 32, blockir.XG_FIELDS, 8), np.nan, np.float32),
+            np.full(g * 8 * cols, 127, np.int8),
+            np.full(g * max(1, cols // 256) * blockir.KF_CELL, np.nan, np.float32))
+
+
+def k_token(xk, xkf, t, cols):
+    """Token t's int8 values and scales from quantize_rows_k's buffers, as quantize_xk lays them
+    out for one token (xq[n:] and xs), for k_expected."""
+    nb = cols // 256
+    g, tl = t // 8, t % 8
+    cells = g * nb + np.arange(nb)
+    q = xk.reshape(-1, 8, 256)[cells, tl].reshape(-1)
+    xs = np.zeros(8 * (cols // 32), np.float32)
+    xs[6 * (cols // 32):6 * (cols // 32) + nb] = xkf.reshape(-1, blockir.KF_CELL)[cells, tl]
+    return np.concatenate([np.zeros(cols, np.int8), q]), xs
+
+
 def layout(raw, rows, pad=64):
     buf = np.zeros(pad + raw.nbytes + 64, np.uint8)
     buf[pad:pad + raw.nbytes] = raw.ravel()
@@ -154,14 +177,18 @@ def test_kernels(name, rows, per_row):
     n = 19
     h = rng.standard_normal((n, cols)).astype(np.float32)
     h[:, 5] = 9.0
-    hq = np.zeros((n, cols), np.int8)
-    xg = np.full(((n + 7) // 8, blockir.XG_FIELDS, cols // 32, 8), np.nan, np.float32)
+    hq, xg, xk, xkf = prompt_buffers(n, cols)
     blockir.quantize_rows(h, hq, xg, False)
+    if f.kscales is not None:
+        blockir.quantize_rows_k(h, xk, xkf, False)
     mm = np.full((n, rows), np.nan, np.float32)
-    k.matmul_i8(buf, tab.reshape(1, -1), hq, xg, mm, 2, np.zeros(2, np.int64))
+    k.matmul_i8(buf, tab.reshape(1, -1), hq, xg, xk, xkf, mm, 2, np.zeros(2, np.int64))
     for t in range(n):
-        xdt = xg[t // 8, blockir.XG_L + t % 8].reshape(-1)        # token t's lane scales
-        want = i8_expected(f, raw, hq[t], xdt, h[t])
+        if f.kscales is not None:
+            want = k_expected(f, raw, *k_token(xk, xkf, t, cols), h[t])
+        else:
+            xdt = xg[t // 8, :, blockir.XG_L + t % 8].reshape(-1)     # token t's lane scales
+            want = i8_expected(f, raw, hq[t // 8, :, t % 8].reshape(-1), xdt, h[t])
         sc = np.abs(ref) @ np.abs(h[t].astype(np.float64)) + 1e-30
         assert (np.abs(mm[t] - want) <= 1e-5 * sc).all(), t
 
@@ -195,9 +222,9 @@ def test_mixed_formats_in_one_group():
         np.testing.assert_allclose(out, ref @ x, rtol=0, atol=(4e-2 if use_i8 else 1e-6) * np.abs(ref).sum(1).max() * 3)
     n = 10
     h = rng.standard_normal((n, cols)).astype(np.float32)
-    hq = np.zeros((n, cols), np.int8)
-    xg = np.zeros(((n + 7) // 8, blockir.XG_FIELDS, cols // 32, 8), np.float32)
+    hq, xg, xk, xkf = prompt_buffers(n, cols)
     blockir.quantize_rows(h, hq, xg, False)
+    blockir.quantize_rows_k(h, xk, xkf, False)
     mm = np.zeros((n, ref.shape[0]), np.float32)
-    k.matmul_i8(buf, tabs, hq, xg, mm, 2, np.zeros(len(names) + 1, np.int64))
-    np.testing.assert_allclose(mm, h @ ref.T, rtol=0, atol=2e-2 * np.abs(ref).sum(1).max() * 3)
+    k.matmul_i8(buf, tabs, hq, xg, xk, xkf, mm, 2, np.zeros(len(names) + 1, np.int64))
+    np.testing.assert_allclose(mm, h @ ref.T, rtol=0, atol=4e-2 * np.abs(ref).sum(1).max() * 3)

@@ -429,20 +429,24 @@ _I8_OUTPUTS = """
                 blockir.quantize_x(x, xq[:cols], xd, xs)
                 blockir.quantize_xk(x, xq, xs)
                 h = rng.standard_normal((n, cols)).astype(np.float32)
-                hq = np.zeros((n, cols), np.int8)
-                xg = np.zeros(((n + 7) // 8, blockir.XG_FIELDS, ng, 8), np.float32)
+                hq = np.zeros(((n + 7) // 8, ng, 8, 32), np.int8)
+                xg = np.zeros(((n + 7) // 8, ng, blockir.XG_FIELDS, 8), np.float32)
                 blockir.quantize_rows(h, hq, xg, False)
+                xk = np.zeros(((n + 7) // 8) * 8 * cols, np.int8)
+                xkf = np.zeros(((n + 7) // 8) * (cols // 256) * blockir.KF_CELL, np.float32)
+                blockir.quantize_rows_k(h, xk, xkf, False)
                 key = f"{f.name}_{cols}"
                 if inp is not None:
-                    xq, xd, xs, hq, xg = (inp[f"{v}{key}"] for v in ("xq", "xd", "xs", "hq", "xg"))
-                made.update({f"xq{key}": xq, f"xd{key}": xd, f"xs{key}": xs, f"hq{key}": hq, f"xg{key}": xg})
+                    xq, xd, xs, hq, xg, xk, xkf = (inp[f"{v}{key}"] for v in ("xq", "xd", "xs", "hq", "xg", "xk", "xkf"))
+                made.update({f"xq{key}": xq, f"xd{key}": xd, f"xs{key}": xs, f"hq{key}": hq, f"xg{key}": xg,
+                             f"xk{key}": xk, f"xkf{key}": xkf})
                 out = np.zeros(rows, np.float32)
                 # use_i8 with the quantized inputs as given: mv's prep_x would redo them, so the
                 # matvec group is called through the kernels' own entry with prep skipped
                 k.mv_prepared(w, tab, x, np.zeros(2 * ng, np.float32), out, np.zeros(1, np.int64), 8,
                               np.zeros(4, np.int64), np.zeros((8, cols), np.uint32), xq, xd, xs, True)
                 mm = np.zeros((n, rows), np.float32)
-                k.matmul_i8(w, tab, hq, xg, mm, 2, np.zeros(2, np.int64))
+                k.matmul_i8(w, tab, hq, xg, xk, xkf, mm, 2, np.zeros(2, np.int64))
                 res[f"mv{key}"], res[f"mm{key}"] = out, mm
         return res, made
 """

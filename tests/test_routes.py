@@ -8,7 +8,7 @@ of the long prompt is the last position of the prompt of n tokens). Issue 13: on
 two threads answered the chat test with "L'Étoile, ..."; the cause was not the threads but int8
 activations with one scale per block of 32 (SmolLM2's outlier channels), which the two-thread
 route used for prompts of over 32 tokens while one thread ran them through float BLAS. With one
-scale per 4 values and the last token's residual row (simd.quantize_rows) the int8 path agrees
+scale per 4 values and the last token's residual row (blockir.quantize_rows) the int8 path agrees
 with the float path at every length here; before, 8 of 100 lengths had another top token.
 """
 from __future__ import annotations

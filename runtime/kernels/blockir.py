@@ -426,8 +426,8 @@ def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0)
 
     def block(b, row, a):
         boff = builder.add(builder.add(woff, builder.mul(_c(row), rstride)), builder.mul(b, _c(fmt.size)))
-        _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST)))
         e = Emit(builder, w_p, boff, fmt.size)
+        _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST)))
         groups = fmt.unpack(e)
         ks = fmt.kscales(e)
         acc = ir.Constant(V8I, [0] * 8)
@@ -534,19 +534,17 @@ def _cg_mm_i8(fmt, builder, w_p, woff, nb, b0, nbk, xqp, xgp, g_, ntok, outp, oc
     ngr = builder.mul(nb, _c(G))                     # groups of 32 in a row
     accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXT)]
     offs = cgutils.alloca_once_value(builder, ZERO8)
-    cols = builder.mul(ngr, _c(32))
-    t0 = builder.mul(g_, _c(MAXT))
-    gbase = builder.mul(builder.mul(g_, _c(XG_FIELDS)), ngr)
+    gg = builder.mul(g_, ngr)                        # the token group's first (group, token) cell
     k = _ioff(fmt)
 
     def xgv(field, gidx):
-        return _xvec(builder, xgp, builder.mul(builder.add(builder.add(gbase, builder.mul(_c(field), ngr)), gidx), _c(MAXT)))
+        return _xvec(builder, xgp, builder.add(builder.mul(builder.add(gg, gidx), _c(XG_FIELDS * MAXT)), _c(field * MAXT)))
 
-    # one body for every token count: MAXT tokens always (a ragged group's missing ones repeat its
-    # last token's activations, which stay in the buffer), only ntok of them stored (one body per
-    # count compiled 4.5x the code: a first run's compile time)
-    last = builder.sub(ntok, _c(1))
-    toks = [builder.select(builder.icmp_signed("<", _c(t), ntok), _c(t), last) for t in range(MAXT)]
+    # one body for every token count: MAXT tokens always (a ragged group's missing ones read the
+    # buffer's padding rows), only ntok of them stored (one body per count compiled 4.5x the code:
+    # a first run's compile time). The tokens' 32 activations of a group lie side by side
+    # (quantize_rows), at constant offsets from one pointer (a pointer per token took the
+    # general registers: the loop reloaded them from the stack)
     for t in range(MAXT):
         builder.store(ZERO8, accs[t])
     builder.store(ZERO8, offs)
@@ -561,9 +559,9 @@ def _cg_mm_i8(fmt, builder, w_p, woff, nb, b0, nbk, xqp, xgp, g_, ntok, outp, oc
                 aw = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]),
                                   [g.q, ir.Constant(ir.IntType(1), 0)])
             sv = _lanes(builder, g.s)
+            xg0 = builder.mul(builder.add(gg, gidx), _c(32 * MAXT))
             for t in range(MAXT):
-                xo = builder.add(builder.mul(builder.add(t0, toks[t]), cols), builder.mul(gidx, _c(32)))
-                xv = _vload(builder, xqp, xo, V32B)
+                xv = _vload(builder, xqp, builder.add(xg0, _c(32 * t)), V32B)
                 dot = _dot_u8s8(builder, aw, _psign(builder, xv, g.q)) if fmt.signed else _dot_u8s8(builder, g.q, xv)
                 st = builder.fmul(sv, xgv(XG_L + t, gidx))
                 builder.store(_vfma(builder, st, builder.sitofp(dot, V8F), builder.load(accs[t])), accs[t])
@@ -584,6 +582,60 @@ def _cg_mm_i8(fmt, builder, w_p, woff, nb, b0, nbk, xqp, xgp, g_, ntok, outp, oc
                         o = _vfma(builder, _bc(builder, mn[h]), xgv(XG_S0 + h, gidx), o)
             builder.store(o, offs)
     res = builder.fadd(_hsum8(builder, [builder.load(a) for a in accs]), builder.load(offs))
+    first = builder.icmp_signed("==", b0, _c(0))
+    for t in range(MAXT):
+        with builder.if_then(builder.icmp_signed("<", _c(t), ntok)):
+            v = builder.extract_element(res, _c32(t))
+            op = builder.gep(outp, [builder.add(builder.mul(builder.add(orow, _c(t)), ocols), ocol)])
+            builder.store(builder.select(first, v, builder.fadd(builder.load(op), v)), op)
+
+
+def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp, ocols, orow, ocol):
+    """The prompt matmul of a 256-value format as Q8_K dot products (quantize_rows_k): per block
+    and group the group's q and half scales once, then per token vpmaddubsw, vpmaddwd with the
+    scales and an int32 add; per block and token the offset and min terms on the tokens' integer
+    sums per 16, one conversion and one fma with d times the token's scale."""
+    accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXT)]
+    V16H = ir.VectorType(I16, 16)
+    for t in range(MAXT):
+        builder.store(ZERO8, accs[t])
+    with cgutils.for_range(builder, nbk) as loop:
+        b = builder.add(b0, loop.index)
+        boff = builder.add(woff, builder.mul(b, _c(fmt.size)))
+        _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST)))
+        e = Emit(builder, w_p, boff, fmt.size)
+        groups = fmt.unpack(e)
+        ks = fmt.kscales(e)
+        cell = builder.add(builder.mul(g_, nb), b)                  # (token group, block)
+        x0 = builder.mul(cell, _c(MAXT * 256))
+        f0 = builder.mul(cell, _c(KF_CELL))
+        dups = [_lane_dup(builder, ks.sc, h) for h in range(2)]
+        acc = [ir.Constant(V8I, [0] * 8)] * MAXT
+        for j, g in enumerate(groups):
+            jj = j % 4
+            scj = builder.shuffle_vector(dups[j // 4], dups[j // 4],
+                                         ir.Constant(ir.VectorType(I32, 16), [2 * jj] * 8 + [8 + 2 * jj + 1] * 8))
+            if fmt.signed:
+                aw = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]), [g.q, ir.Constant(ir.IntType(1), 0)])
+            for t in range(MAXT):
+                xv = _vload(builder, xkp, builder.add(x0, _c(256 * t + 32 * j)), V32B)
+                p = _pmaddubsw(builder, aw, _psign(builder, xv, g.q)) if fmt.signed else _pmaddubsw(builder, g.q, xv)
+                acc[t] = builder.add(acc[t], _pmaddwd(builder, p, scj))
+        dk = _xvec(builder, xkfp, f0)                               # the 8 tokens' scales
+        dd = builder.fmul(_bcast(builder, ks.d), dk)
+        dm = builder.fmul(_bcast(builder, ks.dm), dk) if ks.m is not None else None
+        bsp = builder.bitcast(builder.gep(xkfp, [builder.add(f0, _c(MAXT))]), I8.as_pointer())
+        for t in range(MAXT):
+            bs = _vload(builder, bsp, _c(32 * t), V16H)
+            a = acc[t]
+            if fmt.offset:
+                a = builder.sub(a, builder.shl(_pmaddwd(builder, ks.sc, bs), ir.Constant(V8I, [_shift_of(fmt.offset)] * 8)))
+            sel = ir.Constant(V8I, [t] * 8)
+            f = _vfma(builder, builder.shuffle_vector(dd, dd, sel), builder.sitofp(a, V8F), builder.load(accs[t]))
+            if dm is not None:
+                f = _vfma(builder, builder.shuffle_vector(dm, dm, sel), builder.sitofp(_pmaddwd(builder, ks.m, bs), V8F), f)
+            builder.store(f, accs[t])
+    res = _hsum8(builder, [builder.load(a) for a in accs])
     first = builder.icmp_signed("==", b0, _c(0))
     for t in range(MAXT):
         with builder.if_then(builder.icmp_signed("<", _c(t), ntok)):
@@ -693,20 +745,24 @@ mv_i8_2_any = _make_mv_i8_any(2)
 
 
 @intrinsic(prefer_literal=True)
-def mm_i8_any(typingctx, mask, t, w, woff, nb, b0, nbk, xq, xg, g, ntok, out, orow, ocol):
-    sig = types.void(mask, t, w, woff, nb, b0, nbk, xq, xg, g, ntok, out, orow, ocol)
+def mm_i8_any(typingctx, mask, t, w, woff, nb, b0, nbk, xq, xg, xk, xkf, g, ntok, out, orow, ocol):
+    sig = types.void(mask, t, w, woff, nb, b0, nbk, xq, xg, xk, xkf, g, ntok, out, orow, ocol)
     fmts = _formats(mask)
 
     def codegen(context, builder, signature, args):
-        t_, w_, woff_, nb_, b0_, nbk_, xq_, xg_, g_, nt_, out_, orow_, ocol_ = args[1:]
+        t_, w_, woff_, nb_, b0_, nbk_, xq_, xg_, xk_, xkf_, g_, nt_, out_, orow_, ocol_ = args[1:]
         at = signature.args[1:]
         wp = _ptr(context, builder, at[1], w_, True)
         xqp = _ptr(context, builder, at[6], xq_, True)
         xgp = _ptr(context, builder, at[7], xg_)
-        oa = context.make_array(at[10])(context, builder, out_)
+        xkp = _ptr(context, builder, at[8], xk_, True)
+        xkfp = _ptr(context, builder, at[9], xkf_)
+        oa = context.make_array(at[12])(context, builder, out_)
         ocols = builder.extract_value(oa.shape, 1)
-        _switch(builder, t_, fmts, lambda f: _cg_mm_i8(f, builder, wp, woff_, nb_, b0_, nbk_, xqp, xgp, g_, nt_,
-                                                       oa.data, ocols, orow_, ocol_))
+        _switch(builder, t_, fmts, lambda f: (
+            _cg_mm_i8_k(f, builder, wp, woff_, nb_, b0_, nbk_, xkp, xkfp, g_, nt_, oa.data, ocols, orow_, ocol_)
+            if f.kscales is not None else
+            _cg_mm_i8(f, builder, wp, woff_, nb_, b0_, nbk_, xqp, xgp, g_, nt_, oa.data, ocols, orow_, ocol_)))
         return context.get_dummy_value()
     return sig, codegen
 
@@ -861,38 +917,41 @@ def half_sums(x, xs2):
 
 @njit(cache=True)
 def _quantize_row(v, xq, t, xg, exact):
-    """Row t of the prompt's int8 activations from v (cols,): xq[t] and token t's fields of xg;
-    exact: whether sum(x) is v's own (False: v is the residual of the row before, whose exact
-    sums that row already carries)."""
+    """Token t of the prompt's int8 activations from v (cols,), into xq and xg (layouts in
+    quantize_rows); exact: whether sum(x) is v's own (False: v is the residual of the row before,
+    whose exact sums that row already carries)."""
     g, tl = t // MAXT, t % MAXT
-    xr = xq[t]
+    tmp = np.empty(32, np.int8)
     for b in range(v.shape[0] // 32):
         sh = np.zeros(2, np.float32)
         s = np.zeros(2, np.float32)
         for lane in range(LANES):
-            d, ls, s4 = _quantize4(v, b * 32 + 4 * lane, xr)
-            xg[g, XG_L + tl, b, lane] = d
+            d, ls, s4 = _quantize4(v[32 * b:32 * b + 32], 4 * lane, tmp)
+            xg[g, b, XG_L + tl, lane] = d
             sh[lane // 4] += d * np.float32(ls)
             s[lane // 4] += s4
+        xq[g, b, tl, :] = tmp
         if not exact:
             s[0] = np.float32(0.0)
             s[1] = np.float32(0.0)
-        xg[g, XG_SH0, b, tl] = sh[0]
-        xg[g, XG_SH1, b, tl] = sh[1]
-        xg[g, XG_SH, b, tl] = sh[0] + sh[1]
-        xg[g, XG_S0, b, tl] = s[0]
-        xg[g, XG_S1, b, tl] = s[1]
-        xg[g, XG_S, b, tl] = s[0] + s[1]
+        xg[g, b, XG_SH0, tl] = sh[0]
+        xg[g, b, XG_SH1, tl] = sh[1]
+        xg[g, b, XG_SH, tl] = sh[0] + sh[1]
+        xg[g, b, XG_S0, tl] = s[0]
+        xg[g, b, XG_S1, tl] = s[1]
+        xg[g, b, XG_S, tl] = s[0] + s[1]
 
 
 @njit(cache=True)
 def quantize_rows(h, xq, xg, resid):
-    """Rows of h (n, cols) to int8 with a scale per 4 values: xq (n, cols) and in xg
-    (ceil(n/MAXT), XG_FIELDS, cols/32, MAXT) the per-group terms, token t at [t // MAXT, field,
-    group, t % MAXT]; its LANES scales at [t // MAXT, XG_L + t % MAXT, group, :].
-    resid: also row n (xq and xg have room for n + 1 rows), the int8 quantization of what row
-    n - 1's int8 values miss (h[n-1] - xhat): the matmul's rows n - 1 and n added give that
-    token's product to about float precision."""
+    """Rows of h (n, cols) to int8 with a scale per 4 values, laid out for mm_i8 by token groups of
+    MAXT: xq (ceil((n + resid) / MAXT), cols / 32, MAXT, 32) int8, token t's 32 values of group b at
+    [t // MAXT, b, t % MAXT]; xg (same groups, cols / 32, XG_FIELDS, MAXT) float32: per group the
+    MAXT tokens' sum(xhat), sum(x) and their halves' (fields XG_SH .. XG_S1), then token t's LANES
+    scales at [.., XG_L + t % MAXT, :]. A ragged last group's other rows are left as they are
+    (the kernel reads them and drops their results).
+    resid: also row n, the int8 quantization of what row n - 1's int8 values miss (h[n-1] - xhat):
+    the matmul's rows n - 1 and n added give that token's product to about float precision."""
     n, cols = h.shape
     for t in range(n):
         _quantize_row(h[t], xq, t, xg, True)
@@ -900,8 +959,55 @@ def quantize_rows(h, xq, xg, resid):
         r = np.empty(cols, np.float32)
         g, tl = (n - 1) // MAXT, (n - 1) % MAXT
         for i in range(cols):
-            r[i] = h[n - 1, i] - np.float32(xq[n - 1, i]) * xg[g, XG_L + tl, i // 32, (i % 32) // 4]
+            r[i] = h[n - 1, i] - np.float32(xq[g, i // 32, tl, i % 32]) * xg[g, i // 32, XG_L + tl, (i % 32) // 4]
         _quantize_row(r, xq, n, xg, False)
+
+
+KF_CELL = MAXT + MAXT * 8      # quantize_rows_k's floats per (token group, block): 8 scales, 8 x 16 int16 sums
+
+
+@njit(cache=True)
+def _quantize_row_k(v, xk, xkf, t):
+    """Token t's K form (quantize_rows_k) from v (cols,)."""
+    g, tl = t // MAXT, t % MAXT
+    nb = v.shape[0] // 256
+    for b in range(nb):
+        m = np.float32(0.0)
+        for i in range(256):
+            m = max(m, abs(v[256 * b + i]))
+        d = m / np.float32(127.0)
+        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        cell = g * nb + b
+        xkf[cell * KF_CELL + tl] = d
+        bs = xkf[cell * KF_CELL + MAXT:(cell + 1) * KF_CELL].view(np.int16)
+        base = cell * MAXT * 256 + tl * 256
+        for h in range(16):
+            s = 0
+            for i in range(16):
+                q = np.int32(np.rint(v[256 * b + 16 * h + i] * inv))
+                xk[base + 16 * h + i] = q
+                s += q
+            bs[16 * tl + h] = s
+
+
+@njit(cache=True)
+def quantize_rows_k(h, xk, xkf, resid):
+    """The prompt's activations for the 256-value formats (mm_i8_k), as quantize_xk per token and
+    laid out by token groups of MAXT and blocks of 256: token t's int8 values of block b at
+    xk[((t // MAXT) nb + b) MAXT 256 + (t % MAXT) 256:][:256], and per (group, block) cell KF_CELL
+    floats of xkf: the MAXT tokens' scales, then their int16 sums per 16 (16 per token).
+    resid: also row n, what row n - 1's int8 values miss (as quantize_rows)."""
+    n, cols = h.shape
+    for t in range(n):
+        _quantize_row_k(h[t], xk, xkf, t)
+    if resid:
+        r = np.empty(cols, np.float32)
+        g, tl = (n - 1) // MAXT, (n - 1) % MAXT
+        nb = cols // 256
+        for i in range(cols):
+            cell = g * nb + i // 256
+            r[i] = h[n - 1, i] - np.float32(xk[cell * MAXT * 256 + tl * 256 + i % 256]) * xkf[cell * KF_CELL + tl]
+        _quantize_row_k(r, xk, xkf, n)
 
 
 # qmatmul.matmul_i8_group's work: tasks of rows (about 8 per thread, each task's rows of one column
@@ -921,11 +1027,11 @@ def mm_rows_per_task(rows, cols, t, n_threads):
 
 
 @njit(cache=True)
-def mm_rows(mask, t, wu8, off, cols, xq, xg, out, ocol, r0, r1):
+def mm_rows(mask, t, wu8, off, cols, xq, xg, xk, xkf, out, ocol, r0, r1):
     """out[:, ocol + r] = x @ W[r] for rows r0 <= r < r1 of a block-format matrix (one task of
     qmatmul.matmul_i8_group): column slices of about MM_COLS, within a slice MAXT tokens at a time."""
     nb = cols // BLOCK[t]
-    n = xq.shape[0]
+    n = out.shape[0]
     rs = nb * BSIZE[t]
     kb = max(1, min(nb, MM_COLS // BLOCK[t]))
     for b0 in range(0, nb, kb):
@@ -933,4 +1039,4 @@ def mm_rows(mask, t, wu8, off, cols, xq, xg, out, ocol, r0, r1):
         for g in range((n + MAXT - 1) // MAXT):
             nt = min(MAXT, n - g * MAXT)
             for r in range(r0, r1):
-                mm_i8_any(mask, t, wu8, off + r * rs, nb, b0, nbk, xq, xg, g, nt, out, g * MAXT, ocol + r)
+                mm_i8_any(mask, t, wu8, off + r * rs, nb, b0, nbk, xq, xg, xk, xkf, g, nt, out, g * MAXT, ocol + r)

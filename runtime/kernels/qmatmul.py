@@ -192,9 +192,10 @@ def prep_x(x, xsum, xq, xd, xs, use_i8):
 
 
 @njit(cache=True, parallel=True)
-def matmul_i8_group(mask, wu8, tabs, xq, xg, out, n_threads, starts):
+def matmul_i8_group(mask, wu8, tabs, xq, xg, xk, xkf, out, n_threads, starts):
     """out (n, sum of rows) = x @ W.T for one or several block-format matrices on the same int8
-    activations (blockir.quantize_rows) in one parallel region (the prompt's q/k/v, gate/up):
+    activations (blockir.quantize_rows; the 256-value formats' form from quantize_rows_k in xk,
+    xkf) in one parallel region (the prompt's q/k/v, gate/up):
     matrix j's rows at columns from sum(rows of tabs[:j]). n_threads: numba.get_num_threads()
     (called here it would keep this function out of the disk cache); starts: (k+1,) int64 scratch."""
     k = tabs.shape[0]
@@ -211,7 +212,7 @@ def matmul_i8_group(mask, wu8, tabs, xq, xg, out, n_threads, starts):
         rows, cols, t = tabs[j, TAB_ROWS], tabs[j, TAB_COLS], tabs[j, TAB_TYPE]
         rt = blockir.mm_rows_per_task(rows, cols, t, n_threads)
         r0 = (task - starts[j]) * rt
-        blockir.mm_rows(mask, t, wu8, tabs[j, TAB_OFF], cols, xq, xg, out, ocol, r0, min(rows, r0 + rt))
+        blockir.mm_rows(mask, t, wu8, tabs[j, TAB_OFF], cols, xq, xg, xk, xkf, out, ocol, r0, min(rows, r0 + rt))
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,7 +223,7 @@ def kernels(mask):
 
       mv(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8): prep_x + matvec_group
       mv_prepared(...): matvec_group alone (x's sums or int8 form given: the tests)
-      matmul_i8(wu8, tabs, xq, xg, out, n_threads, starts): matmul_i8_group
+      matmul_i8(wu8, tabs, xq, xg, xk, xkf, out, n_threads, starts): matmul_i8_group
       dequant(wu8, tab, r0, r1, dst, tmp_u32): dequant_rows
       dequant_par(wu8, tab, r0, r1, dst, tmp_u32_2d): dequant_matrix
     """
@@ -236,8 +237,8 @@ def kernels(mask):
         matvec_group(mask, wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8)
 
     @njit(cache=True)
-    def matmul_i8(wu8, tabs, xq, xg, out, n_threads, starts):
-        matmul_i8_group(mask, wu8, tabs, xq, xg, out, n_threads, starts)
+    def matmul_i8(wu8, tabs, xq, xg, xk, xkf, out, n_threads, starts):
+        matmul_i8_group(mask, wu8, tabs, xq, xg, xk, xkf, out, n_threads, starts)
 
     @njit(cache=True)
     def dequant(wu8, tab, r0, r1, dst, tmp_u32):

@@ -162,7 +162,8 @@ class LlamaModel:
         c0 = 0
         for t in tabs:
             rows = int(t[TAB_ROWS])
-            self._matmul(s, t, h, out[:n, c0:c0 + rows])
+            # with the residual row: a single-token chunk's slice is contiguous and may run int8
+            self._matmul(s, t, h, out[:n + s.resid, c0:c0 + rows])
             c0 += rows
 
     def _matmul_i8(self, s, tabs, h, out):
@@ -173,11 +174,15 @@ class LlamaModel:
         n, cols = h.shape
         r = s.resid
         nb = cols // 32
-        xq = s.pxq[:(n + r) * cols].reshape(n + r, cols)   # contiguous: the kernels index rows by cols
-        ng = (n + r + simd.MAXT - 1) // simd.MAXT
-        xg = s.pxg[:ng * blockir.XG_FIELDS * nb * simd.MAXT].reshape(ng, blockir.XG_FIELDS, nb, simd.MAXT)
-        blockir.quantize_rows(h, xq, xg, bool(r))
-        self.k.matmul_i8(self.wu8, tabs, xq, xg, out[:n + r], s.n_threads, s.starts)
+        ng = (n + r + simd.MAXT - 1) // simd.MAXT           # token groups (blockir.quantize_rows)
+        xq = s.pxq[:ng * nb * simd.MAXT * 32].reshape(ng, nb, simd.MAXT, 32)
+        xg = s.pxg[:ng * blockir.XG_FIELDS * nb * simd.MAXT].reshape(ng, nb, blockir.XG_FIELDS, simd.MAXT)
+        kinds = {FORMATS[int(t[qm.TAB_TYPE])].kscales is not None for t in tabs}
+        if False in kinds:          # 32-value formats: a scale per 4 values
+            blockir.quantize_rows(h, xq, xg, bool(r))
+        if True in kinds:           # 256-value formats: llama.cpp's Q8_K form
+            blockir.quantize_rows_k(h, s.pxk, s.pxkf, bool(r))
+        self.k.matmul_i8(self.wu8, tabs, xq, xg, s.pxk, s.pxkf, out[:n + r], s.n_threads, s.starts)
         if r:
             out[n - 1] += out[n]
 
@@ -410,7 +415,10 @@ class Scratch:
         # prompts on int8 activations (LlamaModel._matmul, blockir.quantize_rows)
         mc = max(c.dim, c.n_ff, c.q_dim)
         ni = (nb if self.i8_prefill else min(nb, I8_SHORT)) if self.use_i8 else 0
-        self.pxq = np.zeros((ni + 1) * mc, np.int8)
+        self.pxq = np.zeros((ni + simd.MAXT) // simd.MAXT * simd.MAXT * mc, np.int8)   # whole token groups
+        # the 256-value formats' form (blockir.quantize_rows_k)
+        self.pxk = np.zeros(self.pxq.shape[0], np.int8)
+        self.pxkf = np.zeros((ni + simd.MAXT) // simd.MAXT * (mc // 256 + 1) * blockir.KF_CELL, f)
         self.pxg = np.zeros((ni + simd.MAXT) // simd.MAXT * blockir.XG_FIELDS * (mc // 32) * simd.MAXT, f)
         self.resid = 0          # the prefill's matmuls: whether the last row gets its residual row
         self.starts = np.zeros(4, np.int64)
