@@ -429,8 +429,8 @@ def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0)
         e = Emit(builder, w_p, boff, fmt.size)
         # every cache line of the block PF_DIST ahead (one prefetch per block left the other
         # lines of a 144-210 byte block to the hardware prefetcher)
-        for k in range(0, fmt.size, 64):
-            _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST + k)))
+        for line in range(0, fmt.size, 64):
+            _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST + line)))
         groups = fmt.unpack(e)
         ks = fmt.kscales(e)
         acc = ir.Constant(V8I, [0] * 8)
@@ -554,8 +554,8 @@ def _cg_mm_i8(fmt, builder, w_p, woff, nb, b0, nbk, xqp, xgp, g_, ntok, outp, oc
     with cgutils.for_range(builder, nbk) as loop:
         b = builder.add(b0, loop.index)
         boff = builder.add(woff, builder.mul(b, _c(fmt.size)))
-        for k in range(0, fmt.size, 64):      # each line of the block (see _cg_mv_i8_k)
-            _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST + k)))
+        for line in range(0, fmt.size, 64):   # each line of the block (see _cg_mv_i8_k)
+            _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST + line)))
         groups = fmt.unpack(Emit(builder, w_p, boff, fmt.size))
         for gi, g in enumerate(groups):
             gidx = builder.add(builder.mul(b, _c(G)), _c(gi))
@@ -606,8 +606,8 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
     with cgutils.for_range(builder, nbk) as loop:
         b = builder.add(b0, loop.index)
         boff = builder.add(woff, builder.mul(b, _c(fmt.size)))
-        for k in range(0, fmt.size, 64):      # each line of the block (see _cg_mv_i8_k)
-            _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST + k)))
+        for line in range(0, fmt.size, 64):   # each line of the block (see _cg_mv_i8_k)
+            _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST + line)))
         e = Emit(builder, w_p, boff, fmt.size)
         groups = fmt.unpack(e)
         ks = fmt.kscales(e)
