@@ -2,7 +2,8 @@
 
 Weights are addressed in one flat byte buffer (the memory-mapped file): a tensor is a row of the
 int64 table described by TAB_* below. Blocks, their f16 scales included, are read in place from
-the file (the vector-IR kernels of simd.py convert a scale with one vcvtph2ps; in scalar Numba
+the file by the block formats' kernels (blockir.py, generated from quant/formats; simd.py's
+vector IR converts a scale with one vcvtph2ps; in scalar Numba
 the conversion is bit arithmetic, _f16_bits_to_f32_bits). Activations stay float32 (exact enough to match fp32
 references; the kernels are memory bound either way).
 
@@ -150,8 +151,9 @@ def matvec_group(mask, wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32
     tabs: (k, TAB_WIDTH) tensor rows; out_offs: (k,) offset of each result in `out`;
     chunk: rows per task (multiple of ROW_TILE); starts: (k+1,) int64 scratch;
     tmp_u32_2d: (n_threads, max_cols) scratch, one row per thread.
-    xq, xd, xsq (prep_x, simd.quantize_x): x quantized to int8, a scale per 4 values; when use_i8, the quantized
-    types run the int8 kernels on them (AVX2 hosts only: callers set it only if simd.HAVE_AVX2).
+    xq, xd, xsq (prep_x: blockir.quantize_x and quantize_xk): x quantized to int8 (a scale per 4
+    values; per 256 for the 256-value formats); when use_i8, the block formats run the int8
+    kernels on them (AVX2 hosts only: callers set it only if simd.HAVE_AVX2).
     One signature for both (the float and int8 paths were two compilations of the whole group,
     and decode_step linked both: about 4 s of the first run's JIT compile).
     """
