@@ -801,6 +801,12 @@ def is_block(t):
 
 
 @njit(cache=True)
+def block_of(t):
+    """Values per block of type t (0: not a block format)."""
+    return BLOCK[t] if 0 <= t < _N else 0
+
+
+@njit(cache=True)
 def rows_float(mask, t, wu8, off, cols, x, xs2, out, o0, r0, r1):
     """out[o0 + r] = W[r] . x for rows r0..r1 of a block-format matrix (float activations)."""
     nb = cols // BLOCK[t]

@@ -181,13 +181,21 @@ def matvec_group(mask, wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32
 
 
 @njit(cache=True, fastmath=FM)
-def prep_x(x, xsum, xq, xd, xs, use_i8):
-    """x's int8 quantizations when use_i8 (xq: 2 * len(x) bytes; xs: blockir.XS_PER_GROUP floats per
-    32 values; see blockir.quantize_x and quantize_xk), else its sums per 16 values (xsum: the
-    float kernels' offsets and mins)."""
+def prep_x(tabs, x, xsum, xq, xd, xs, use_i8):
+    """x's int8 quantizations when use_i8, the ones the matrices `tabs` read (xq: 2 * len(x)
+    bytes; xs: blockir.XS_PER_GROUP floats per 32 values): a scale per 4 values for the 32-value
+    formats (blockir.quantize_x), per 256 for the 256-value ones (quantize_xk, xq's second half);
+    else x's sums per 16 values (xsum: the float kernels' offsets and mins)."""
     if use_i8:
-        blockir.quantize_x(x, xq[:x.shape[0]], xd, xs)
-        if x.shape[0] % 256 == 0:           # the 256-value formats' form (xq's second half)
+        per4 = False
+        per256 = False
+        for j in range(tabs.shape[0]):
+            bl = blockir.block_of(tabs[j, TAB_TYPE])
+            per4 |= bl == 32
+            per256 |= bl == 256
+        if per4:
+            blockir.quantize_x(x, xq[:x.shape[0]], xd, xs)
+        if per256:
             blockir.quantize_xk(x, xq, xs)
     else:
         blockir.half_sums(x, xsum)
@@ -231,7 +239,7 @@ def kernels(mask):
     """
     @njit(cache=True, fastmath=FM)
     def mv(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
-        prep_x(x, xsum, xq, xd, xsq, use_i8)
+        prep_x(tabs, x, xsum, xq, xd, xsq, use_i8)
         matvec_group(mask, wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8)
 
     @njit(cache=True, fastmath=FM)

@@ -469,7 +469,7 @@ def _rmsnorm1(x, w, eps, out):
 @njit(cache=True, fastmath=FM)
 def _mv(mask, wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
     """One matvec group of decode_step: float activations, or int8 ones when use_i8."""
-    qm.prep_x(x, xsum, xq, xd, xsq, use_i8)
+    qm.prep_x(tabs, x, xsum, xq, xd, xsq, use_i8)
     qm.matvec_group(mask, wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8)
 
 
