@@ -346,3 +346,4 @@ def register(app: typer.Typer):
                 run(chat, terminal_lines())
             else:
                 run(chat, piped_lines(sys.stdin))
+            notice.finishing(llm)

@@ -101,6 +101,14 @@ class CompileNotice:
         self._thread = threading.Thread(target=tick, daemon=True)
         self._thread.start()
 
+    @staticmethod
+    def finishing(llm):
+        """Before a first run's LLM closes: say why the command has not ended yet (close() waits
+        for the decode kernels' compiler process, so that the next run starts warm)."""
+        import sys
+        if llm.compiling:
+            print("infer: finishing the kernel compilation for the next runs ...", file=sys.stderr, flush=True)
+
     def done(self):
         if not self.active:
             return

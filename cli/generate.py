@@ -70,3 +70,4 @@ def register(app: typer.Typer):
                       f"TTFT: {s.ttft_s * 1000:.0f} ms | decode: {s.generated_tokens} tok, {s.decode_tps:.1f} tok/s | "
                       f"finish: {chunk.finish_reason} | peak RSS: {peak_rss_bytes() / 2**20:.0f} MiB",
                       file=sys.stderr)
+            notice.finishing(llm)

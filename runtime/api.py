@@ -198,6 +198,12 @@ class LLM:
             self._background = warmup.Background(self.path, self.n_threads, int8_activations)
             self.model.pending = self._background
 
+    @property
+    def compiling(self) -> bool:
+        """A first run's second process is still compiling the decode kernels (close() waits)."""
+        bg = getattr(self, "_background", None)
+        return bg is not None and bg.running()
+
     def _compiled(self):
         """After a first decode step: the kernels are in the cache."""
         from .kernels import warmup
@@ -324,9 +330,18 @@ class LLM:
         return load(path, self)
 
     # --- lifetime -------------------------------------------------------------------------------
-    def close(self):
+    def close(self, finish_compile: bool = True):
+        """Release the file and buffers. On a first run (an empty kernel cache) whose second
+        process is still compiling the decode kernels, wait for it when a prompt ran here (so the
+        cache is complete and the next start is warm; killed, it would start over every time),
+        unless finish_compile is False (an interrupt: `with` on an exception)."""
         bg, self._background = getattr(self, "_background", None), None
         if bg is not None:
+            model = getattr(self, "model", None)
+            if finish_compile and bg.running() and model is not None and model.routes:
+                log.info("infer: finishing the kernel compilation (once) ...")
+                if bg.wait():
+                    self._compiled()
             bg.close()
         gf, self._gf = getattr(self, "_gf", None), None
         eng = getattr(self, "engine", None)
@@ -339,8 +354,8 @@ class LLM:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        self.close(finish_compile=exc_type is None)
 
     def __repr__(self):
         return (f"LLM({self.path!r}, n_ctx={self.n_ctx}, n_threads={self.n_threads}, "

@@ -201,7 +201,7 @@ class Tokenizer:
             raise TokenizerError(f"{source}: tokenizer.ggml.tokens is empty")
         n = len(tokens)
         _check_special_ids(md, source, n)
-        words = list(tokens)
+        words = tokens.tolist() if isinstance(tokens, StringArray) else list(tokens)
         if "" in words:
             words = [t or f"[EMPTY_{i}]" for i, t in enumerate(words)]
             tokens = words
@@ -316,12 +316,18 @@ class Tokenizer:
         merges = md.get("tokenizer.ggml.merges")
         if merges is None:
             raise TokenizerError(f"{self.source}: tokenizer.ggml.merges is missing (a BPE vocabulary needs them)")
-        merges = list(_string_array(merges, "tokenizer.ggml.merges", self.source))
-        cut = [m.find(" ", 1) for m in merges]
-        if -1 in cut:
-            raise TokenizerError(f"{self.source}: bad BPE merge {merges[cut.index(-1)]!r} (expected 'left right')")
-        pairs = [(m[:p], m[p + 1:]) for m, p in zip(merges, cut)]
-        del merges, cut
+        merges = _string_array(merges, "tokenizer.ggml.merges", self.source)
+        halves = merges.tolist(sep=" ") if isinstance(merges, StringArray) else None
+        if halves is not None:          # every merge has one space, none first: split in one pass
+            it = iter(halves)
+            pairs = list(zip(it, it))
+        else:
+            merges = list(merges)
+            cut = [m.find(" ", 1) for m in merges]
+            if -1 in cut:
+                raise TokenizerError(f"{self.source}: bad BPE merge {merges[cut.index(-1)]!r} (expected 'left right')")
+            pairs = [(m[:p], m[p + 1:]) for m, p in zip(merges, cut)]
+        del merges, halves
         try:
             bpe = models.BPE(self._ids, pairs, ignore_merges=ignore_merges)
         except Exception as e:  # the library reports merges whose parts are not tokens

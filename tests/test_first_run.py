@@ -29,8 +29,11 @@ def test_first_run_compiles_in_two_processes_and_says_so(tmp_path):
         import infer
         with infer.LLM({str(model)!r}, n_ctx=256, n_threads=2) as llm:
             assert llm.cold_start and llm._background is not None and llm._background.running()
-            r = llm.generate("The capital of France is", max_tokens=4, sampling=infer.SamplingParams.greedy())
+            # one token: no decode step runs here, so the marker waits for the second process,
+            # which close() waits for (killed, it would leave the next run to compile again)
+            r = llm.generate("The capital of France is", max_tokens=1, sampling=infer.SamplingParams.greedy())
             print(repr(r.text), dict(llm.model.routes), llm.cold_start)
+        print("warm after close:", not llm.cold_start)
     """)
     p = subprocess.run([sys.executable, "-c", code], env=_env(cache), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -38,16 +41,22 @@ def test_first_run_compiles_in_two_processes_and_says_so(tmp_path):
     assert "decode kernels compiled in a second process" in p.stderr, p.stderr[-2000:]
     assert "Paris" in p.stdout, p.stdout
     # the prompt's logits came from numpy while the second process compiled the matvecs
-    assert "'numpy': 1" in p.stdout and p.stdout.strip().endswith("False"), p.stdout
+    assert "'numpy': 1" in p.stdout and "True\nwarm after close: True" in p.stdout, p.stdout
+    assert "finishing the kernel compilation" in p.stderr
     markers = list(cache.glob("compiled-*"))
     assert len(markers) == 1
 
-    # warm: no notice, no second process
+    # warm: no notice, no second process, and nothing left to compile (the cache is whole: the
+    # decode step and the prompt's logits matvec came from the second process)
+    def files():
+        return sorted((f.name, f.stat().st_mtime_ns) for f in cache.rglob("*") if f.is_file())
+    before = files()
     cli = [sys.executable, "-m", "infer.cli.main", "generate", str(model), "-p", "The capital of France is",
            "-n", "4", "--temp", "0"]
     p = subprocess.run(cli, env=_env(cache), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert NOTICE not in p.stderr and "Paris" in p.stdout
+    assert NOTICE not in p.stderr and "finishing" not in p.stderr and "Paris" in p.stdout
+    assert files() == before
 
     # the marker gone (a new CPU target would have none): the CLI's first line says so; the
     # kernels themselves are cached, so the second process only loads them

@@ -843,10 +843,11 @@ def dequant_rows(mask, t, wu8, off, cols, r0, r1, dst):
         dequant_any(mask, t, wu8, off + r * rs, nb, flat, (r - r0) * cols)
 
 
-@njit(cache=True, inline="always")
-def _quantize4(v, i0, xq):
-    """v[i0:i0+4] to int8 in xq[i0:i0+4] with one scale, amax/127; returns (the scale, the sum
-    of the int8 values, the sum of the values)."""
+@njit(cache=True)
+def _quantize4(v, i0, xq, o0):
+    """v[i0:i0+4] to int8 in xq[o0:o0+4] with one scale, amax/127; returns (the scale, the sum
+    of the int8 values, the sum of the values). (A plain call, which LLVM inlines: Numba's own
+    inline="always" and array temporaries made the prompt quantizer take 3 s to compile.)"""
     m = np.float32(0.0)
     s = np.float32(0.0)
     for i in range(4):
@@ -858,7 +859,7 @@ def _quantize4(v, i0, xq):
     ls = 0
     for i in range(4):
         q = np.int32(np.rint(v[i0 + i] * inv))
-        xq[i0 + i] = q
+        xq[o0 + i] = q
         ls += q
     return d, ls, s
 
@@ -876,7 +877,7 @@ def quantize_x(x, xq, xd, xs):
         s0 = np.float32(0.0)
         s1 = np.float32(0.0)
         for lane in range(LANES):
-            d, ls, s4 = _quantize4(x, g * 32 + 4 * lane, xq)
+            d, ls, s4 = _quantize4(x, g * 32 + 4 * lane, xq, g * 32 + 4 * lane)
             xd[g * LANES + lane] = d
             if lane < 4:
                 sh0 += d * np.float32(ls)
@@ -932,25 +933,30 @@ def _quantize_row(v, xq, t, xg, exact):
     quantize_rows); exact: whether sum(x) is v's own (False: v is the residual of the row before,
     whose exact sums that row already carries)."""
     g, tl = t // MAXT, t % MAXT
-    tmp = np.empty(32, np.int8)
     for b in range(v.shape[0] // 32):
-        sh = np.zeros(2, np.float32)
-        s = np.zeros(2, np.float32)
+        q = xq[g, b, tl]
+        sh0 = np.float32(0.0)
+        sh1 = np.float32(0.0)
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
         for lane in range(LANES):
-            d, ls, s4 = _quantize4(v[32 * b:32 * b + 32], 4 * lane, tmp)
+            d, ls, s4 = _quantize4(v, 32 * b + 4 * lane, q, 4 * lane)
             xg[g, b, XG_L + tl, lane] = d
-            sh[lane // 4] += d * np.float32(ls)
-            s[lane // 4] += s4
-        xq[g, b, tl, :] = tmp
+            if lane < 4:
+                sh0 += d * np.float32(ls)
+                s0 += s4
+            else:
+                sh1 += d * np.float32(ls)
+                s1 += s4
         if not exact:
-            s[0] = np.float32(0.0)
-            s[1] = np.float32(0.0)
-        xg[g, b, XG_SH0, tl] = sh[0]
-        xg[g, b, XG_SH1, tl] = sh[1]
-        xg[g, b, XG_SH, tl] = sh[0] + sh[1]
-        xg[g, b, XG_S0, tl] = s[0]
-        xg[g, b, XG_S1, tl] = s[1]
-        xg[g, b, XG_S, tl] = s[0] + s[1]
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+        xg[g, b, XG_SH0, tl] = sh0
+        xg[g, b, XG_SH1, tl] = sh1
+        xg[g, b, XG_SH, tl] = sh0 + sh1
+        xg[g, b, XG_S0, tl] = s0
+        xg[g, b, XG_S1, tl] = s1
+        xg[g, b, XG_S, tl] = s0 + s1
 
 
 @njit(cache=True)
@@ -965,13 +971,13 @@ def quantize_rows(h, xq, xg, resid):
     the matmul's rows n - 1 and n added give that token's product to about float precision."""
     n, cols = h.shape
     for t in range(n):
-        _quantize_row(h[t], xq, t, xg, True)
+        _quantize_row(h[t], xq, t, xg, t >= 0)     # a bool, not the literal True: one compile
     if resid:
         r = np.empty(cols, np.float32)
         g, tl = (n - 1) // MAXT, (n - 1) % MAXT
         for i in range(cols):
             r[i] = h[n - 1, i] - np.float32(xq[g, i // 32, tl, i % 32]) * xg[g, i // 32, XG_L + tl, (i % 32) // 4]
-        _quantize_row(r, xq, n, xg, False)
+        _quantize_row(r, xq, n, xg, n < 0)
 
 
 KF_CELL = MAXT + MAXT * 8      # quantize_rows_k's floats per (token group, block): 8 scales, 8 x 16 int16 sums

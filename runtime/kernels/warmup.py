@@ -3,13 +3,15 @@
 With an empty kernel cache, Numba compiles every kernel on first use: 15-20 s on two cores, all in
 the process that wants its first token. `LLM` starts this module as a second process
 (`python -m infer.kernels.warmup MODEL ...`) that compiles the decode step (one token through
-the model: the fused decode_step, the matvec drivers, decode attention) and writes it to the
-cache, while the first process compiles the prompt's kernels. The prompt's logits come from
-numpy while the second process still runs; the first decode step waits for it and then loads what
-it wrote. On two cores the first token comes after the prompt's half of the work.
+the model: the fused decode_step, the matvec drivers, decode attention; and the float matvec of the
+prompt's logits) and writes it to the cache, while the first process compiles the prompt's
+kernels. The prompt's logits come from numpy while the second process still runs; the first
+decode step waits for it and then loads what it wrote. On two cores the first token comes after
+the prompt's half of the work. A run that ends before its first decode step (`generate -n 1`)
+waits for the second process when it closes, so the cache is whole for the next one.
 
 `is_cold()` says whether this CPU target's kernels are still to be compiled (a marker file in the
-cache, written by `mark_warm()` after a first generation), so the CLI can say so at once.
+cache, written by `mark_warm()` once both halves are compiled), so the CLI can say so at once.
 """
 from __future__ import annotations
 
@@ -76,25 +78,26 @@ class Background:
             log.warning("infer: cannot start the kernel compiler process (%s); compiling here", e)
             self.proc = None
 
-    def wait(self) -> None:
+    def wait(self) -> bool:
         """Until the second process has written its kernels to the cache (or failed: then this
-        process compiles them itself, as without it)."""
+        process compiles them itself, as without it). Whether it succeeded."""
         if self.proc is None:
-            return
+            return False
         try:
             _, err = self.proc.communicate(timeout=600)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.communicate()
             log.warning("infer: the kernel compiler process timed out; compiling here")
-            return
+            return False
         finally:
             proc, self.proc = self.proc, None
         if proc.returncode != 0:
             last = (err or b"").decode(errors="replace").strip().splitlines()[-1:] or ["?"]
             log.warning("infer: the kernel compiler process failed (%s); compiling here", last[0])
-        else:
-            log.info("infer: decode kernels compiled in a second process in %.1f s", time.perf_counter() - self.t0)
+            return False
+        log.info("infer: decode kernels compiled in a second process in %.1f s", time.perf_counter() - self.t0)
+        return True
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -114,6 +117,7 @@ def _main(argv) -> int:
         e.reset()
         tok = llm.tokenizer.bos_id if llm.tokenizer.bos_id is not None and llm.tokenizer.bos_id >= 0 else 0
         e.decode(int(tok))
+        llm.model.compile_logits(e.scratch)
     return 0
 
 

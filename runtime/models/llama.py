@@ -282,6 +282,13 @@ class LlamaModel:
         self._matmul(s, self.out, h[:1], s.logits2d, allow_i8=False)
         return s.logits
 
+    def compile_logits(self, s):
+        """Run the prompt's logits route once (one row through the output matrix on float
+        activations): a first run's second process compiles it with the decode step, since the
+        first process computes those logits with numpy while that process runs."""
+        h = np.zeros((1, self.cfg.dim), np.float32)
+        self._matmul(s, self.out, h, s.logits2d, allow_i8=False)
+
     def _attend(self, s, qkv, kc, vc, qpos, kpos, n_filled, scale, att):
         """Causal attention of the chunk's queries (qkv's first n_heads*head_dim columns) over the
         cache's first n_filled slots into att (n, n_heads*head_dim): attend_rows for a short
