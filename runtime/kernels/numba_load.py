@@ -21,6 +21,13 @@
    kernels it links hold ~5 MiB; here the bitcode bytes are kept instead and parsed when a
    compilation first asks for the module (`_get_module_for_linking`).
 
+3. Loading a cached kernel first "refreshes" Numba's target context: it imports and registers
+   every lowering implementation Numba has (linalg, random generators, polynomials, typed
+   containers, jitclass, datetime: ~0.17-0.29 s of a warm start, most of what Numba costs after
+   its import), which only a compilation uses. The one part loaded machine code needs, the
+   runtime (NRT) initialisation, runs here before a load; the registries load when something
+   compiles (Numba's compiler refreshes the context itself) or when a load goes the slow way.
+
 `install()` must run before Numba initialises its target (the first compilation or cache load);
 each change is skipped if Numba lacks the internals it relies on.
 """
@@ -164,6 +171,33 @@ def install():
     compile_nrt_functions._infer_cached = True
     nrtdynmod.compile_nrt_functions = compile_nrt_functions
     _lazy_linking_modules()
+    _light_cache_loads()
+
+
+def _light_cache_loads():
+    try:
+        from numba.core.caching import Cache
+        from numba.core.runtime import rtsys
+    except ImportError:
+        return
+    original = Cache.__dict__.get("load_overload")
+    if original is None or getattr(original, "_infer_light", False) \
+            or not hasattr(Cache, "_load_overload") or not hasattr(Cache, "_guard_against_spurious_io_errors"):
+        return
+
+    def load_overload(self, sig, target_context):
+        try:
+            rtsys.initialize(target_context)
+            with self._guard_against_spurious_io_errors():
+                found = self._load_overload(sig, target_context)
+            status["load"] = "light"
+        except Exception as e:                      # Numba's internals moved: its own way
+            status["load"] = f"fallback: {type(e).__name__}: {e}"
+            return original(self, sig, target_context)
+        return found
+
+    load_overload._infer_light = True
+    Cache.load_overload = load_overload
 
 
 def _lazy_linking_modules():

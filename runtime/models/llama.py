@@ -267,7 +267,11 @@ class LlamaModel:
                 gu, hr = s.pgu[:r1 - r0], h[r0:r1]
                 g, u = gu[:, :c.n_ff], gu[:, c.n_ff:]
                 self._matmuls(s, self.tab_gu[li], hr, s.pgu[:r1 - r0 + 1])
-                (silu_mul_par if s.blas_threads == 1 else silu_mul)(g, u, g)
+                if s.pg is not None:
+                    g = s.pg[:r1 - r0]
+                    silu_mul_par(gu[:, :c.n_ff], u, g)
+                else:
+                    (silu_mul_par if s.blas_threads == 1 else silu_mul)(g, u, g)
                 self._matmul(s, t[K_DOWN], g, s.ph[r0:r1 + 1])
             x += h
         s.resid = 0
@@ -393,6 +397,9 @@ class Scratch:
         # a whole chunk where BLAS may run it (dequantizing a weight tile per block would cost)
         self.ffn_rows = min(nb, FFN_ROWS) if i8_prefill else nb
         self.pgu = np.zeros((self.ffn_rows + 1, 2 * c.n_ff), f)
+        # on int8, silu(gate) * up goes to a contiguous buffer: the down matmul's quantizer then
+        # has one signature (a strided view of pgu compiled it twice: 0.8 s of a first run)
+        self.pg = np.zeros((self.ffn_rows, c.n_ff), f) if i8_prefill else None
         self.blas_threads = 1 if i8_prefill else n_threads
         self.n_workers = n_threads if i8_prefill else 1
         self._pool = None
