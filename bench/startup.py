@@ -131,6 +131,10 @@ def main(argv=None):
         base += ["-t", str(a.threads)]
     env = dict(os.environ)
     env.pop("NUMBA_CACHE_DIR", None)
+    if env.pop("PYTHONDONTWRITEBYTECODE", None):
+        # with it, infer's own modules compile from source at every start (~0.07 s): measure
+        # Python's default, as a user has it (a pip install writes the bytecode anyway)
+        print("(PYTHONDONTWRITEBYTECODE is set here: unset for the runs, as Python's default)", file=sys.stderr)
     rep = {"model": a.model, "file_size": file_size, "prompt_tokens": n16, "command": shlex.join(base)}
 
     def say(msg):
