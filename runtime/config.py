@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 from .errors import MetadataError, UnsupportedError
 from .gguf_file import StringArray
+from .rope import read_scaling
 
 INT32_MAX = 2**31 - 1    # llama.cpp keeps the hyper-parameters in (u)int32
 MAX_LAYERS = 512         # llama.cpp's LLAMA_MAX_LAYERS: a block_count past it is a corrupt file
@@ -38,6 +39,14 @@ class ModelConfig:
     norm_eps: float
     attn_bias: bool          # q/k/v biases (qwen2)
     name: str = ""
+    # RoPE context scaling (rope.py): "none" | "linear" | "yarn", and its parameters
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_attn_factor: float = 1.0
+    rope_orig_ctx: int = 0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_log_mul: float = 0.0
 
     @property
     def q_dim(self) -> int:
@@ -81,10 +90,11 @@ class ModelConfig:
             norm_eps=float(key("attention.layer_norm_rms_epsilon", float)),
             attn_bias=arch == "qwen2",
             name=md.get("general.name", "") if isinstance(md.get("general.name", ""), str) else "",
+            **read_scaling(md, arch, source, _get),
         )
         for f in fields(cls):
             v = getattr(cfg, f.name)
-            if f.type in ("int",) and not 0 < v <= INT32_MAX:
+            if f.type in ("int",) and not 0 < v <= INT32_MAX and f.name != "rope_orig_ctx":
                 raise MetadataError(f"{source}: metadata {arch}.{_KEYS.get(f.name, f.name)} must be positive "
                                     f"and fit int32, got {v}")
         if cfg.n_layers > MAX_LAYERS:

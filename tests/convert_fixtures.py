@@ -225,6 +225,42 @@ def load_weights(d: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def hf_rope_frequencies(cfg: dict, hd: int) -> tuple[np.ndarray, float]:
+    """(inv_freq, attention factor on cos/sin) as transformers' modeling_rope_utils computes them
+    for config.json's rope_scaling: default, linear, llama3, yarn (float64 here)."""
+    theta = cfg["rope_theta"]
+    inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    rs = cfg.get("rope_scaling") or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv, 1.0
+    factor = float(rs["factor"])
+    if kind == "linear":
+        return inv / factor, 1.0
+    old = rs.get("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    if kind == "llama3":
+        lo, hi = rs["low_freq_factor"], rs["high_freq_factor"]
+        wav = 2 * np.pi / inv
+        llama = np.where(wav > old / lo, inv / factor, inv)
+        smooth = (old / wav - lo) / (hi - lo)
+        smoothed = (1 - smooth) * llama / factor + smooth * llama
+        medium = ~(wav < old / hi) & ~(wav > old / lo)
+        return np.where(medium, smoothed, llama), 1.0
+    if kind == "yarn":
+        bf, bs = rs.get("beta_fast", 32.0), rs.get("beta_slow", 1.0)
+
+        def dim_of(rot):
+            return hd * np.log(old / (rot * 2 * np.pi)) / (2 * np.log(theta))
+        low, high = max(np.floor(dim_of(bf)), 0), min(np.ceil(dim_of(bs)), hd - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(hd // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        keep = 1 - ramp
+        att = rs.get("attention_factor", 0.1 * np.log(factor) + 1.0 if factor > 1 else 1.0)
+        return inv / factor * (1 - keep) + inv * keep, float(att)
+    raise ValueError(f"rope type {kind!r} not in the reference")
+
+
 def reference_logits(d: Path, ids: list[int]) -> np.ndarray:
     cfg = json.loads((d / "config.json").read_text())
     w = load_weights(d)
@@ -236,9 +272,10 @@ def reference_logits(d: Path, ids: list[int]) -> np.ndarray:
     def rms(x, g):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
 
-    inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    inv, mscale = hf_rope_frequencies(cfg, hd)
     ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
     cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+    cos, sin = cos * mscale, sin * mscale
 
     def rope(x):                     # x: (T, heads, hd), HF rotate_half convention
         x1, x2 = x[..., : hd // 2], x[..., hd // 2:]

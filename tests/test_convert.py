@@ -323,3 +323,45 @@ def test_non_finite_weights_refused_for_block_types(tmp_path):
         convert(d, tmp_path / "o.gguf", "q4_0")
     assert not (tmp_path / "o.gguf").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
     convert(d, tmp_path / "o.gguf", "f32")             # float types keep the value as it is
+
+
+# ------------------------------------------------------------------ RoPE scaling (issue 15, must-show 3)
+ROPE_VARIANTS = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+@pytest.mark.parametrize("kind", list(ROPE_VARIANTS))
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_rope_scaling_runs_as_transformers_computes_it(fixtures, tmp_path, kind, n_threads):
+    """A Llama 3.x / linear / YaRN-scaled model: the runtime's logits equal the float64 reference,
+    whose frequencies follow transformers' rope utilities, at every position (decode and prefill);
+    the same weights without scaling differ (so the scaling is really applied)."""
+    import infer
+    base = "qwen2" if kind == "yarn" else "llama_bpe"
+    d = _variant(fixtures[base], tmp_path / kind, lambda c: c.update(rope_scaling=ROPE_VARIANTS[kind]))
+    out = tmp_path / f"{kind}.gguf"
+    convert(d, out, "f16")
+    ids = [1, 5, 17, 42, 3, 99, 7, 250, 11, 64, 2, 30, 8, 120, 77, 5, 200, 33, 19, 4]
+    want = cf.reference_logits(d, ids)
+    plain = cf.reference_logits(fixtures[base], ids)
+    assert np.abs(plain - want).max() > 0.05          # the scaling matters at these positions
+    with infer.LLM(str(out), n_ctx=64, n_threads=n_threads, int8_activations=False) as llm:
+        got = np.asarray(llm.logits(ids), dtype=np.float64)
+        llm.engine.reset()
+        llm.engine.prefill(ids[:7], reuse=False)        # prefill 7, then decode one at a time
+        steps = [np.asarray(llm.engine.decode(t), np.float64).copy() for t in ids[7:]]
+    assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
+    assert np.abs(np.stack(steps) - want[7:]).max() < 1e-3
+
+
+def test_unsupported_rope_scaling_refused(fixtures, tmp_path, smollm2_path):
+    from gguf_fixtures import write_tiny
+    p = tmp_path / "longrope.gguf"
+    write_tiny(p, smollm2_path, md_override={"llama.rope.scaling.type": "longrope", "llama.rope.scaling.factor": 4.0})
+    import infer
+    with pytest.raises(infer.UnsupportedError, match=r"longrope.gguf: rope scaling type 'longrope' is not supported"):
+        infer.LLM(str(p), n_ctx=32)

@@ -25,6 +25,7 @@ from ..kernels import simd
 from ..kernels.attention import attend_one, attend_rows, masked_softmax
 from ..kernels.ops import ROPE_NEOX, ROPE_NORM, exp32, rmsnorm, rope, rope_inv_freq, silu_mul, silu_mul_par
 from ..kernels.qmatmul import FM, TAB_COLS, TAB_ROWS, TAB_WIDTH
+from ..rope import frequencies as rope_frequencies
 
 # per-layer matrices, in table order
 MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -123,8 +124,19 @@ class LlamaModel:
         self.out_norm = vec("output_norm.weight", c.dim)
         self.vec = np.concatenate(vecs) if vecs else np.zeros(1, np.float32)
         self.wu8 = gf.data
-        self.inv_freq = np.zeros(c.rope_dim // 2, np.float64)
-        rope_inv_freq(c.rope_dim, c.rope_base, self.inv_freq)
+        base_inv = np.zeros(c.rope_dim // 2, np.float64)
+        rope_inv_freq(c.rope_dim, c.rope_base, base_inv)
+        ff = gf.tensors.get("rope_freqs.weight")          # Llama 3.x: per-dimension frequency factors
+        if ff is not None:
+            if ff.shape != (c.rope_dim // 2,) or ff.qtype.name != "F32":
+                raise TensorError(f"{src}: tensor rope_freqs.weight has shape {list(ff.shape)} and type "
+                                  f"{ff.qtype.name}, expected [{c.rope_dim // 2}] F32")
+            ff = np.asarray(gf.view("rope_freqs.weight"), np.float64)
+            if not (np.isfinite(ff).all() and (ff > 0).all()):
+                raise TensorError(f"{src}: tensor rope_freqs.weight holds factors that are not positive numbers")
+        # context scaling folded into the frequencies and the attention scale (rope.py)
+        self.inv_freq, mscale = rope_frequencies(c, base_inv, ff)
+        self.attn_scale = np.float32(mscale * mscale / math.sqrt(c.head_dim))
         self.rope_mode = ROPE_NEOX if c.rope_neox else ROPE_NORM
         self.max_cols = max(c.dim, c.n_ff, c.q_dim)
         self.weight_bytes = int(sum(t.nbytes for t in gf.tensors.values()))
@@ -243,7 +255,7 @@ class LlamaModel:
         resid = 0 if all_logits else 1
         qkv1, h1 = s.pqkv[:n + 1], s.ph[:n + 1]
         att = s.patt[:n]
-        scale = np.float32(1.0 / math.sqrt(c.head_dim))
+        scale = self.attn_scale
         n_filled = kv.offset          # slots_for advanced it (a full ring stays at its size)
         for li in range(c.n_layers):
             t = self.tab[li]
@@ -361,7 +373,7 @@ class LlamaModel:
         s.posv[0] = kv.kpos[slot]
         self.decode_step(self.wu8, self.vec, self.tab, self.vtab, self.embd, self.out,
                     self.out_norm, c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_ff,
-                    c.rope_dim, self.rope_mode, np.float32(c.norm_eps), c.attn_bias,
+                    c.rope_dim, self.rope_mode, np.float32(c.norm_eps), self.attn_scale, c.attn_bias,
                     int(token), s.posv, int(slot), kv.offset, kv.k, kv.v,
                     self.inv_freq, s.x, s.xn, s.qkv, s.att, s.scores, s.gu, s.xsum, s.starts,
                     s.tmp, s.logits, s.offs3, s.offs2, s.offs1, s.chunks,
@@ -496,7 +508,7 @@ def decode_step_for(mask):
     # (decode's SiLU ran 4 ns an element, 0.3 ms of SmolLM2's 7 ms token; vectorized 0.7)
     @njit(cache=True, fastmath=FM, error_model="numpy")
     def decode_step(wu8, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_heads, n_kv,
-                    head_dim, n_ff, rope_dim, rope_mode, eps, attn_bias, token, posv, slot, n_filled,
+                    head_dim, n_ff, rope_dim, rope_mode, eps, scale, attn_bias, token, posv, slot, n_filled,
                     kcache, vcache, inv_freq, x, xn, qkv, att, scores, gu, xsum, starts, tmp, logits,
                     offs3, offs2, offs1, chunks, xq, xd, xsq, use_i8):
         """The whole forward pass of one token at position posv[0], writing its K/V into `slot` and
@@ -504,7 +516,6 @@ def decode_step_for(mask):
         q_dim = n_heads * head_dim
         kv_dim = n_kv * head_dim
         qm.dequant_rows(mask, wu8, embd, token, token + 1, x.reshape((1, dim)), tmp[0])
-        scale = np.float32(1.0 / math.sqrt(head_dim))
         for li in range(n_layers):
             t = tab[li]
             o = vtab[li, V_ATTN_NORM]
