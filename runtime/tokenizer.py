@@ -1,10 +1,15 @@
 """Text <-> token ids from a GGUF vocabulary, matching llama.cpp's tokenizer id for id.
 
-Two vocabulary kinds, chosen by `tokenizer.ggml.model`:
+Four vocabulary kinds, chosen by `tokenizer.ggml.model`:
   "gpt2"   byte-level BPE: the `tokenizers` library's BPE model built from the GGUF tokens and merges,
            behind the pre-tokenizer regexes llama.cpp uses for `tokenizer.ggml.pre`.
+  "gemma4" BPE over raw UTF-8 (no byte-level map): spaces escaped to U+2581, the text cut only into
+           runs of newlines and runs of the rest, `<0xXX>` byte fallback (the same library model).
   "llama"  SentencePiece-style: llama.cpp's SPM algorithm in plain Python (score-ordered bigram
            merges over characters, `<0xXX>` byte fallback, spaces escaped to U+2581).
+  "bert"   WordPiece (llama.cpp's WPM): BERT normalisation, greedy longest match per word in plain
+           Python; add_eos appends the separator token.
+All four give llama.cpp's ids on its tokenizer suite (tests/test_vocab_suite.py).
 
 Special tokens are split out of the text first, as llama.cpp does: user-defined tokens always,
 control tokens only with `special=True` (longest token text first).
@@ -27,6 +32,7 @@ import heapq
 import logging
 import operator
 import os
+import re
 
 import numpy as np
 
@@ -70,6 +76,30 @@ _UPPER, _LOWER = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"     # llama.
 _CASED = r"[^\r\n\p{L}\p{N}]?" + _UPPER + "*" + _LOWER + r"+%s|[^\r\n\p{L}\p{N}]?" + _UPPER + "+" + _LOWER + "*%s"
 _TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _CONTRACTION = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+
+
+def _char_class(ranges: str) -> str:
+    """A regex character class body from 'XXXX-YYYY ZZZZ ...' (hex code points and ranges)."""
+    out = []
+    for item in ranges.split():
+        lo, _, hi = item.partition("-")
+        out.append(chr(int(lo, 16)) + ("-" + chr(int(hi, 16)) if hi else ""))
+    return "".join(out)
+
+
+# DeepSeek LLM's letter class (its tokenizer.json's hand-listed cased letters, not all of \p{L}) and the
+# CJK / Hangul run both DeepSeek pre-tokenizers isolate
+_DEEPSEEK_LETTERS = _char_class(
+    "41-5A 61-7A B5 C0-D6 D8-F6 F8-1BA 1BC-1BF 1C4-293 295-2AF 370-373 376-377 37B-37D 37F 386 388-38A 38C "
+    "38E-3A1 3A3-3F5 3F7-481 48A-52F 531-556 10A0-10C5 13A0-13F5 13F8-13FD 1C90-1CBA 1CBD-1CBF 1D00-1D2B "
+    "1D6B-1D77 1D79-1D9A 1E00-1F15 1F18-1F1D 1F20-1F45 1F48-1F4D 1F50-1F57 1F59 1F5B 1F5D 1F5F-1F7D 1F80-1FB4 "
+    "1FB6-1FBC 1FBE 1FC2-1FC4 1FC6-1FCC 1FD0-1FD3 1FD6-1FDB 1FE0-1FEC 1FF2-1FF4 1FF6-1FFC 2102 2107 210A-2113 "
+    "2115 2119-211D 2124 2126 2128 212A-212D 212F-2134 2139 213C-213F 2145-2149 214E 2183-2184 2C00-2C7B "
+    "2C7E-2CE4 2CEB-2CEE 2CF2-2CF3 A640-A66D A680-A69B A722-A76F A771-A787 A78B-A78E AB70-ABBF FB00-FB06 "
+    "FB13-FB17 FF21-FF3A FF41-FF5A 10400-1044F 104B0-104D3 104D8-104FB 10C80-10CB2 10CC0-10CF2 118A0-118DF "
+    "1E900-1E943")
+_DEEPSEEK_PUNCT = _char_class("21-2F 3A-7E FF01-FF0F FF1A-FF5E 2018-201F 3000-3002")
+_DEEPSEEK_CJK = "[" + _char_class("4E00-9FA5 800-4E00 AC00-D7FF") + "]+"
 _PRE_REGEXES = {
     "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RX, r"\p{N}+", r"[0-9][0-9][0-9]"],
     "gpt2": [_GPT2_RX],
@@ -78,6 +108,12 @@ _PRE_REGEXES = {
     "qwen2": [_QWEN2_RX],
     "gpt4o": [_CASED % (_CONTRACTION, _CONTRACTION) + r"|\p{N}{1,3}" + _TAIL],
     "tekken": [_CASED % ("", "") + r"|\p{N}" + _TAIL],
+    "qwen35": [_QWEN2_RX.replace(r"\p{L}+|", r"[\p{L}\p{M}]+|")            # qwen2, marks kept with letters
+               .replace(r" ?[^\s\p{L}\p{N}]", r" ?[^\s\p{L}\p{M}\p{N}]")],
+    "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_RX, r"[0-9][0-9][0-9]"],
+    "deepseek-coder": [r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_CJK, r"\p{N}"],
+    "deepseek-llm": [r"[\r\n]", r"\s?[" + _DEEPSEEK_LETTERS + "]+", r"\s?[" + _DEEPSEEK_PUNCT + "]+", r"\s+$",
+                     _DEEPSEEK_CJK, r"\p{N}+"],
 }
 # tokenizer.ggml.pre -> (regex set, ignore_merges, default add_bos)
 _PRE_TYPES = {name: ("llama3", True, True) for name in
@@ -92,6 +128,9 @@ _PRE_TYPES.update({name: ("smollm", False, False) for name in
                    ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")})
 _PRE_TYPES.update({name: ("gpt4o", False, False) for name in ("gpt-4o", "llama4", "kanana2")})
 _PRE_TYPES["tekken"] = ("tekken", True, True)
+_PRE_TYPES.update({name: (name, False, False) for name in ("qwen35", "falcon", "deepseek-coder", "deepseek-llm")})
+# tokenizer model gemma4 (and this gpt2-model alias llama.cpp treats the same): no regexes, see _gemma4_encode
+_PRE_TYPES.update({name: ("gemma4", False, True) for name in ("gemma4", "granite-embed-multi-311m")})
 _PRE_TYPES["default"] = ("default", False, False)
 
 
@@ -105,6 +144,7 @@ def _byte_to_unicode() -> dict[int, str]:
 _BYTE_ENC = _byte_to_unicode()
 _BYTE_DEC = {c: b for b, c in _BYTE_ENC.items()}
 _UTF8_LEN = bytes([1] * 12 + [2, 2, 3, 4])      # sequence length from a lead byte's high nibble
+_NEWLINE_RUNS = re.compile(r"\n+|[^\n]+")       # gemma4's only pre-tokenizer split
 
 
 def _describe(v) -> str:
@@ -191,8 +231,9 @@ class Tokenizer:
         model = md.get("tokenizer.ggml.model")
         if not isinstance(model, str):
             raise TokenizerError(f"{source}: no tokenizer.ggml.model key: the file carries no vocabulary")
-        if model not in ("gpt2", "llama"):
-            raise TokenizerError(f"{source}: tokenizer model {model!r} is not supported (gpt2 and llama are)")
+        if model not in ("gpt2", "llama", "gemma4", "bert"):
+            raise TokenizerError(f"{source}: tokenizer model {model!r} is not supported "
+                                 "(gpt2, llama, gemma4 and bert are)")
         tokens = md.get("tokenizer.ggml.tokens")
         if tokens is None:
             raise TokenizerError(f"{source}: tokenizer.ggml.tokens is missing: the file carries no vocabulary")
@@ -208,7 +249,7 @@ class Tokenizer:
         # a BPE vocabulary's text is needed after loading only to decode a token the first time:
         # from the file's StringArray (bytes); the strings and the text -> id map live while the
         # tokenizer is built (the library keeps its own), ~7 MiB less for a 49k vocabulary
-        self.model, self.n_vocab, self._tokens = model, n, tokens if model == "gpt2" else words
+        self.model, self.n_vocab, self._tokens = model, n, words if model == "llama" else tokens
         self._ids = dict(zip(words, range(n)))
         if len(self._ids) != n:
             raise TokenizerError(f"{source}: the vocabulary has duplicate tokens ({n - len(self._ids)} of them)")
@@ -221,16 +262,23 @@ class Tokenizer:
             attr = _TYPE_TO_ATTR[np.where((types >= 0) & (types <= 6), types, 0)]
         self._attr = attr
 
-        is_spm = model == "llama"
-        self.pre = md.get("tokenizer.ggml.pre", "default") if not is_spm else "default"
+        is_spm, is_wpm = model == "llama", model == "bert"
+        # gemma4: BPE over raw UTF-8 with spaces escaped to U+2581 (no byte-level mapping), whatever
+        # tokenizer.ggml.pre says; llama.cpp always adds its BOS. bert: WordPiece (llama.cpp's WPM)
+        self.pre = ("default" if is_spm or is_wpm else "gemma4" if model == "gemma4"
+                    else md.get("tokenizer.ggml.pre", "default"))
         if not isinstance(self.pre, str):
             raise TokenizerError(f"{source}: tokenizer.ggml.pre must be a string, got {_describe(self.pre)}")
-        pre_kind, ignore_merges, add_bos = ("default", False, True) if is_spm else self._pre_type(self.pre)
-        self.add_bos = _flag(md, "tokenizer.ggml.add_bos_token", add_bos, source)
-        self.add_eos = _flag(md, "tokenizer.ggml.add_eos_token", False, source)
+        pre_kind, ignore_merges, add_bos = ("default", False, True) if is_spm or is_wpm else self._pre_type(self.pre)
+        self._escaped = model != "gpt2" or pre_kind == "gemma4"     # pieces hold U+2581 for spaces
+        self.add_bos = _flag(md, "tokenizer.ggml.add_bos_token", add_bos, source) or pre_kind == "gemma4"
+        # WPM: add_eos appends the separator ([SEP]), as llama.cpp's add_special does
+        self.add_eos = _flag(md, "tokenizer.ggml.add_sep_token" if is_wpm else "tokenizer.ggml.add_eos_token",
+                             is_wpm, source)
         self.add_space_prefix = is_spm and _flag(md, "tokenizer.ggml.add_space_prefix", True, source)
 
-        defaults = {"bos": 1, "eos": 2, "unk": 0} if is_spm else {"bos": 11, "eos": 11}
+        defaults = ({"bos": 1, "eos": 2, "unk": 0} if is_spm else {} if model == "gemma4"
+                    else {"bos": 101, "unk": 100, "sep": 102, "pad": 0} if is_wpm else {"bos": 11, "eos": 11})
         if pre_kind == "llama3" and self.pre in ("glm4", "chatglm-bpe"):
             defaults["bos"] = None
 
@@ -243,6 +291,7 @@ class Tokenizer:
 
         self.bos_id, self.eos_id, self.unk_id = special("bos", "bos"), special("eos", "eos"), special("unk", "unknown")
         self.pad_id = special("pad", "padding")
+        self._end_id = special("sep", "seperator") if is_wpm else self.eos_id     # what add_eos appends
         self._mark_special(md, special)
         if self.add_bos and self.bos_id is None:
             raise TokenizerError(f"{source}: tokenizer.ggml.add_bos_token is true but there is no BOS token id")
@@ -256,12 +305,18 @@ class Tokenizer:
             self._special_index.setdefault(t[:3], []).append(pos)
         self._pieces: list = [None] * n
 
-        if is_spm:
+        if is_wpm:
+            self._encode_text = self._wpm_encode
+            # BertNormalizer options (llama.cpp: lowercase by default, accents stripped when lowercasing)
+            self._lowercase = _flag(md, "tokenizer.ggml.normalizer.lowercase", True, source)
+            self._strip_accents = _flag(md, "tokenizer.ggml.normalizer.strip_accents", self._lowercase, source)
+            self._max_len = max(map(len, words))
+        elif is_spm:
             self._encode_text = self._spm_encode
             self._scores = (np.zeros(n) if scores is None else scores.astype(np.float64)).tolist()
             self._byte_ids = [self._spm_byte_token(b) for b in range(256)]
         else:
-            self._encode_text = self._bpe_encode
+            self._encode_text = self._bpe_encode if pre_kind != "gemma4" else self._gemma4_encode
             self._hf = self._build_bpe(md, pre_kind, ignore_merges)
             self._ids = None            # the SentencePiece path's; BPE asks the library
 
@@ -328,15 +383,17 @@ class Tokenizer:
                 raise TokenizerError(f"{self.source}: bad BPE merge {merges[cut.index(-1)]!r} (expected 'left right')")
             pairs = [(m[:p], m[p + 1:]) for m, p in zip(merges, cut)]
         del merges, halves
+        raw = pre_kind == "gemma4"      # merges over characters; unknown characters as <0xXX> byte tokens
         try:
-            bpe = models.BPE(self._ids, pairs, ignore_merges=ignore_merges)
+            bpe = models.BPE(self._ids, pairs, ignore_merges=ignore_merges, byte_fallback=raw)
         except Exception as e:  # the library reports merges whose parts are not tokens
             why = " ".join(str(e).split())   # one line, whatever the tokens hold
             raise TokenizerError(f"{self.source}: inconsistent BPE vocabulary ({why})") from None
         hf = HFTokenizer(bpe)
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in _PRE_REGEXES[pre_kind]]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if not raw:
+            hf.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in _PRE_REGEXES[pre_kind]]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         return hf
 
     def _spm_byte_token(self, b):
@@ -374,9 +431,9 @@ class Tokenizer:
                 out += self._encode_text(frag, prev_special)
                 prev_special = False
         if add_eos:
-            if self.eos_id is None:
+            if self._end_id is None:
                 raise TokenizerError(f"{self.source}: add_eos requested but the vocabulary has no EOS token")
-            out.append(self.eos_id)
+            out.append(self._end_id)
         return out
 
     def _partition(self, text: str, parse_special: bool) -> list:
@@ -405,9 +462,44 @@ class Tokenizer:
         return frags
 
     def _bpe_encode(self, text: str, _prev_special=False) -> list[int]:
-        if not _is_clean(text):   # llama.cpp reads each invalid byte as U+FFFD
-            text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
-        return self._hf.encode(text, add_special_tokens=False).ids
+        return self._hf.encode(_replace_invalid(text), add_special_tokens=False).ids
+
+    def _gemma4_encode(self, text: str, _prev_special=False) -> list[int]:
+        """llama.cpp's gemma4 BPE: spaces escaped, the text cut into runs of newlines and runs of other
+        characters, each run merged on its own; a run of newlines that is a token is that token."""
+        text = _replace_invalid(text).replace(" ", "\u2581")
+        hf = self._hf
+        if "\n" not in text:
+            return hf.encode(text, add_special_tokens=False).ids
+        out = []
+        for run in _NEWLINE_RUNS.findall(text):
+            tid = hf.token_to_id(run) if run[0] == "\n" else None
+            if tid is not None:
+                out.append(tid)
+            else:
+                out += hf.encode(run, add_special_tokens=False).ids
+        return out
+
+    def _wpm_encode(self, text: str, _prev_special=False) -> list[int]:
+        """llama.cpp's WPM: BERT-normalised words (see _wpm_words), each "\u2581" + word cut greedily into
+        the longest tokens from the left; a word that cannot be cut completely is the unknown token."""
+        ids, longest, unk, out = self._ids, self._max_len, self.unk_id, []
+        for word in _wpm_words(text, self._lowercase, self._strip_accents):
+            word = "\u2581" + word
+            n, start, i = len(word), len(out), 0
+            while i < n:
+                for j in range(min(n, i + longest), i, -1):
+                    tid = ids.get(word[i:j])
+                    if tid is not None:
+                        out.append(tid)
+                        i = j
+                        break
+                else:
+                    del out[start:]
+                    break
+            if len(out) == start and unk is not None:
+                out.append(unk)
+        return out
 
     def _spm_encode(self, text: str, prev_special: bool) -> list[int]:
         if self.add_space_prefix and prev_special:
@@ -461,7 +553,7 @@ class Tokenizer:
         if attr & (_SKIPPABLE | USER_DEFINED):
             return text.encode()
         if attr & NORMAL:
-            if self.model == "llama":
+            if self._escaped:
                 return text.replace("\u2581", " ").encode()
             out = bytearray()
             for c in text:
@@ -558,6 +650,46 @@ class _Utf8Keys:
             return None
 
 
+# WPM's text classes (llama.cpp's unicode tables: Unicode White_Space; categories C* but Cn are control)
+_WHITESPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+                        + "".join(map(chr, range(0x2000, 0x200B))))
+_CONTROL_CATS = frozenset(("Cc", "Cf", "Co", "Cs"))
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))     # as llama.cpp (and HF's BERT) list them
+
+
+def _wpm_words(text: str, lowercase: bool, strip_accents: bool) -> list[str]:
+    """BERT pre-tokenisation as llama.cpp does it: each code point replaced by the first of its NFD form
+    (when stripping accents), split at whitespace; control characters, NUL, U+FFFD (invalid UTF-8) and
+    (when stripping) marks dropped; punctuation, ASCII symbols and CJK ideographs each a word of their own;
+    simple lowercase mapping (one code point to one)."""
+    from unicodedata import category, normalize
+    words, cur = [], []
+    for c in text:
+        if strip_accents and c > "\x7f":
+            c = normalize("NFD", c)[0]
+        if c in _WHITESPACE:
+            if cur:
+                words.append("".join(cur))
+                cur = []
+            continue
+        cat, cp = category(c), ord(c)       # escaped invalid bytes are surrogates (Cs): dropped
+        if cp == 0 or cp == 0xFFFD or cat in _CONTROL_CATS or strip_accents and cat[0] == "M":
+            continue
+        if lowercase:
+            c = c.lower()[0]
+        if cat[0] == "P" or (cp < 0x7F and cat[0] == "S") or any(lo <= cp <= hi for lo, hi in _CJK):
+            if cur:
+                words.append("".join(cur))
+                cur = []
+            words.append(c)
+        else:
+            cur.append(c)
+    if cur:
+        words.append("".join(cur))
+    return words
+
+
 def _is_clean(text: str) -> bool:
     """True when `text` has no lone surrogates (escaped invalid bytes)."""
     if text.isascii():
@@ -567,6 +699,13 @@ def _is_clean(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def _replace_invalid(text: str) -> str:
+    """`text` with each escaped invalid byte as U+FFFD, as llama.cpp reads them for BPE."""
+    if _is_clean(text):
+        return text
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
 
 
 def _to_bytes(text: str) -> bytes:

@@ -246,7 +246,7 @@ def test_bad_metadata():
     with pytest.raises(TokenizerError, match="m.gguf.*tokenizer.ggml.model"):
         Tokenizer.from_metadata({"general.architecture": "llama"}, "m.gguf")
     with pytest.raises(TokenizerError, match="not supported"):
-        Tokenizer.from_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}, "m.gguf")
+        Tokenizer.from_metadata({"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": ["a"]}, "m.gguf")
     with pytest.raises(TokenizerError, match="tokenizer.ggml.tokens"):
         Tokenizer.from_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": 3}, "m.gguf")
     with pytest.raises(TokenizerError, match="duplicate"):
@@ -283,3 +283,77 @@ def test_tiny_spm_vocabulary():
     assert tok.encode("b<s>a", special=True, add_bos=False) == [tokens.index("▁"), tokens.index("b"), 1,
                                                                tokens.index("▁a")]
     assert ab in tok.encode("xab", add_bos=False)
+
+
+# --- vocabularies with no model package here: hand-made ones (llama.cpp's own suite for the real
+# vocabularies is tests/test_vocab_suite.py) ------------------------------------------------------
+
+BYTE_LEVEL = [chr(c) for c in [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]] + \
+    [chr(c) for c in range(0x100, 0x144)]      # GPT-2's 256 byte characters
+
+
+def pre_pieces(pre: str, text: str) -> list[str]:
+    """How the BPE path cuts `text` into words under tokenizer.ggml.pre = `pre` (byte-level undone)."""
+    from infer.tokenizer import _BYTE_DEC
+    tok = Tokenizer.from_metadata({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+                                   "tokenizer.ggml.tokens": BYTE_LEVEL, "tokenizer.ggml.merges": []}, pre)
+    return [bytes(_BYTE_DEC[c] for c in p).decode() for p, _ in tok._hf.pre_tokenizer.pre_tokenize_str(text)]
+
+
+@pytest.mark.parametrize("pre, text, pieces", [
+    # [\r\n] | \s?\p{L}+ | \s?\p{P}+ | CJK/Hangul runs | \p{N} one digit at a time
+    ("deepseek-coder", "Hello 123 世界!\nok", ["Hello", " ", "1", "2", "3", " ", "世界", "!", "\n", "ok"]),
+    # its own cased-letter class (not all of \p{L}); its punctuation class holds the ASCII letters too,
+    # so a word is cut again around a non-ASCII letter (llama.cpp and the tokenizers library alike)
+    ("deepseek-llm", "Héllo 123 世界!  ", ["H", "é", "llo", " ", "123", " ", "世界", "!", "  "]),
+    # default's first regex with ` added and without the \p{N}+ pass
+    ("falcon", "x `y 1234 5", ["x", " ", "`", "y", " ", "123", "4", " 5"]),
+    ("default", "x `y 1234 5", ["x", " `", "y", " ", "123", "4", " ", "5"]),
+    # qwen2 with marks kept on letters: "é" as e + U+0301 stays one word
+    ("qwen35", "cafe\u0301 x1", ["cafe\u0301", " x", "1"]),
+    ("qwen2", "cafe\u0301 x1", ["cafe", "\u0301", " x", "1"]),
+])
+def test_pre_tokenizer_splits(pre, text, pieces):
+    assert pre_pieces(pre, text) == pieces
+
+
+def test_tiny_wpm_vocabulary():
+    """bert (llama.cpp's WPM): BERT-normalised words, greedy longest match from the left, a word that does
+    not cut completely is [UNK]; add_bos / add_eos are [CLS] / [SEP]."""
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "▁hello", "▁world", "▁un", "aff", "able", "▁!", "▁,",
+              "▁cafe", "▁世", "▁界", "▁hell", "o"]
+    types = np.array([3, 3, 3, 3] + [1] * (len(tokens) - 4), np.int32)
+    tok = Tokenizer.from_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": tokens,
+                                   "tokenizer.ggml.token_type": types, "tokenizer.ggml.unknown_token_id": 1,
+                                   "tokenizer.ggml.seperator_token_id": 3, "tokenizer.ggml.bos_token_id": 2},
+                                  "tiny-wpm")
+    ids = tokens.index
+    plain = {"add_bos": False, "add_eos": False}
+    assert tok.encode("Hello, WORLD!", **plain) == [ids("▁hello"), ids("▁,"), ids("▁world"), ids("▁!")]
+    assert tok.encode("unaffable unafx") == [2, ids("▁un"), ids("aff"), ids("able"), 1, 3]
+    assert tok.encode("Café\u200b世界\t", **plain) == [ids("▁cafe"), ids("▁世"), ids("▁界")]
+    assert tok.encode(b"hel\xfflo", **plain) == [ids("▁hello")]   # the invalid byte dropped
+    assert tok.encode("[CLS] hello", **plain, special=True) == [2, ids("▁hello")]
+    assert tok.decode(tok.encode("hello world")) == "[CLS] hello world[SEP]"
+
+
+def test_tiny_gemma4_vocabulary():
+    """gemma4: BPE by merge rank over characters of the text with spaces as U+2581 (no byte-level map),
+    newline runs apart (a run that is a token is taken whole), unknown characters as <0xXX> tokens;
+    BOS always added."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + \
+        ["a", "b", "ab", "▁", "▁a", "\n", "\n\n\n", "▁ab"]
+    types = np.array([3, 3, 3, 2] + [6] * 256 + [1] * 8, np.int32)
+    tok = Tokenizer.from_metadata({"tokenizer.ggml.model": "gemma4", "tokenizer.ggml.tokens": tokens,
+                                   "tokenizer.ggml.token_type": types,
+                                   "tokenizer.ggml.merges": ["a b", "▁ a", "▁a b"],
+                                   "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
+                                   "tokenizer.ggml.add_bos_token": False}, "tiny-gemma4")
+    ids = tokens.index
+    assert tok.add_bos and tok.pre == "gemma4"
+    # "a b" ranks first: ▁ab is reached from ▁a + b only when b is still free
+    assert tok.encode("ab ab", add_bos=False) == [ids("ab"), ids("▁"), ids("ab")]
+    assert tok.encode(" a b", add_bos=False) == [ids("▁a"), ids("▁"), ids("b")]
+    assert tok.encode("a\n\n\nb\n\n", add_bos=False) == [ids("a"), ids("\n\n\n"), ids("b"), ids("\n"), ids("\n")]
+    assert tok.encode("aé") == [2, ids("a"), 4 + 0xC3, 4 + 0xA9]
+    assert tok.decode(tok.encode(" ab a\n\n\né")) == "<bos> ab a\n\n\né"
