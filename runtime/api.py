@@ -269,8 +269,8 @@ class LLM:
             from .chat_template import ChatTemplate
             tok = self.tokenizer
             piece = lambda i: tok.decode([i]) if i is not None and i >= 0 else ""  # noqa: E731
-            self._template = ChatTemplate(self.metadata.get("tokenizer.chat_template"),
-                                          piece(tok.bos_id), piece(tok.eos_id), origin=self.path)
+            self._template = ChatTemplate.from_metadata(self.metadata, piece(tok.bos_id), piece(tok.eos_id),
+                                                        origin=self.path, add_bos=tok.add_bos)
         return self._template
 
     def chat_tokens(self, messages, add_generation_prompt: bool = True) -> list[int]:
