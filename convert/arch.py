@@ -4,7 +4,7 @@
     HParams.from_config(cfg, path)            validated hyperparameters (ConvertError on bad input)
     map_tensor(spec, hp, hf_name)             -> Mapped(gguf name, expected shape, permute heads) | None
 
-Tensor names follow llama.cpp (gguf-py's TensorNameMap for LLAMA/QWEN2):
+Tensor names follow llama.cpp (gguf-py's TensorNameMap for LLAMA/QWEN2/QWEN3):
   model.embed_tokens -> token_embd, model.norm -> output_norm, lm_head -> output,
   model.layers.N.{input_layernorm -> attn_norm, self_attn.{q,k,v,o}_proj -> attn_{q,k,v,output},
   post_attention_layernorm -> ffn_norm, mlp.{gate,up,down}_proj -> ffn_{gate,up,down}}  -> blk.N.*
@@ -28,17 +28,21 @@ class ArchSpec:
     qkv_bias: bool            # qwen2: q/k/v biases required
     vocab_and_rope_dim: bool  # llama writes {arch}.vocab_size and rope.dimension_count
     always_head_dim: bool     # llama: attention.key_length/value_length always written
+    qk_norm: bool = False     # qwen3: self_attn.{q,k}_norm -> attn_{q,k}_norm (per-head RMSNorm weights)
 
 
 LLAMA = ArchSpec("llama", permute_qk=True, qkv_bias=False, vocab_and_rope_dim=True, always_head_dim=True)
 QWEN2 = ArchSpec("qwen2", permute_qk=False, qkv_bias=True, vocab_and_rope_dim=False, always_head_dim=False)
+QWEN3 = ArchSpec("qwen3", permute_qk=False, qkv_bias=False, vocab_and_rope_dim=False, always_head_dim=False,
+                 qk_norm=True)
 ARCHS = {"LlamaForCausalLM": LLAMA, "LLaMAForCausalLM": LLAMA, "MistralForCausalLM": LLAMA,
-         "Qwen2ForCausalLM": QWEN2}
+         "Qwen2ForCausalLM": QWEN2, "Qwen3ForCausalLM": QWEN3}
 
 # transformers' defaults for keys a config.json may leave out (llama.cpp reads configs through them)
 DEFAULTS = {"llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
             "mistral": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-            "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}}
+            "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+            "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}}
 
 
 def _find(cfg: dict, keys, default=None):
@@ -156,6 +160,9 @@ def layer_tensors(spec: ArchSpec, hp: HParams, i: int) -> dict[str, Mapped]:
     m["self_attn.k_proj.bias"] = Mapped(b + "attn_k.bias", (kv,), pk, bias_required)
     m["self_attn.v_proj.bias"] = Mapped(b + "attn_v.bias", (kv,), 0, bias_required)
     m["self_attn.o_proj.bias"] = Mapped(b + "attn_output.bias", (e,), 0, hp.attention_bias and not spec.qkv_bias)
+    if spec.qk_norm:
+        m["self_attn.q_norm.weight"] = Mapped(b + "attn_q_norm.weight", (hp.head_dim,), 0, True)
+        m["self_attn.k_norm.weight"] = Mapped(b + "attn_k_norm.weight", (hp.head_dim,), 0, True)
     return m
 
 

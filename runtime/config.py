@@ -18,8 +18,20 @@ _KEYS = {"n_vocab": "vocab_size", "n_ctx_train": "context_length", "dim": "embed
          "n_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
          "rope_dim": "rope.dimension_count"}
 
-# architectures we run -> the family implementation that runs them
-ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
+@dataclass(frozen=True)
+class ArchTraits:
+    """How an architecture run by the llama family implementation (models/llama.py) differs."""
+    family: str = "llama"
+    rope_neox: bool = False  # RoPE on split halves (ggml's NEOX mode), not adjacent pairs
+    attn_bias: bool = False  # q/k/v biases
+    qk_norm: bool = False    # RMSNorm of each q and k head before RoPE (attn_q_norm / attn_k_norm)
+
+
+# the architectures we run (general.architecture), as llama.cpp names them
+ARCHS = {"llama": ArchTraits(), "mistral": ArchTraits(),
+         "qwen2": ArchTraits(rope_neox=True, attn_bias=True),
+         "qwen3": ArchTraits(rope_neox=True, qk_norm=True)}
+ARCH_ALIASES = {a: t.family for a, t in ARCHS.items()}
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,7 @@ class ModelConfig:
     norm_eps: float
     attn_bias: bool          # q/k/v biases (qwen2)
     name: str = ""
+    qk_norm: bool = False    # per-head RMSNorm of q and k (qwen3)
     # RoPE context scaling (rope.py): "none" | "linear" | "yarn", and its parameters
     rope_scaling: str = "none"
     rope_factor: float = 1.0
@@ -86,9 +99,10 @@ class ModelConfig:
             head_dim=head_dim,
             rope_dim=key("rope.dimension_count", int, head_dim),
             rope_base=float(key("rope.freq_base", float, 10000.0)),
-            rope_neox=arch == "qwen2",
+            rope_neox=ARCHS[arch].rope_neox,
             norm_eps=float(key("attention.layer_norm_rms_epsilon", float)),
-            attn_bias=arch == "qwen2",
+            attn_bias=ARCHS[arch].attn_bias,
+            qk_norm=ARCHS[arch].qk_norm,
             name=md.get("general.name", "") if isinstance(md.get("general.name", ""), str) else "",
             **read_scaling(md, arch, source, _get),
         )

@@ -3,6 +3,7 @@
     make_llama_spm(dir)   LlamaForCausalLM, bf16 weights, SentencePiece tokenizer.model trained here
     make_llama_bpe(dir)   LlamaForCausalLM, f16 weights in 2 shards + index, BPE tokenizer.json (llama-bpe)
     make_qwen2(dir)       Qwen2ForCausalLM, f32 weights, q/k/v biases, tied embeddings, BPE (qwen2)
+    make_qwen3(dir)       Qwen3ForCausalLM, f16 weights, q/k norms, head_dim 32 != hidden/heads, BPE
     reference_logits(dir, ids) -> float64 [len(ids), n_vocab], straight from the safetensors weights
 
 All weights are exactly representable in float16, so an f16 conversion is lossless and a runtime's
@@ -50,7 +51,7 @@ def _f16_exact(a: np.ndarray, bf16: bool = False) -> np.ndarray:
 def make_weights(cfg: dict, seed: int, bias: bool, tied: bool, bf16: bool) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     e, ff, nh, nkv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = e // nh
+    hd = cfg.get("head_dim", e // nh)
     V, L = cfg["vocab_size"], cfg["num_hidden_layers"]
 
     def mat(r, c, scale):
@@ -73,6 +74,9 @@ def make_weights(cfg: dict, seed: int, bias: bool, tied: bool, bf16: bool) -> di
         w[p + "mlp.gate_proj.weight"] = mat(ff, e, 0.15)
         w[p + "mlp.up_proj.weight"] = mat(ff, e, 0.15)
         w[p + "mlp.down_proj.weight"] = mat(e, ff, 0.15)
+        if cfg["model_type"] == "qwen3":
+            w[p + "self_attn.q_norm.weight"] = vec(hd, 1.0, 0.2)
+            w[p + "self_attn.k_norm.weight"] = vec(hd, 1.0, 0.2)
         if bias:
             w[p + "self_attn.q_proj.bias"] = vec(nh * hd, 0.0, 0.2)
             w[p + "self_attn.k_proj.bias"] = vec(nkv * hd, 0.0, 0.2)
@@ -200,7 +204,23 @@ def make_qwen2(d: Path) -> Path:
     return d
 
 
-MAKERS = {"llama_spm": make_llama_spm, "llama_bpe": make_llama_bpe, "qwen2": make_qwen2}
+def make_qwen3(d: Path) -> Path:
+    """Qwen3ForCausalLM: per-head q/k RMSNorm, no biases, head_dim (32) independent of
+    hidden_size / heads (16), untied f16 weights."""
+    d.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    n = train_bpe(d / "tokenizer.json", QWEN2_REGEX, specials, 380, bos=None)
+    cfg = _config("Qwen3ForCausalLM", "qwen3", n, bos_token_id=0, eos_token_id=2, tie_word_embeddings=False,
+                  head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6, attention_bias=False)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "add_prefix_space": False, "chat_template": CHAT_TEMPLATE}))
+    save_safetensors(d / "model.safetensors", make_weights(cfg, 4, False, False, bf16=False), "F16")
+    return d
+
+
+MAKERS = {"llama_spm": make_llama_spm, "llama_bpe": make_llama_bpe, "qwen2": make_qwen2, "qwen3": make_qwen3}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +285,7 @@ def reference_logits(d: Path, ids: list[int]) -> np.ndarray:
     cfg = json.loads((d / "config.json").read_text())
     w = load_weights(d)
     e, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = e // nh
+    hd = cfg.get("head_dim", e // nh)
     eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
     T = len(ids)
 
@@ -290,7 +310,10 @@ def reference_logits(d: Path, ids: list[int]) -> np.ndarray:
         q = h @ w[p + "self_attn.q_proj.weight"].T + w.get(p + "self_attn.q_proj.bias", 0)
         k = h @ w[p + "self_attn.k_proj.weight"].T + w.get(p + "self_attn.k_proj.bias", 0)
         v = h @ w[p + "self_attn.v_proj.weight"].T + w.get(p + "self_attn.v_proj.bias", 0)
-        q, k, v = rope(q.reshape(T, nh, hd)), rope(k.reshape(T, nkv, hd)), v.reshape(T, nkv, hd)
+        q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
+        if p + "self_attn.q_norm.weight" in w:          # Qwen3: RMSNorm of each head, then RoPE
+            q, k = rms(q, w[p + "self_attn.q_norm.weight"]), rms(k, w[p + "self_attn.k_norm.weight"])
+        q, k = rope(q), rope(k)
         rep = nh // nkv
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
         s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask

@@ -50,6 +50,10 @@ EXPECTED = {
     "qwen2": {"general.architecture": "qwen2", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
               "qwen2.rope.freq_base": 1000000.0, "tokenizer.ggml.add_bos_token": False,
               "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 0},
+    "qwen3": {"general.architecture": "qwen3", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+              "qwen3.rope.freq_base": 1000000.0, "tokenizer.ggml.add_bos_token": False,
+              "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 0,
+              "qwen3.attention.key_length": 32, "qwen3.attention.value_length": 32},
 }
 
 
@@ -77,7 +81,7 @@ def test_metadata_and_tensor_names(fixtures, tmp_path, name):
         assert kv["llama.vocab_size"] == cfg["vocab_size"] and kv["llama.rope.dimension_count"] == 16
         assert kv["llama.attention.key_length"] == 16
     else:
-        assert "qwen2.vocab_size" not in kv and "qwen2.rope.dimension_count" not in kv
+        assert f"{arch}.vocab_size" not in kv and f"{arch}.rope.dimension_count" not in kv
     if kv["tokenizer.ggml.model"] == "gpt2":
         assert len(kv["tokenizer.ggml.merges"]) > 10 and "tokenizer.ggml.scores" not in kv
     else:
@@ -91,6 +95,8 @@ def test_metadata_and_tensor_names(fixtures, tmp_path, name):
         names |= {f"blk.{i}.attn_{t}.bias" for i in range(2) for t in "qkv"}
     else:
         names.add("output.weight")
+    if arch == "qwen3":
+        names |= {f"blk.{i}.attn_{t}_norm.weight" for i in range(2) for t in "qk"}
     assert set(tensors) == names
     for n, t in tensors.items():
         want = "F32" if n.endswith(("_norm.weight", ".bias")) else "Q8_0"
@@ -100,7 +106,7 @@ def test_metadata_and_tensor_names(fixtures, tmp_path, name):
         assert set(g.tensors) == names
         assert g.metadata["general.architecture"] == arch
         assert g.tensors["token_embd.weight"].shape == (cfg["vocab_size"], 64)
-        assert g.tensors["blk.0.attn_k.weight"].shape == (32, 64)
+        assert g.tensors["blk.0.attn_k.weight"].shape == (2 * cfg.get("head_dim", 16), 64)
 
 
 @pytest.mark.parametrize("name", list(cf.MAKERS))
@@ -116,7 +122,8 @@ def test_tensor_data(fixtures, tmp_path, name, qtype):
           "output_norm.weight": "model.norm.weight"}
     sub = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
            "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+           "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
     with GGUFFile(out) as g:
         for n, t in g.tensors.items():
             if n in hf:
@@ -124,7 +131,7 @@ def test_tensor_data(fixtures, tmp_path, name, qtype):
             else:
                 _, i, kind, suffix = n.split(".")
                 x = w[f"model.layers.{i}.{sub[kind]}.{suffix}"]
-            if name != "qwen2" and n.split(".")[2:3] in (["attn_q"], ["attn_k"]):
+            if name not in ("qwen2", "qwen3") and n.split(".")[2:3] in (["attn_q"], ["attn_k"]):
                 x = permute(x, 4 if "attn_q" in n else 2)
             want_t = types.F32 if x.ndim == 1 or n.endswith("_norm.weight") else qt
             assert t.qtype is want_t, n
@@ -243,10 +250,14 @@ def test_f16_logits_match_float64_reference(fixtures, tmp_path, name):
     llm = infer.LLM(str(out), n_ctx=64)
     try:
         got = np.asarray(llm.logits(ids), dtype=np.float64)
+        llm.engine.reset()
+        llm.engine.prefill(ids[:5], reuse=False)          # and token by token (the fused decode step)
+        steps = np.stack([np.asarray(llm.engine.decode(t), np.float64).copy() for t in ids[5:]])
     finally:
         getattr(llm, "close", lambda: None)()
     assert got.shape == want.shape
     assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
+    assert np.abs(steps - want[5:]).max() < 1e-3, np.abs(steps - want[5:]).max()
 
 
 def test_reference_forward_is_sane(fixtures):

@@ -59,6 +59,21 @@ def rmsnorm(x, w, eps, out):
 
 
 @njit(cache=True, fastmath=FM)
+def head_rmsnorm(x, n_heads, head_dim, w, eps):
+    """In place, each head of each row of x (n, >= n_heads*head_dim): RMSNorm over its head_dim
+    values with the weights w (head_dim,) (Qwen3's and Gemma 3's q/k norms)."""
+    for i in range(x.shape[0]):
+        for h in range(n_heads):
+            o = h * head_dim
+            ss = np.float32(0.0)
+            for j in range(head_dim):
+                ss += x[i, o + j] * x[i, o + j]
+            inv = np.float32(1.0 / math.sqrt(ss / head_dim + eps))
+            for j in range(head_dim):
+                x[i, o + j] = x[i, o + j] * inv * w[j]
+
+
+@njit(cache=True, fastmath=FM)
 def rope_inv_freq(rope_dim, base, out):
     """out[i] = base^(-2i/rope_dim), i < rope_dim/2 (computed in float64 like ggml's theta scale)."""
     for i in range(rope_dim // 2):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import Counter
+from collections import Counter, namedtuple
 
 import numpy as np
 from numba import njit
@@ -23,7 +23,8 @@ from ..kernels import blockir
 from ..kernels import qmatmul as qm
 from ..kernels import simd
 from ..kernels.attention import attend_one, attend_rows, masked_softmax
-from ..kernels.ops import ROPE_NEOX, ROPE_NORM, exp32, rmsnorm, rope, rope_inv_freq, silu_mul, silu_mul_par
+from ..kernels.ops import (ROPE_NEOX, ROPE_NORM, exp32, head_rmsnorm, rmsnorm, rope, rope_inv_freq, silu_mul,
+                           silu_mul_par)
 from ..kernels.qmatmul import FM, TAB_COLS, TAB_ROWS, TAB_WIDTH
 from ..rope import frequencies as rope_frequencies
 
@@ -31,8 +32,16 @@ from ..rope import frequencies as rope_frequencies
 MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 K_Q, K_K, K_V, K_O, K_GATE, K_UP, K_DOWN = range(7)
 # per-layer vectors, in vector-table order (-1 offset when absent)
-VECS = ("attn_norm.weight", "ffn_norm.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias")
-V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV = range(5)
+VECS = ("attn_norm.weight", "ffn_norm.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
+        "attn_q_norm.weight", "attn_k_norm.weight")
+V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV, V_QNORM, V_KNORM = range(7)
+
+# decode_step's arguments, in three bundles (Numba passes named tuples as typed structs)
+DecodeWeights = namedtuple("DecodeWeights", "wu8 vec tab vtab embd outt out_norm inv_freq")
+DecodeConfig = namedtuple("DecodeConfig", "n_layers dim n_heads n_kv head_dim n_ff rope_dim rope_mode eps scale "
+                                          "attn_bias qk_norm")
+DecodeBuffers = namedtuple("DecodeBuffers", "x xn qkv att scores gu xsum starts tmp logits offs3 offs2 offs1 "
+                                            "chunks xq xd xsq use_i8")
 # F32/F16/BF16 and every block format of quant/formats (blockir's kernels)
 NATIVE = {qm.T_F32, qm.T_F16, qm.T_BF16, *FORMATS}
 # with int8 activations (AVX2) the prompt's quantized matmuls run qmatmul.matmul_i8_group (weights read as
@@ -109,6 +118,9 @@ class LlamaModel:
                 self.tab[i, k] = mat(f"blk.{i}.{m}.weight", *shapes[m])
             self.vtab[i, V_ATTN_NORM] = vec(f"blk.{i}.attn_norm.weight", c.dim)
             self.vtab[i, V_FFN_NORM] = vec(f"blk.{i}.ffn_norm.weight", c.dim)
+            if c.qk_norm:
+                self.vtab[i, V_QNORM] = vec(f"blk.{i}.attn_q_norm.weight", c.head_dim)
+                self.vtab[i, V_KNORM] = vec(f"blk.{i}.attn_k_norm.weight", c.head_dim)
             if c.attn_bias:
                 self.vtab[i, V_BQ] = vec(f"blk.{i}.attn_q.bias", c.q_dim)
                 self.vtab[i, V_BK] = vec(f"blk.{i}.attn_k.bias", c.kv_dim)
@@ -148,11 +160,15 @@ class LlamaModel:
                                        {int(self.embd[qm.TAB_TYPE]), int(self.out[qm.TAB_TYPE])})
         self.k = qm.kernels(self.formats)
         self.decode_step = decode_step_for(self.formats)
+        self.dw = DecodeWeights(self.wu8, self.vec, self.tab, self.vtab, self.embd, self.out, self.out_norm,
+                                self.inv_freq)
+        self.dc = DecodeConfig(c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_ff, c.rope_dim,
+                               self.rope_mode, np.float32(c.norm_eps), self.attn_scale, c.attn_bias, c.qk_norm)
 
     def v(self, layer, which):
         o = self.vtab[layer, which]
-        n = self.cfg.dim if which in (V_ATTN_NORM, V_FFN_NORM) else (
-            self.cfg.q_dim if which == V_BQ else self.cfg.kv_dim)
+        n = self.cfg.dim if which in (V_ATTN_NORM, V_FFN_NORM) else self.cfg.head_dim if which in (
+            V_QNORM, V_KNORM) else self.cfg.q_dim if which == V_BQ else self.cfg.kv_dim
         return self.vec[o:o + n]
 
     # ------------------------------------------------------------------------------------------
@@ -264,6 +280,9 @@ class LlamaModel:
             self._matmuls(s, self.tab_qkv[li], h, qkv1)
             if c.attn_bias:
                 q += self.v(li, V_BQ); k += self.v(li, V_BK); v += self.v(li, V_BV)
+            if c.qk_norm:
+                head_rmsnorm(q, c.n_heads, c.head_dim, self.v(li, V_QNORM), np.float32(c.norm_eps))
+                head_rmsnorm(k, c.n_kv_heads, c.head_dim, self.v(li, V_KNORM), np.float32(c.norm_eps))
             rope(q, c.n_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq, self.rope_mode)
             rope(k, c.n_kv_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq, self.rope_mode)
             kc, vc = kv.k[li], kv.v[li]
@@ -371,13 +390,9 @@ class LlamaModel:
         self._wait_pending()
         slot = kv.next_slot()
         s.posv[0] = kv.kpos[slot]
-        self.decode_step(self.wu8, self.vec, self.tab, self.vtab, self.embd, self.out,
-                    self.out_norm, c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_ff,
-                    c.rope_dim, self.rope_mode, np.float32(c.norm_eps), self.attn_scale, c.attn_bias,
-                    int(token), s.posv, int(slot), kv.offset, kv.k, kv.v,
-                    self.inv_freq, s.x, s.xn, s.qkv, s.att, s.scores, s.gu, s.xsum, s.starts,
-                    s.tmp, s.logits, s.offs3, s.offs2, s.offs1, s.chunks,
-                    s.xq, s.xd, s.xsq, s.use_i8)
+        b = DecodeBuffers(s.x, s.xn, s.qkv, s.att, s.scores, s.gu, s.xsum, s.starts, s.tmp, s.logits,
+                          s.offs3, s.offs2, s.offs1, s.chunks, s.xq, s.xd, s.xsq, s.use_i8)
+        self.decode_step(self.dw, self.dc, b, int(token), s.posv, int(slot), kv.offset, kv.k, kv.v)
         return s.logits
 
 
@@ -507,21 +522,22 @@ def decode_step_for(mask):
     # error_model="numpy": a float division with Python's ZeroDivisionError check does not vectorize
     # (decode's SiLU ran 4 ns an element, 0.3 ms of SmolLM2's 7 ms token; vectorized 0.7)
     @njit(cache=True, fastmath=FM, error_model="numpy")
-    def decode_step(wu8, vec, tab, vtab, embd, outt, out_norm, n_layers, dim, n_heads, n_kv,
-                    head_dim, n_ff, rope_dim, rope_mode, eps, scale, attn_bias, token, posv, slot, n_filled,
-                    kcache, vcache, inv_freq, x, xn, qkv, att, scores, gu, xsum, starts, tmp, logits,
-                    offs3, offs2, offs1, chunks, xq, xd, xsq, use_i8):
+    def decode_step(w, c, b, token, posv, slot, n_filled, kcache, vcache):
         """The whole forward pass of one token at position posv[0], writing its K/V into `slot` and
-        logits into `logits`. Allocates nothing."""
+        logits into b.logits. w: DecodeWeights, c: DecodeConfig, b: DecodeBuffers. Allocates nothing."""
+        wu8, vec, tab, vtab = w.wu8, w.vec, w.tab, w.vtab
+        dim, n_heads, n_kv, head_dim, n_ff, eps = c.dim, c.n_heads, c.n_kv, c.head_dim, c.n_ff, c.eps
+        x, xn, qkv, att, gu, xsum, starts, tmp = b.x, b.xn, b.qkv, b.att, b.gu, b.xsum, b.starts, b.tmp
+        xq, xd, xsq, use_i8, chunks = b.xq, b.xd, b.xsq, b.use_i8, b.chunks
         q_dim = n_heads * head_dim
         kv_dim = n_kv * head_dim
-        qm.dequant_rows(mask, wu8, embd, token, token + 1, x.reshape((1, dim)), tmp[0])
-        for li in range(n_layers):
+        qm.dequant_rows(mask, wu8, w.embd, token, token + 1, x.reshape((1, dim)), tmp[0])
+        for li in range(c.n_layers):
             t = tab[li]
             o = vtab[li, V_ATTN_NORM]
             _rmsnorm1(x, vec[o:o + dim], eps, xn)
-            _mv(mask, wu8, t[K_Q:K_V + 1], xn, xsum, qkv, offs3, chunks[0], starts, tmp, xq, xd, xsq, use_i8)
-            if attn_bias:
+            _mv(mask, wu8, t[K_Q:K_V + 1], xn, xsum, qkv, b.offs3, chunks[0], starts, tmp, xq, xd, xsq, use_i8)
+            if c.attn_bias:
                 for j in range(q_dim):
                     qkv[j] += vec[vtab[li, V_BQ] + j]
                 for j in range(kv_dim):
@@ -529,26 +545,32 @@ def decode_step_for(mask):
                     qkv[q_dim + kv_dim + j] += vec[vtab[li, V_BV] + j]
             q = qkv[:q_dim].reshape((1, q_dim))
             k = qkv[q_dim:q_dim + kv_dim].reshape((1, kv_dim))
-            rope(q, n_heads, head_dim, rope_dim, posv, inv_freq, rope_mode)
-            rope(k, n_kv, head_dim, rope_dim, posv, inv_freq, rope_mode)
+            if c.qk_norm:
+                o = vtab[li, V_QNORM]
+                head_rmsnorm(q, n_heads, head_dim, vec[o:o + head_dim], eps)
+                o = vtab[li, V_KNORM]
+                head_rmsnorm(k, n_kv, head_dim, vec[o:o + head_dim], eps)
+            rope(q, n_heads, head_dim, c.rope_dim, posv, w.inv_freq, c.rope_mode)
+            rope(k, n_kv, head_dim, c.rope_dim, posv, w.inv_freq, c.rope_mode)
             for hh in range(n_kv):
                 for d in range(head_dim):
                     kcache[li, hh, slot, d] = qkv[q_dim + hh * head_dim + d]
                     vcache[li, hh, slot, d] = qkv[q_dim + kv_dim + hh * head_dim + d]
-            attend_one(qkv, kcache[li], vcache[li], n_filled, scale, n_heads, n_kv, head_dim, scores, att)
-            _mv(mask, wu8, t[K_O:K_O + 1], att, xsum, xn, offs1, chunks[1], starts, tmp, xq, xd, xsq, use_i8)
+            attend_one(qkv, kcache[li], vcache[li], n_filled, c.scale, n_heads, n_kv, head_dim, b.scores, att)
+            _mv(mask, wu8, t[K_O:K_O + 1], att, xsum, xn, b.offs1, chunks[1], starts, tmp, xq, xd, xsq, use_i8)
             for j in range(dim):
                 x[j] += xn[j]
             o = vtab[li, V_FFN_NORM]
             _rmsnorm1(x, vec[o:o + dim], eps, xn)
-            _mv(mask, wu8, t[K_GATE:K_UP + 1], xn, xsum, gu, offs2, chunks[2], starts, tmp, xq, xd, xsq, use_i8)
+            _mv(mask, wu8, t[K_GATE:K_UP + 1], xn, xsum, gu, b.offs2, chunks[2], starts, tmp, xq, xd, xsq, use_i8)
             for j in range(n_ff):
                 gv = gu[j]
                 gu[j] = gv / (np.float32(1.0) + exp32(-gv)) * gu[n_ff + j]
             h = gu[:n_ff]
-            _mv(mask, wu8, t[K_DOWN:K_DOWN + 1], h, xsum, xn, offs1, chunks[3], starts, tmp, xq, xd, xsq, use_i8)
+            _mv(mask, wu8, t[K_DOWN:K_DOWN + 1], h, xsum, xn, b.offs1, chunks[3], starts, tmp, xq, xd, xsq, use_i8)
             for j in range(dim):
                 x[j] += xn[j]
+        out_norm, outt, logits, offs1 = w.out_norm, w.outt, b.logits, b.offs1
         _rmsnorm1(x, vec[out_norm:out_norm + dim], eps, xn)
         _mv(mask, wu8, outt.reshape((1, outt.shape[0])), xn, xsum, logits, offs1, chunks[4], starts, tmp,
             xq, xd, xsq, use_i8)
