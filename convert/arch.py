@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from infer.errors import ConvertError, UnsupportedError
@@ -29,20 +29,25 @@ class ArchSpec:
     vocab_and_rope_dim: bool  # llama writes {arch}.vocab_size and rope.dimension_count
     always_head_dim: bool     # llama: attention.key_length/value_length always written
     qk_norm: bool = False     # qwen3: self_attn.{q,k}_norm -> attn_{q,k}_norm (per-head RMSNorm weights)
+    gemma: bool = False       # gemma3: pre/post norms, RMSNorm weights stored as 1 + w, tied, sliding window
 
 
 LLAMA = ArchSpec("llama", permute_qk=True, qkv_bias=False, vocab_and_rope_dim=True, always_head_dim=True)
 QWEN2 = ArchSpec("qwen2", permute_qk=False, qkv_bias=True, vocab_and_rope_dim=False, always_head_dim=False)
 QWEN3 = ArchSpec("qwen3", permute_qk=False, qkv_bias=False, vocab_and_rope_dim=False, always_head_dim=False,
                  qk_norm=True)
+GEMMA3 = ArchSpec("gemma3", permute_qk=False, qkv_bias=False, vocab_and_rope_dim=False, always_head_dim=True,
+                  qk_norm=True, gemma=True)
 ARCHS = {"LlamaForCausalLM": LLAMA, "LLaMAForCausalLM": LLAMA, "MistralForCausalLM": LLAMA,
-         "Qwen2ForCausalLM": QWEN2, "Qwen3ForCausalLM": QWEN3}
+         "Qwen2ForCausalLM": QWEN2, "Qwen3ForCausalLM": QWEN3, "Gemma3ForCausalLM": GEMMA3}
 
 # transformers' defaults for keys a config.json may leave out (llama.cpp reads configs through them)
 DEFAULTS = {"llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
             "mistral": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
             "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-            "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}}
+            "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+            "gemma3_text": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0},
+            "gemma3": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}}
 
 
 def _find(cfg: dict, keys, default=None):
@@ -69,6 +74,7 @@ class HParams:
     rope: dict                 # rope_parameters / rope_scaling (type, factor, ...)
     tie_embeddings: bool | None
     attention_bias: bool
+    raw: dict = field(default_factory=dict, compare=False, repr=False)   # config.json as read
 
     @classmethod
     def from_config(cls, cfg: dict, path: Path) -> tuple["HParams", ArchSpec]:
@@ -113,7 +119,7 @@ class HParams:
         rope = cfg.get("rope_parameters", cfg.get("rope_scaling")) or {}
         if not isinstance(rope, dict):
             raise ConvertError(f"{path}: rope_scaling must be an object, not {rope!r}")
-        rope = dict(rope)
+        rope = dict(rope.get("full_attention", rope))     # per-layer-type rope_parameters: the global layers'
         if "rope_type" not in rope and "type" in rope:
             rope["rope_type"] = rope["type"]
         theta = rope.get("rope_theta", _find(cfg, ["rope_theta", "rotary_emb_base"], defaults["rope_theta"]))
@@ -124,7 +130,7 @@ class HParams:
         tie = cfg.get("tie_word_embeddings")
         return cls(hf_arch, n_layer, n_embd, n_ff, n_head, n_head_kv, hd, "head_dim" in cfg, n_vocab,
                    n_ctx, float(theta), float(eps), rope, tie if isinstance(tie, bool) else None,
-                   bool(cfg.get("attention_bias", False))), spec
+                   bool(cfg.get("attention_bias", False)), dict(cfg)), spec
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,7 @@ class Mapped:
     shape: tuple           # expected numpy shape
     permute_heads: int     # 0, or the number of heads whose rows get the RoPE permutation
     required: bool
+    shift: float = 0.0     # added to every value (Gemma's RMSNorm weights are stored as 1 + w)
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -160,16 +167,23 @@ def layer_tensors(spec: ArchSpec, hp: HParams, i: int) -> dict[str, Mapped]:
     m["self_attn.k_proj.bias"] = Mapped(b + "attn_k.bias", (kv,), pk, bias_required)
     m["self_attn.v_proj.bias"] = Mapped(b + "attn_v.bias", (kv,), 0, bias_required)
     m["self_attn.o_proj.bias"] = Mapped(b + "attn_output.bias", (e,), 0, hp.attention_bias and not spec.qkv_bias)
+    sh = 1.0 if spec.gemma else 0.0
     if spec.qk_norm:
-        m["self_attn.q_norm.weight"] = Mapped(b + "attn_q_norm.weight", (hp.head_dim,), 0, True)
-        m["self_attn.k_norm.weight"] = Mapped(b + "attn_k_norm.weight", (hp.head_dim,), 0, True)
+        m["self_attn.q_norm.weight"] = Mapped(b + "attn_q_norm.weight", (hp.head_dim,), 0, True, sh)
+        m["self_attn.k_norm.weight"] = Mapped(b + "attn_k_norm.weight", (hp.head_dim,), 0, True, sh)
+    if spec.gemma:      # llama.cpp's names for Gemma's four norms (its converter adds the 1)
+        m["input_layernorm.weight"] = Mapped(b + "attn_norm.weight", (e,), 0, True, sh)
+        m["post_attention_layernorm.weight"] = Mapped(b + "post_attention_norm.weight", (e,), 0, True, sh)
+        m["pre_feedforward_layernorm.weight"] = Mapped(b + "ffn_norm.weight", (e,), 0, True, sh)
+        m["post_feedforward_layernorm.weight"] = Mapped(b + "post_ffw_norm.weight", (e,), 0, True, sh)
     return m
 
 
-def global_tensors(hp: HParams) -> dict[str, Mapped]:
+def global_tensors(hp: HParams, spec: ArchSpec | None = None) -> dict[str, Mapped]:
+    sh = 1.0 if spec is not None and spec.gemma else 0.0
     return {
         "model.embed_tokens.weight": Mapped("token_embd.weight", (hp.n_vocab, hp.n_embd), 0, True),
-        "model.norm.weight": Mapped("output_norm.weight", (hp.n_embd,), 0, True),
+        "model.norm.weight": Mapped("output_norm.weight", (hp.n_embd,), 0, True, sh),
         # tied embeddings: no lm_head; required only when config says the embeddings are not tied
         "lm_head.weight": Mapped("output.weight", (hp.n_vocab, hp.n_embd), 0, hp.tie_embeddings is False),
     }
@@ -179,7 +193,7 @@ def map_tensor(spec: ArchSpec, hp: HParams, hf_name: str) -> Mapped | None:
     """GGUF mapping of checkpoint tensor `hf_name`; None for tensors llama.cpp drops; ConvertError if unknown."""
     if hf_name.endswith(SKIPPED):
         return None
-    g = global_tensors(hp).get(hf_name)
+    g = global_tensors(hp, spec).get(hf_name)
     if g is not None:
         return g
     m = _LAYER.match(hf_name)

@@ -47,6 +47,7 @@ class TensorPlan:
     src: TensorEntry | None      # None for generated tensors
     permute_heads: int = 0
     data: np.ndarray | None = None
+    shift: float = 0.0           # added to a 1-D tensor's values (Gemma's norms: 1 + w)
 
     @property
     def src_dtype(self) -> str:
@@ -161,6 +162,12 @@ def _model_metadata(w: MetaRecorder, hp: HParams, spec: ArchSpec, recipe: Recipe
     if spec.always_head_dim or hp.head_dim_in_config:
         w.add_uint32(f"{a}.attention.key_length", hp.head_dim)
         w.add_uint32(f"{a}.attention.value_length", hp.head_dim)
+    if spec.gemma:
+        raw = hp.raw
+        if raw.get("final_logit_softcapping"):
+            w.add_float32(f"{a}.final_logit_softcapping", float(raw["final_logit_softcapping"]))
+        if raw.get("sliding_window_pattern") != 1 and raw.get("sliding_window"):
+            w.add_uint32(f"{a}.attention.sliding_window", int(raw["sliding_window"]))
     w.add_uint32("general.file_type", recipe.file_type)
     if spec.vocab_and_rope_dim:
         w.add_uint32(f"{a}.vocab_size", hp.n_vocab)
@@ -201,7 +208,8 @@ def make_plan(src, type: str = "q8_0") -> Plan:
                                    f"{m.permute_heads} heads of even size")
             seen[hf_name] = m.name
             qt = plan_type(recipe, m.name, e.shape, hp.n_layer)
-            tensors.append(TensorPlan(m.name, e.shape, qt, _row_bytes(qt, e.shape), e, m.permute_heads))
+            tensors.append(TensorPlan(m.name, e.shape, qt, _row_bytes(qt, e.shape), e, m.permute_heads,
+                                      shift=m.shift))
         for hf_name, m in expected_tensors(spec, hp).items():
             if m.required and hf_name not in seen:
                 raise ConvertError(f"{src}: missing tensor {hf_name!r} ({m.name}) in the checkpoint")
@@ -277,6 +285,8 @@ def _stream_tensor(ckpt: Checkpoint, t: TensorPlan, out: StreamWriter, tick: Cal
         if t.permute_heads:
             hd = x.size // t.permute_heads
             x = x.reshape(t.permute_heads, 2, hd // 2).swapaxes(1, 2).reshape(-1)
+        if t.shift:
+            x = x + np.float32(t.shift)
         b = _encode(x.reshape(1, -1), t.qtype)
         out.write(b)
         tick(b.nbytes)

@@ -453,6 +453,8 @@ def write_vocab(w, folder: Path, gguf_arch: str, vocab_size: int | None) -> str:
         w.add_array("tokenizer.ggml.scores", scores)
         w.add_array("tokenizer.ggml.token_type", types)
         SpecialTokens(folder, load_merges=False, n_vocab=len(tokens)).write(w)
+        if gguf_arch == "gemma3":
+            w.add_bool("tokenizer.ggml.add_space_prefix", False)     # as llama.cpp's Gemma3Model writes
         desc = f"SentencePiece, {len(tokens)} tokens"
     elif (folder / "tokenizer.json").is_file():
         tj = load_json(folder / "tokenizer.json", required=True)

@@ -25,12 +25,18 @@ class ArchTraits:
     rope_neox: bool = False  # RoPE on split halves (ggml's NEOX mode), not adjacent pairs
     attn_bias: bool = False  # q/k/v biases
     qk_norm: bool = False    # RMSNorm of each q and k head before RoPE (attn_q_norm / attn_k_norm)
+    embd_scale: bool = False  # token embeddings times sqrt(dim)
+    post_norms: bool = False  # RMSNorm of the attention and FFN outputs before the residual add
+    act: str = "silu"         # the gated FFN's activation: "silu" or "gelu" (tanh form)
+    swa: bool = False         # sliding-window layers: attention.sliding_window, a pattern (default 6)
+    swa_pattern: int = 6      #   every swa_pattern-th layer global (llama.cpp's set_swa_pattern)
 
 
 # the architectures we run (general.architecture), as llama.cpp names them
 ARCHS = {"llama": ArchTraits(), "mistral": ArchTraits(),
          "qwen2": ArchTraits(rope_neox=True, attn_bias=True),
-         "qwen3": ArchTraits(rope_neox=True, qk_norm=True)}
+         "qwen3": ArchTraits(rope_neox=True, qk_norm=True),
+         "gemma3": ArchTraits(rope_neox=True, qk_norm=True, embd_scale=True, post_norms=True, act="gelu", swa=True)}
 ARCH_ALIASES = {a: t.family for a, t in ARCHS.items()}
 
 
@@ -52,6 +58,13 @@ class ModelConfig:
     attn_bias: bool          # q/k/v biases (qwen2)
     name: str = ""
     qk_norm: bool = False    # per-head RMSNorm of q and k (qwen3)
+    embd_scale: bool = False
+    post_norms: bool = False
+    act: str = "silu"
+    n_swa: int = 0           # sliding window (tokens) of the SWA layers; 0: none
+    swa_layers: tuple = ()   # per layer: True where the layer attends within the window
+    rope_base_swa: float = 10000.0   # the SWA layers' RoPE base (llama.cpp's rope_freq_base_train_swa)
+    attn_scale_dim: int = 0  # the attention scale is 1/sqrt(this) (0: head_dim)
     # RoPE context scaling (rope.py): "none" | "linear" | "yarn", and its parameters
     rope_scaling: str = "none"
     rope_factor: float = 1.0
@@ -79,6 +92,11 @@ class ModelConfig:
         def key(name, typ, default=None):
             return _get(md, f"{arch}.{name}", typ, source, default)
 
+        for k in ("final_logit_softcapping", "attn_logit_softcapping"):       # Gemma 2's; not run here
+            if md.get(f"{arch}.{k}"):
+                raise UnsupportedError(f"{source}: metadata {arch}.{k} is set: logit soft-capping is not "
+                                       f"supported yet (running without it would be wrong)")
+
         dim = key("embedding_length", int)
         n_heads = key("attention.head_count", int)
         n_kv = key("attention.head_count_kv", int, n_heads)
@@ -103,12 +121,17 @@ class ModelConfig:
             norm_eps=float(key("attention.layer_norm_rms_epsilon", float)),
             attn_bias=ARCHS[arch].attn_bias,
             qk_norm=ARCHS[arch].qk_norm,
+            embd_scale=ARCHS[arch].embd_scale,
+            post_norms=ARCHS[arch].post_norms,
+            act=ARCHS[arch].act,
+            **_swa(md, arch, source, ARCHS[arch], key),
             name=md.get("general.name", "") if isinstance(md.get("general.name", ""), str) else "",
             **read_scaling(md, arch, source, _get),
         )
         for f in fields(cls):
             v = getattr(cfg, f.name)
-            if f.type in ("int",) and not 0 < v <= INT32_MAX and f.name != "rope_orig_ctx":
+            if f.type in ("int",) and not 0 < v <= INT32_MAX and f.name not in ("rope_orig_ctx", "n_swa",
+                                                                                  "attn_scale_dim"):
                 raise MetadataError(f"{source}: metadata {arch}.{_KEYS.get(f.name, f.name)} must be positive "
                                     f"and fit int32, got {v}")
         if cfg.n_layers > MAX_LAYERS:
@@ -122,6 +145,35 @@ class ModelConfig:
         if cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:
             raise MetadataError(f"{source}: rope dimension {cfg.rope_dim} does not fit head size {cfg.head_dim}")
         return cfg
+
+
+def _swa(md, arch, source, traits, key) -> dict:
+    """Sliding-window attention as llama.cpp's gemma3 loader reads it: attention.sliding_window
+    (none or 0: no SWA), attention.sliding_window_pattern (an int n: layer il slides unless
+    il % n == n - 1; or a bool per layer), rope.freq_base_swa (default 10000)."""
+    n_layers = key("block_count", int)
+    out = {"rope_base_swa": float(key("rope.freq_base_swa", float, 10000.0))}
+    if arch == "gemma3" and n_layers == 62:     # Gemma 3 27B: 1/sqrt(dim / heads), llama.cpp's rule
+        out["attn_scale_dim"] = key("embedding_length", int) // key("attention.head_count", int)
+    n_swa = key("attention.sliding_window", int, 0) if traits.swa else 0
+    if not n_swa or not 0 < n_layers <= MAX_LAYERS:        # (a bad block_count is refused later)
+        return out
+    if n_swa < 0:
+        raise MetadataError(f"{source}: metadata {arch}.attention.sliding_window must be positive, got {n_swa}")
+    pat = md.get(f"{arch}.attention.sliding_window_pattern", traits.swa_pattern)
+    if isinstance(pat, (list, tuple)):
+        if len(pat) != n_layers or not all(isinstance(b, (bool, int)) for b in pat):
+            raise MetadataError(f"{source}: metadata {arch}.attention.sliding_window_pattern must hold "
+                                f"{n_layers} booleans")
+        layers = tuple(bool(b) for b in pat)
+    elif isinstance(pat, numbers.Integral) and not isinstance(pat, bool) and pat >= 0:
+        layers = tuple(pat == 0 or il % pat < pat - 1 for il in range(n_layers))
+    else:
+        raise MetadataError(f"{source}: metadata {arch}.attention.sliding_window_pattern must be a "
+                            f"non-negative integer or an array of booleans, got {pat!r}")
+    if not (math.isfinite(out["rope_base_swa"]) and out["rope_base_swa"] > 0):
+        raise MetadataError(f"{source}: metadata {arch}.rope.freq_base_swa must be a positive number")
+    return {**out, "n_swa": int(n_swa), "swa_layers": layers}
 
 
 def _get(md, key, typ, source, default=None):

@@ -144,7 +144,8 @@ class RingKVCache(KVCache):
     """A fixed-size cache that keeps `keep` sink tokens and a sliding window of the most recent
     max_size - keep tokens, with RoPE positions handled as described in the module docstring.
 
-    `inv_freq` and `rope_mode` default to what the config implies (models/llama.py's rope)."""
+    `inv_freq` and `rope_mode` default to what the config implies (models/llama.py's rope);
+    inv_freq may hold a row per layer (models whose sliding-window layers have their own base)."""
     kind = "ring"
 
     def __init__(self, cfg: ModelConfig, max_size: int, keep: int = 4, inv_freq=None, rope_mode=None):
@@ -215,7 +216,13 @@ class RingKVCache(KVCache):
         L, H, K, D = c.n_layers, c.n_kv_heads, self.keep, c.head_dim
         self._rot[...] = self.sink_k.reshape(L * H * K, D)
         self._rot_pos[:] = base
-        rope(self._rot, 1, D, c.rope_dim, self._rot_pos, self.inv_freq, self.rope_mode)
+        if self.inv_freq.ndim == 1:
+            rope(self._rot, 1, D, c.rope_dim, self._rot_pos, self.inv_freq, self.rope_mode)
+        else:                           # a row of frequencies per layer (sliding-window layers' base)
+            n = H * K
+            for li in range(L):
+                rope(self._rot[li * n:(li + 1) * n], 1, D, c.rope_dim, self._rot_pos[li * n:(li + 1) * n],
+                     self.inv_freq[li], self.rope_mode)
         self.k[:, :, :K] = self._rot.reshape(L, H, K, D)
         self.kpos[:K] = base + np.arange(K)
         self.sink_base = base

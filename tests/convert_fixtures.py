@@ -328,3 +328,103 @@ def reference_logits(d: Path, ids: list[int]) -> np.ndarray:
     x = rms(x, w["model.norm.weight"])
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
     return x @ head.T
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 3 (its own maker and reference: four norms stored as w with 1 + w applied, GELU, sliding
+# window layers with their own RoPE base, embeddings times sqrt(hidden))
+# ---------------------------------------------------------------------------------------------
+GEMMA3_WINDOW = 8
+
+
+def make_gemma3(d: Path) -> Path:
+    """Gemma3ForCausalLM, 6 layers (0-4 sliding over GEMMA3_WINDOW tokens, 5 global), head_dim 32,
+    f16 weights, tied embeddings, SentencePiece tokenizer.model."""
+    d.mkdir(parents=True, exist_ok=True)
+    n = train_spm(d / "tokenizer.model")
+    cfg = _config("Gemma3ForCausalLM", "gemma3_text", n, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+                  num_hidden_layers=6, head_dim=32, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                  sliding_window=GEMMA3_WINDOW, sliding_window_pattern=6, query_pre_attn_scalar=32,
+                  rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None,
+                  attn_logit_softcapping=None)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"}))
+    rng = np.random.default_rng(7)
+    e, ff, nh, nkv, hd = 64, 96, 4, 2, 32
+
+    def mat(r, c, scale):
+        return _f16_exact(rng.standard_normal((r, c)) * scale)
+
+    def vec(k):
+        return _f16_exact(rng.standard_normal(k) * 0.2)      # Gemma's norms multiply by 1 + w
+
+    w = {"model.embed_tokens.weight": mat(n, e, 0.1), "model.norm.weight": vec(e)}
+    for i in range(6):
+        p = f"model.layers.{i}."
+        for k in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm"):
+            w[p + k + ".weight"] = vec(e)
+        w[p + "self_attn.q_norm.weight"] = vec(hd)
+        w[p + "self_attn.k_norm.weight"] = vec(hd)
+        w[p + "self_attn.q_proj.weight"] = mat(nh * hd, e, 0.15)
+        w[p + "self_attn.k_proj.weight"] = mat(nkv * hd, e, 0.15)
+        w[p + "self_attn.v_proj.weight"] = mat(nkv * hd, e, 0.15)
+        w[p + "self_attn.o_proj.weight"] = mat(e, nh * hd, 0.15)
+        w[p + "mlp.gate_proj.weight"] = mat(ff, e, 0.15)
+        w[p + "mlp.up_proj.weight"] = mat(ff, e, 0.15)
+        w[p + "mlp.down_proj.weight"] = mat(e, ff, 0.15)
+    save_safetensors(d / "model.safetensors", w, "F16")
+    return d
+
+
+def reference_logits_gemma3(d: Path, ids: list[int]) -> np.ndarray:
+    """float64 forward with transformers' Gemma3ForCausalLM semantics (modeling_gemma3)."""
+    cfg = json.loads((d / "config.json").read_text())
+    w = load_weights(d)
+    e, nh, nkv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    eps, T, win = cfg["rms_norm_eps"], len(ids), cfg["sliding_window"]
+
+    def rms(x, g):                    # Gemma3RMSNorm: x / rms * (1 + w)
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * (1.0 + g)
+
+    def rope_of(theta):
+        inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+        ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
+        cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+        def rope(x):
+            x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+            return x * cos[:, None, :] + np.concatenate([-x2, x1], -1) * sin[:, None, :]
+        return rope
+    rope_global, rope_local = rope_of(cfg["rope_theta"]), rope_of(cfg["rope_local_base_freq"])
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    x = w["model.embed_tokens.weight"][ids] * np.float32(np.sqrt(e))
+    t = np.arange(T)
+    causal = np.where(t[None, :] > t[:, None], -np.inf, 0.0)
+    sliding = np.where((t[None, :] > t[:, None]) | (t[:, None] - t[None, :] >= win), -np.inf, 0.0)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        is_sliding = (i + 1) % cfg["sliding_window_pattern"] != 0
+        h = rms(x, w[p + "input_layernorm.weight"])
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(T, nh, hd)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(T, nkv, hd)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(T, nkv, hd)
+        q, k = rms(q, w[p + "self_attn.q_norm.weight"]), rms(k, w[p + "self_attn.k_norm.weight"])
+        rope = rope_local if is_sliding else rope_global
+        q, k = rope(q), rope(k)
+        k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)
+        s = np.einsum("thd,shd->hts", q, k) * cfg["query_pre_attn_scalar"] ** -0.5 + (sliding if is_sliding else causal)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = np.einsum("hts,shd->thd", s, v).reshape(T, nh * hd) @ w[p + "self_attn.o_proj.weight"].T
+        x = x + rms(o, w[p + "post_attention_layernorm.weight"])
+        h = rms(x, w[p + "pre_feedforward_layernorm.weight"])
+        f = (gelu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        x = x + rms(f, w[p + "post_feedforward_layernorm.weight"])
+    x = rms(x, w["model.norm.weight"])
+    return x @ w["model.embed_tokens.weight"].T

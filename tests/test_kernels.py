@@ -158,8 +158,9 @@ def test_silu_mul_and_softmax():
     assert nmse(s[:, :7], ref) <= 1e-7 and (s[:, 7:] == 0).all()
 
 
-def _attention_ref(q, k, v, qpos, kpos, scale, group):
-    """q (n, H, d); k, v (Hkv, S, d) -> (n, H, d), causal by positions."""
+def _attention_ref(q, k, v, qpos, kpos, scale, group, window=0):
+    """q (n, H, d); k, v (Hkv, S, d) -> (n, H, d), causal by positions (and with a sliding
+    window > 0, a query at p sees positions > p - window only: llama.cpp's and transformers')."""
     n, H, d = q.shape
     out = np.zeros((n, H, d))
     for t in range(n):
@@ -167,12 +168,15 @@ def _attention_ref(q, k, v, qpos, kpos, scale, group):
             kv = h // group
             sc = (k[kv] @ q[t, h]) * scale
             sc[kpos > qpos[t]] = -np.inf
+            if window:
+                sc[kpos <= qpos[t] - window] = -np.inf
             p = np.exp(sc - sc.max()); p /= p.sum()
             out[t, h] = p @ v[kv]
     return out
 
 
-def test_attention_decode_and_prefill():
+@pytest.mark.parametrize("window", [0, 4])
+def test_attention_decode_and_prefill(window):
     rng = np.random.default_rng(5)
     H, Hkv, d, S = 6, 2, 16, 12
     k = rng.standard_normal((Hkv, S, d)).astype(np.float32)
@@ -181,24 +185,26 @@ def test_attention_decode_and_prefill():
     scale = np.float32(d ** -0.5)
     q = rng.standard_normal((1, H, d)).astype(np.float32)
     out = np.zeros(H * d, np.float32)
-    attend_one(q.reshape(-1), k, v, 9, scale, H, Hkv, d, np.zeros((H, S), np.float32), out)
+    attend_one(q.reshape(-1), k, v, 9, scale, H, Hkv, d, np.zeros((H, S), np.float32), out, kpos,
+               8 - window + 1 if window else 0)
     want = _attention_ref(q.astype(np.float64), k[:, :9].astype(np.float64), v[:, :9].astype(np.float64),
-                          np.array([8]), kpos[:9], scale, H // Hkv)
+                          np.array([8]), kpos[:9], scale, H // Hkv, window)
     assert nmse(out, want.reshape(-1)) <= 1e-7
     # prefill scores of 3 queries at positions 5..7 over 8 slots, one kv head, group 3
     n, group = 3, 3
     qs = rng.standard_normal((n * group, d)).astype(np.float32)
     s = (qs @ k[0, :8].T).astype(np.float32)
-    masked_softmax(s, np.array([5, 6, 7]), group, kpos, 8, scale)
+    masked_softmax(s, np.array([5, 6, 7]), group, kpos, 8, scale, window)
     o = s @ v[0, :8]
     want = _attention_ref(qs.reshape(n, group, d).astype(np.float64), k[:1, :8].astype(np.float64),
-                          v[:1, :8].astype(np.float64), np.array([5, 6, 7]), kpos[:8], scale, group)
+                          v[:1, :8].astype(np.float64), np.array([5, 6, 7]), kpos[:8], scale, group, window)
     assert nmse(o, want.reshape(n * group, d)) <= 1e-7
 
 
+@pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("n,start,workers,ring", [(1, 0, 1, False), (7, 0, 2, False), (5, 9, 3, False),
                                                    (6, 4, 2, True)])
-def test_attention_prefill_rows(n, start, workers, ring):
+def test_attention_prefill_rows(n, start, workers, ring, window):
     """attend_rows: a chunk of n queries at positions start.. against the cache, causal by slot
     position; `ring`: the slots hold positions out of order (a wrapped ring buffer), with some
     past every query (hidden in the middle) and some unfilled slots after n_filled."""
@@ -217,7 +223,8 @@ def test_attention_prefill_rows(n, start, workers, ring):
     q = qkv[:, :H * d].reshape(n, H, d)
     out = np.full((n, H * d), np.nan, np.float32)
     attend_rows(qkv, k, v, qpos, kpos, n_filled, np.float32(d ** -0.5),
-                np.full((workers, S), np.nan, np.float32), out)
+                np.full((workers, S), np.nan, np.float32), out, window)
     want = _attention_ref(q.astype(np.float64), k[:, :n_filled].astype(np.float64),
-                          v[:, :n_filled].astype(np.float64), qpos, kpos[:n_filled], np.float32(d ** -0.5), H // Hkv)
+                          v[:, :n_filled].astype(np.float64), qpos, kpos[:n_filled], np.float32(d ** -0.5), H // Hkv,
+                          window)
     assert nmse(out.reshape(n, H, d), want) <= 1e-7

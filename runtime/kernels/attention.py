@@ -37,35 +37,41 @@ def _mix(sc, vg, lim, o):
 
 
 @njit(cache=True, fastmath=FM, parallel=True)
-def attend_one(q, kc, vc, n_filled, scale, n_heads, n_kv, head_dim, scores, out):
+def attend_one(q, kc, vc, n_filled, scale, n_heads, n_kv, head_dim, scores, out, kpos, lo):
     """Decode: one query (n_heads*head_dim,) against slots 0..n_filled of one layer's cache
     kc, vc (n_kv, n_slots, head_dim); scores (n_heads, n_slots) scratch; out (n_heads*head_dim,).
-    Heads in parallel."""
+    Heads in parallel. A sliding-window layer sees only the slots with kpos >= lo (lo <= 0: all)."""
     group = n_heads // n_kv
     for h in prange(n_heads):
         sc = scores[h]
         _dots(q[h * head_dim:(h + 1) * head_dim], kc[h // group], n_filled, scale, sc)
+        if lo > 0:
+            for j in range(n_filled):
+                if kpos[j] < lo:
+                    sc[j] = -np.inf
         softmax_inplace(sc, n_filled)
         _mix(sc, vc[h // group], n_filled, out[h * head_dim:(h + 1) * head_dim])
 
 
 @njit(cache=True, fastmath=FM, nogil=True)
-def masked_softmax(s, qpos, group, kpos, n_filled, scale):
+def masked_softmax(s, qpos, group, kpos, n_filled, scale, window):
     """Prefill scores s (n*group, n_slots) for queries (row t*group+g at position qpos[t]):
-    scale, mask slots with kpos > qpos or beyond n_filled, softmax in place."""
+    scale, mask slots with kpos > qpos or beyond n_filled (and, with a sliding window > 0, those
+    with kpos <= qpos - window), softmax in place."""
     rows, m = s.shape
     for r in range(rows):
         p = qpos[r // group]
+        lo = p - window + 1 if window > 0 else -(1 << 62)
         mx = -np.inf
         for j in range(n_filled):
-            if kpos[j] <= p:
+            if lo <= kpos[j] <= p:
                 v = s[r, j] * scale
                 s[r, j] = v
                 if v > mx:
                     mx = v
         tot = np.float32(0.0)
         for j in range(n_filled):
-            if kpos[j] <= p:
+            if lo <= kpos[j] <= p:
                 e = exp32(s[r, j] - mx)
                 s[r, j] = e
                 tot += e
@@ -79,7 +85,7 @@ def masked_softmax(s, qpos, group, kpos, n_filled, scale):
 
 
 @njit(cache=True, fastmath=FM, parallel=True)
-def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out):
+def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out, window):
     """Prefill: queries at positions qpos against slots 0..n_filled of one layer's cache kc, vc
     (n_kv, n_slots, head_dim) into out (n, n_heads*head_dim); a query sees the slots with kpos <=
     its position. q (n, >= n_heads*head_dim) holds the queries at the start of each row (the
@@ -88,7 +94,8 @@ def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out):
     (query, head) pairs in turn (interleaved, so the causal triangle's long and short rows share
     out evenly), each on its own row of scores (>= n_filled floats), with decode's loops
     (_dots, softmax, _mix); a linear cache's slots past the last visible one are skipped, the
-    hidden slots of a wrapped ring get weight 0."""
+    hidden slots of a wrapped ring get weight 0, and so do, with a sliding window > 0, the slots
+    at or before qpos - window."""
     hd = kc.shape[2]
     n, n_heads = out.shape[0], out.shape[1] // hd
     group = n_heads // kc.shape[0]
@@ -100,21 +107,22 @@ def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out):
             t = task // n_heads
             h = task - t * n_heads
             p = qpos[t]
+            lo = p - window + 1 if window > 0 else -(1 << 62)
             lim = n_filled
             while lim > 0 and kpos[lim - 1] > p:
                 lim -= 1
             hidden = 0
             for j in range(lim):
-                if kpos[j] > p:
+                if kpos[j] > p or kpos[j] < lo:
                     hidden += 1
             _dots(q[t, h * hd:(h + 1) * hd], kc[h // group], lim, scale, sc)
             if hidden:
                 for j in range(lim):
-                    if kpos[j] > p:
+                    if kpos[j] > p or kpos[j] < lo:
                         sc[j] = -np.inf
             softmax_inplace(sc, lim)
             if hidden:
                 for j in range(lim):
-                    if kpos[j] > p:
+                    if kpos[j] > p or kpos[j] < lo:
                         sc[j] = 0.0
             _mix(sc, vc[h // group], lim, out[t, h * hd:(h + 1) * hd])

@@ -128,6 +128,31 @@ def silu_mul_par(g, u, out):
 
 
 @njit(cache=True, fastmath=FM)
+def gelu(v):
+    """GELU, tanh form (transformers' gelu_pytorch_tanh; Gemma's FFN)."""
+    return np.float32(0.5) * v * (np.float32(1.0) + np.tanh(np.float32(0.7978845608028654) *
+                                                          (v + np.float32(0.044715) * v * v * v)))
+
+
+@njit(cache=True, fastmath=FM, error_model="numpy")
+def gelu_mul(g, u, out):
+    """out = gelu(g) * u, element-wise over (n, ff)."""
+    n, m = g.shape
+    for i in range(n):
+        for j in range(m):
+            out[i, j] = gelu(g[i, j]) * u[i, j]
+
+
+@njit(cache=True, fastmath=FM, parallel=True, error_model="numpy")
+def gelu_mul_par(g, u, out):
+    """gelu_mul with the rows in parallel (see silu_mul_par)."""
+    n, m = g.shape
+    for i in prange(n):
+        for j in range(m):
+            out[i, j] = gelu(g[i, j]) * u[i, j]
+
+
+@njit(cache=True, fastmath=FM)
 def softmax_inplace(v, k):
     """In place softmax over v[:k]."""
     mx = -np.inf

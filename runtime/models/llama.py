@@ -23,8 +23,8 @@ from ..kernels import blockir
 from ..kernels import qmatmul as qm
 from ..kernels import simd
 from ..kernels.attention import attend_one, attend_rows, masked_softmax
-from ..kernels.ops import (ROPE_NEOX, ROPE_NORM, exp32, head_rmsnorm, rmsnorm, rope, rope_inv_freq, silu_mul,
-                           silu_mul_par)
+from ..kernels.ops import (ROPE_NEOX, ROPE_NORM, exp32, gelu, gelu_mul, gelu_mul_par, head_rmsnorm, rmsnorm,
+                           rope, rope_inv_freq, silu_mul, silu_mul_par)
 from ..kernels.qmatmul import FM, TAB_COLS, TAB_ROWS, TAB_WIDTH
 from ..rope import frequencies as rope_frequencies
 
@@ -33,13 +33,14 @@ MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_
 K_Q, K_K, K_V, K_O, K_GATE, K_UP, K_DOWN = range(7)
 # per-layer vectors, in vector-table order (-1 offset when absent)
 VECS = ("attn_norm.weight", "ffn_norm.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
-        "attn_q_norm.weight", "attn_k_norm.weight")
-V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV, V_QNORM, V_KNORM = range(7)
+        "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight", "post_ffw_norm.weight")
+V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV, V_QNORM, V_KNORM, V_POST_ATTN, V_POST_FFN = range(9)
+ACT_SILU, ACT_GELU = 0, 1
 
 # decode_step's arguments, in three bundles (Numba passes named tuples as typed structs)
-DecodeWeights = namedtuple("DecodeWeights", "wu8 vec tab vtab embd outt out_norm inv_freq")
+DecodeWeights = namedtuple("DecodeWeights", "wu8 vec tab vtab embd outt out_norm inv_freq windows")
 DecodeConfig = namedtuple("DecodeConfig", "n_layers dim n_heads n_kv head_dim n_ff rope_dim rope_mode eps scale "
-                                          "attn_bias qk_norm")
+                                          "attn_bias qk_norm embd_mul post_norms act")
 DecodeBuffers = namedtuple("DecodeBuffers", "x xn qkv att scores gu xsum starts tmp logits offs3 offs2 offs1 "
                                             "chunks xq xd xsq use_i8")
 # F32/F16/BF16 and every block format of quant/formats (blockir's kernels)
@@ -118,6 +119,9 @@ class LlamaModel:
                 self.tab[i, k] = mat(f"blk.{i}.{m}.weight", *shapes[m])
             self.vtab[i, V_ATTN_NORM] = vec(f"blk.{i}.attn_norm.weight", c.dim)
             self.vtab[i, V_FFN_NORM] = vec(f"blk.{i}.ffn_norm.weight", c.dim)
+            if c.post_norms:
+                self.vtab[i, V_POST_ATTN] = vec(f"blk.{i}.post_attention_norm.weight", c.dim)
+                self.vtab[i, V_POST_FFN] = vec(f"blk.{i}.post_ffw_norm.weight", c.dim)
             if c.qk_norm:
                 self.vtab[i, V_QNORM] = vec(f"blk.{i}.attn_q_norm.weight", c.head_dim)
                 self.vtab[i, V_KNORM] = vec(f"blk.{i}.attn_k_norm.weight", c.head_dim)
@@ -146,9 +150,20 @@ class LlamaModel:
             ff = np.asarray(gf.view("rope_freqs.weight"), np.float64)
             if not (np.isfinite(ff).all() and (ff > 0).all()):
                 raise TensorError(f"{src}: tensor rope_freqs.weight holds factors that are not positive numbers")
-        # context scaling folded into the frequencies and the attention scale (rope.py)
-        self.inv_freq, mscale = rope_frequencies(c, base_inv, ff)
-        self.attn_scale = np.float32(mscale * mscale / math.sqrt(c.head_dim))
+        # context scaling folded into the frequencies and the attention scale (rope.py); a row per
+        # layer: sliding-window layers have their own base, unscaled (llama.cpp's freq_base_swa)
+        inv, mscale = rope_frequencies(c, base_inv, ff)
+        self.inv_freq = np.tile(inv, (c.n_layers, 1))
+        self.windows = np.zeros(c.n_layers, np.int64)
+        if c.n_swa:
+            swa_inv = np.zeros(c.rope_dim // 2, np.float64)
+            rope_inv_freq(c.rope_dim, c.rope_base_swa, swa_inv)
+            for i in range(c.n_layers):
+                if c.swa_layers[i]:
+                    self.inv_freq[i], self.windows[i] = swa_inv, c.n_swa
+        self.attn_scale = np.float32(mscale * mscale / math.sqrt(c.attn_scale_dim or c.head_dim))
+        self.embd_mul = np.float32(math.sqrt(c.dim)) if c.embd_scale else np.float32(1.0)
+        self.act = ACT_GELU if c.act == "gelu" else ACT_SILU
         self.rope_mode = ROPE_NEOX if c.rope_neox else ROPE_NORM
         self.max_cols = max(c.dim, c.n_ff, c.q_dim)
         self.weight_bytes = int(sum(t.nbytes for t in gf.tensors.values()))
@@ -161,13 +176,14 @@ class LlamaModel:
         self.k = qm.kernels(self.formats)
         self.decode_step = decode_step_for(self.formats)
         self.dw = DecodeWeights(self.wu8, self.vec, self.tab, self.vtab, self.embd, self.out, self.out_norm,
-                                self.inv_freq)
+                                self.inv_freq, self.windows)
         self.dc = DecodeConfig(c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_ff, c.rope_dim,
-                               self.rope_mode, np.float32(c.norm_eps), self.attn_scale, c.attn_bias, c.qk_norm)
+                               self.rope_mode, np.float32(c.norm_eps), self.attn_scale, c.attn_bias, c.qk_norm,
+                               self.embd_mul, c.post_norms, self.act)
 
     def v(self, layer, which):
         o = self.vtab[layer, which]
-        n = self.cfg.dim if which in (V_ATTN_NORM, V_FFN_NORM) else self.cfg.head_dim if which in (
+        n = self.cfg.dim if which in (V_ATTN_NORM, V_FFN_NORM, V_POST_ATTN, V_POST_FFN) else self.cfg.head_dim if which in (
             V_QNORM, V_KNORM) else self.cfg.q_dim if which == V_BQ else self.cfg.kv_dim
         return self.vec[o:o + n]
 
@@ -265,6 +281,8 @@ class LlamaModel:
         x = s.px[:n]
         h = s.ph[:n]
         x[:] = codecs.dequantize(self.embd_raw[toks], self.embd_qtype)
+        if c.embd_scale:
+            x *= self.embd_mul
         qkv, fr = s.pqkv[:n], s.ffn_rows
         q, k, v = qkv[:, :c.q_dim], qkv[:, c.q_dim:c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim:]
         # the matmuls' outputs have a row more (see _matmul_i8): the last token's residual row
@@ -283,13 +301,15 @@ class LlamaModel:
             if c.qk_norm:
                 head_rmsnorm(q, c.n_heads, c.head_dim, self.v(li, V_QNORM), np.float32(c.norm_eps))
                 head_rmsnorm(k, c.n_kv_heads, c.head_dim, self.v(li, V_KNORM), np.float32(c.norm_eps))
-            rope(q, c.n_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq, self.rope_mode)
-            rope(k, c.n_kv_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq, self.rope_mode)
+            rope(q, c.n_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq[li], self.rope_mode)
+            rope(k, c.n_kv_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq[li], self.rope_mode)
             kc, vc = kv.k[li], kv.v[li]
             kc[:, slots, :] = k.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
             vc[:, slots, :] = v.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
-            self._attend(s, qkv, kc, vc, qpos, kv.kpos, n_filled, scale, att)
+            self._attend(s, qkv, kc, vc, qpos, kv.kpos, n_filled, scale, att, int(self.windows[li]))
             self._matmul(s, t[K_O], att, h1)
+            if c.post_norms:
+                rmsnorm(h, self.v(li, V_POST_ATTN), c.norm_eps, h)
             x += h
             rmsnorm(x, self.v(li, V_FFN_NORM), c.norm_eps, h)
             for r0 in range(0, n, fr):      # the FFN in row blocks: s.pgu holds fr rows
@@ -298,12 +318,15 @@ class LlamaModel:
                 gu, hr = s.pgu[:r1 - r0], h[r0:r1]
                 g, u = gu[:, :c.n_ff], gu[:, c.n_ff:]
                 self._matmuls(s, self.tab_gu[li], hr, s.pgu[:r1 - r0 + 1])
+                par = (gelu_mul_par, silu_mul_par)[self.act == ACT_SILU]
                 if s.pg is not None:
                     g = s.pg[:r1 - r0]
-                    silu_mul_par(gu[:, :c.n_ff], u, g)
+                    par(gu[:, :c.n_ff], u, g)
                 else:
-                    (silu_mul_par if s.blas_threads == 1 else silu_mul)(g, u, g)
+                    (par if s.blas_threads == 1 else (gelu_mul, silu_mul)[self.act == ACT_SILU])(g, u, g)
                 self._matmul(s, t[K_DOWN], g, s.ph[r0:r1 + 1])
+            if c.post_norms:
+                rmsnorm(h, self.v(li, V_POST_FFN), c.norm_eps, h)
             x += h
         s.resid = 0
         if all_logits:
@@ -324,7 +347,7 @@ class LlamaModel:
         h = np.zeros((1, self.cfg.dim), np.float32)
         self._matmul(s, self.out, h, s.logits2d, allow_i8=False)
 
-    def _attend(self, s, qkv, kc, vc, qpos, kpos, n_filled, scale, att):
+    def _attend(self, s, qkv, kc, vc, qpos, kpos, n_filled, scale, att, window=0):
         """Causal attention of the chunk's queries (qkv's first n_heads*head_dim columns) over the
         cache's first n_filled slots into att (n, n_heads*head_dim): attend_rows for a short
         chunk over few slots, else tasks of (KV head, ATT_ROWS queries): float32 BLAS for the
@@ -343,7 +366,7 @@ class LlamaModel:
             nw = max(1, min(s.n_threads, s.ascores.size // n_slots))
             self.routes["attend_rows"] += 1
             attend_rows(qkv, kc, vc, qpos, kpos, n_filled, scale,
-                        s.ascores.reshape(-1)[:nw * n_slots].reshape(nw, n_slots), att)
+                        s.ascores.reshape(-1)[:nw * n_slots].reshape(nw, n_slots), att, window)
             return
         q3 = qkv[:, :c.q_dim].reshape(n, c.n_heads, c.head_dim)
         a3 = att.reshape(n, c.n_heads, c.head_dim)
@@ -353,14 +376,14 @@ class LlamaModel:
         nw = min(s.n_workers, len(tasks)) if n >= ATT_PAR_MIN else 1
         self.routes["attn_tasks_threads" if nw > 1 else "attn_tasks"] += 1
         if nw <= 1:
-            self._attend_tasks(s, 0, tasks, q3, kc, vc, qpos, kpos, n_filled, scale, a3)
+            self._attend_tasks(s, 0, tasks, q3, kc, vc, qpos, kpos, n_filled, scale, a3, window)
             return
         futs = [s.pool().submit(self._attend_tasks, s, w, tasks[w::nw], q3, kc, vc, qpos, kpos, n_filled,
-                                scale, a3) for w in range(nw)]
+                                scale, a3, window) for w in range(nw)]
         for f in futs:
             f.result()
 
-    def _attend_tasks(self, s, w, tasks, q3, kc, vc, qpos, kpos, n_filled, scale, a3):
+    def _attend_tasks(self, s, w, tasks, q3, kc, vc, qpos, kpos, n_filled, scale, a3, window=0):
         c = self.cfg
         group, hd = c.n_heads // c.n_kv_heads, c.head_dim
         kp = kpos[:n_filled]
@@ -374,7 +397,7 @@ class LlamaModel:
             qg[:] = q3[t0:t1, kh * group:(kh + 1) * group, :]
             sc = s.ascores[w, :m * group * ncol].reshape(m * group, ncol)
             np.matmul(qg.reshape(m * group, hd), kc[kh, :ncol].T, out=sc)
-            masked_softmax(sc, qpos[t0:t1], group, kpos, ncol, scale)
+            masked_softmax(sc, qpos[t0:t1], group, kpos, ncol, scale, window)
             og = s.aog[w, :m * group * hd].reshape(m * group, hd)
             np.matmul(sc, vc[kh, :ncol], out=og)
             a3[t0:t1, kh * group:(kh + 1) * group, :] = og.reshape(m, group, hd)
@@ -392,7 +415,7 @@ class LlamaModel:
         s.posv[0] = kv.kpos[slot]
         b = DecodeBuffers(s.x, s.xn, s.qkv, s.att, s.scores, s.gu, s.xsum, s.starts, s.tmp, s.logits,
                           s.offs3, s.offs2, s.offs1, s.chunks, s.xq, s.xd, s.xsq, s.use_i8)
-        self.decode_step(self.dw, self.dc, b, int(token), s.posv, int(slot), kv.offset, kv.k, kv.v)
+        self.decode_step(self.dw, self.dc, b, int(token), s.posv, int(slot), kv.offset, kv.k, kv.v, kv.kpos)
         return s.logits
 
 
@@ -522,7 +545,7 @@ def decode_step_for(mask):
     # error_model="numpy": a float division with Python's ZeroDivisionError check does not vectorize
     # (decode's SiLU ran 4 ns an element, 0.3 ms of SmolLM2's 7 ms token; vectorized 0.7)
     @njit(cache=True, fastmath=FM, error_model="numpy")
-    def decode_step(w, c, b, token, posv, slot, n_filled, kcache, vcache):
+    def decode_step(w, c, b, token, posv, slot, n_filled, kcache, vcache, kpos):
         """The whole forward pass of one token at position posv[0], writing its K/V into `slot` and
         logits into b.logits. w: DecodeWeights, c: DecodeConfig, b: DecodeBuffers. Allocates nothing."""
         wu8, vec, tab, vtab = w.wu8, w.vec, w.tab, w.vtab
@@ -532,6 +555,9 @@ def decode_step_for(mask):
         q_dim = n_heads * head_dim
         kv_dim = n_kv * head_dim
         qm.dequant_rows(mask, wu8, w.embd, token, token + 1, x.reshape((1, dim)), tmp[0])
+        if c.embd_mul != np.float32(1.0):
+            for j in range(dim):
+                x[j] *= c.embd_mul
         for li in range(c.n_layers):
             t = tab[li]
             o = vtab[li, V_ATTN_NORM]
@@ -550,24 +576,36 @@ def decode_step_for(mask):
                 head_rmsnorm(q, n_heads, head_dim, vec[o:o + head_dim], eps)
                 o = vtab[li, V_KNORM]
                 head_rmsnorm(k, n_kv, head_dim, vec[o:o + head_dim], eps)
-            rope(q, n_heads, head_dim, c.rope_dim, posv, w.inv_freq, c.rope_mode)
-            rope(k, n_kv, head_dim, c.rope_dim, posv, w.inv_freq, c.rope_mode)
+            rope(q, n_heads, head_dim, c.rope_dim, posv, w.inv_freq[li], c.rope_mode)
+            rope(k, n_kv, head_dim, c.rope_dim, posv, w.inv_freq[li], c.rope_mode)
             for hh in range(n_kv):
                 for d in range(head_dim):
                     kcache[li, hh, slot, d] = qkv[q_dim + hh * head_dim + d]
                     vcache[li, hh, slot, d] = qkv[q_dim + kv_dim + hh * head_dim + d]
-            attend_one(qkv, kcache[li], vcache[li], n_filled, c.scale, n_heads, n_kv, head_dim, b.scores, att)
+            win = w.windows[li]
+            attend_one(qkv, kcache[li], vcache[li], n_filled, c.scale, n_heads, n_kv, head_dim, b.scores, att,
+                       kpos, posv[0] - win + 1 if win > 0 else 0)
             _mv(mask, wu8, t[K_O:K_O + 1], att, xsum, xn, b.offs1, chunks[1], starts, tmp, xq, xd, xsq, use_i8)
+            if c.post_norms:
+                o = vtab[li, V_POST_ATTN]
+                _rmsnorm1(xn, vec[o:o + dim], eps, xn)
             for j in range(dim):
                 x[j] += xn[j]
             o = vtab[li, V_FFN_NORM]
             _rmsnorm1(x, vec[o:o + dim], eps, xn)
             _mv(mask, wu8, t[K_GATE:K_UP + 1], xn, xsum, gu, b.offs2, chunks[2], starts, tmp, xq, xd, xsq, use_i8)
-            for j in range(n_ff):
-                gv = gu[j]
-                gu[j] = gv / (np.float32(1.0) + exp32(-gv)) * gu[n_ff + j]
+            if c.act == ACT_GELU:
+                for j in range(n_ff):
+                    gu[j] = gelu(gu[j]) * gu[n_ff + j]
+            else:
+                for j in range(n_ff):
+                    gv = gu[j]
+                    gu[j] = gv / (np.float32(1.0) + exp32(-gv)) * gu[n_ff + j]
             h = gu[:n_ff]
             _mv(mask, wu8, t[K_DOWN:K_DOWN + 1], h, xsum, xn, b.offs1, chunks[3], starts, tmp, xq, xd, xsq, use_i8)
+            if c.post_norms:
+                o = vtab[li, V_POST_FFN]
+                _rmsnorm1(xn, vec[o:o + dim], eps, xn)
             for j in range(dim):
                 x[j] += xn[j]
         out_norm, outt, logits, offs1 = w.out_norm, w.outt, b.logits, b.offs1
