@@ -15,7 +15,7 @@ def _root():
 
 
 # Each command lives in its own module with a `register(app)` function.
-_COMMANDS = ["generate", "inspect", "convert_cmd", "chat", "bench", "perplexity", "calibrate"]
+_COMMANDS = ["generate", "inspect", "convert_cmd", "chat", "bench", "perplexity", "calibrate", "serve"]
 
 
 def _register():

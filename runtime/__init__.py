@@ -66,9 +66,11 @@ _LAZY = {
     "perplexity": ("infer.perplexity", "perplexity"),
     "calibrate": ("infer.calibrate", "calibrate"),
     "ImportanceMatrix": ("infer.quant.imatrix", "ImportanceMatrix"),
+    "BatchEngine": ("infer.batch", "BatchEngine"),
 }
 __all__ = ["LLM", "Completion", "Chunk", "Stats", "SamplingParams", "Tokenizer", "StreamingDetokenizer",
-           "ModelConfig", "convert", "perplexity", "calibrate", "ImportanceMatrix", "InferError", "__version__"]
+           "ModelConfig", "convert", "perplexity", "calibrate", "ImportanceMatrix", "BatchEngine", "InferError",
+           "__version__"]
 
 
 def __getattr__(name):

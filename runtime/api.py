@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import ContextError, InferError, NumericError, TokenizerError
-from .generate import Chunk, Engine, Stats, generate_tokens
+from .generate import Chunk, Engine, Stats, TextOut, generate_tokens
 from .sampling import Sampler, SamplingParams
 
 log = logging.getLogger("infer")
@@ -228,29 +228,16 @@ class LLM:
             raise NumericError(f"{self.path}: {e}") from None
 
     def _stream_tokens(self, ids, max_tokens, sampler, stop):
-        from .tokenizer import StreamingDetokenizer
         stats = Stats()
-        detok = StreamingDetokenizer(self.tokenizer, skip_special=True)
+        out = TextOut(self.tokenizer, stop)
         stop_ids = frozenset(self.tokenizer.eot_ids)
-        held = ""                   # text that may be the start of a stop string
-        max_stop = max((len(s) for s in stop), default=0)
         for tok, reason in generate_tokens(self.engine, ids, sampler, max(1, max_tokens), stop_ids, stats):
             if self.cold_start and stats.generated_tokens >= 2:
                 self._compiled()
-            text = "" if reason == "stop" else detok.add(tok)
-            if reason is not None:
-                text += detok.flush()
-            if stop:
-                held += text
-                cut = min((i for i in (held.find(s) for s in stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    yield Chunk(held[:cut], tok, "stop", stats)
-                    return
-                if reason is None:
-                    safe = len(held) - (max_stop - 1)
-                    text, held = held[:max(0, safe)], held[max(0, safe):]
-                else:
-                    text, held = held, ""
+            text, stopped = out.add(tok, reason)
+            if stopped:
+                yield Chunk(text, tok, "stop", stats)
+                return
             yield Chunk(text, tok, reason, stats if reason else None)
 
     def generate(self, prompt, max_tokens: int = 256, sampling: SamplingParams | None = None,

@@ -46,6 +46,38 @@ class Chunk:
 POLICIES = ("stop", "shift")
 
 
+class TextOut:
+    """Sampled tokens -> text deltas: streaming detokenization (never half a UTF-8 character) and
+    stop strings (text that may be the start of one is held back until it cannot be)."""
+
+    def __init__(self, tokenizer, stop=()):
+        from .tokenizer import StreamingDetokenizer
+        self.detok = StreamingDetokenizer(tokenizer, skip_special=True)
+        self.stop = [s for s in stop if s]
+        self.max_stop = max((len(s) for s in self.stop), default=0)
+        self.held = ""
+
+    def add(self, tok: int, reason: str | None) -> tuple[str, bool]:
+        """The text to emit for token `tok` (`reason` set: the last token; "stop" means an end of
+        generation token, which adds no text), and whether a stop string ended the text there."""
+        text = "" if reason == "stop" else self.detok.add(tok)
+        if reason is not None:
+            text += self.detok.flush()
+        if not self.stop:
+            return text, False
+        self.held += text
+        cut = min((i for i in (self.held.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.held = self.held[:cut], ""
+            return text, True
+        if reason is None:
+            safe = max(0, len(self.held) - (self.max_stop - 1))
+            text, self.held = self.held[:safe], self.held[safe:]
+        else:
+            text, self.held = self.held, ""
+        return text, False
+
+
 class Engine:
     """One context. `policy` says what happens when it is full: "stop" (a linear KVCache; generation
     ends with finish_reason "context", a longer prompt is refused) or "shift" (a RingKVCache that

@@ -46,12 +46,14 @@ def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
 class KVCache:
     kind = "linear"
 
-    def __init__(self, cfg: ModelConfig, n_slots: int):
+    def __init__(self, cfg: ModelConfig, n_slots: int, arrays=None):
+        """arrays: (k, v, kpos) to use instead of new ones (a sequence's part of a KVPool)."""
         shape = (cfg.n_layers, cfg.n_kv_heads, n_slots, cfg.head_dim)
         self.cfg = cfg
-        self.k = lazy_zeros(shape)
-        self.v = lazy_zeros(shape)
-        self.kpos = np.zeros(n_slots, np.int64)
+        if arrays is None:
+            arrays = (lazy_zeros(shape), lazy_zeros(shape), np.zeros(n_slots, np.int64))
+        self.k, self.v, self.kpos = arrays
+        assert self.k.shape == shape and self.v.shape == shape and self.kpos.shape == (n_slots,)
         self.n_slots = n_slots
         self.offset = 0          # filled slots (== next position for a linear cache)
 
@@ -148,7 +150,8 @@ class RingKVCache(KVCache):
     inv_freq may hold a row per layer (models whose sliding-window layers have their own base)."""
     kind = "ring"
 
-    def __init__(self, cfg: ModelConfig, max_size: int, keep: int = 4, inv_freq=None, rope_mode=None):
+    def __init__(self, cfg: ModelConfig, max_size: int, keep: int = 4, inv_freq=None, rope_mode=None,
+                 arrays=None):
         from .kernels.ops import ROPE_NEOX, ROPE_NORM, rope_inv_freq
         max_size, keep = int(max_size), int(keep)
         if max_size < 2:
@@ -156,7 +159,7 @@ class RingKVCache(KVCache):
         if not 0 <= keep < max_size:
             raise ContextError(f"keep (sink tokens) must be >= 0 and smaller than the context "
                                f"({max_size} tokens), got {keep}")
-        super().__init__(cfg, max_size)
+        super().__init__(cfg, max_size, arrays)
         self.keep = keep
         self.window = max_size - keep
         if inv_freq is None:
@@ -310,3 +313,30 @@ class RingKVCache(KVCache):
         self.sink_k[...] = sink_k
         self.offset, self._pos, self.head = n, pos, head
         self.sink_base, self.sink_saved = base, bool(meta["sink_saved"])
+
+
+class KVPool:
+    """The keys and values of n_seq sequences of `cap` slots each, in one allocation:
+    k, v (n_layers, n_seq, n_kv_heads, cap, head_dim), kpos (n_seq, cap). Sequence i's cache is a
+    KVCache or RingKVCache on the views k[:, i], v[:, i], kpos[i] (`cache(i, ...)`), so prompt
+    chunks run on it as on a cache of its own (each layer's part is C-contiguous), and a batched
+    decode step reads every sequence's layer li from k[li] (kernels.attention.attend_batch)."""
+
+    def __init__(self, cfg: ModelConfig, n_seq: int, cap: int):
+        if n_seq < 1 or cap < 2:
+            raise ContextError(f"a KV pool needs at least one sequence of 2 slots (got {n_seq} x {cap})")
+        shape = (cfg.n_layers, n_seq, cfg.n_kv_heads, cap, cfg.head_dim)
+        self.cfg, self.n_seq, self.cap = cfg, n_seq, cap
+        self.k = lazy_zeros(shape)
+        self.v = lazy_zeros(shape)
+        self.kpos = np.zeros((n_seq, cap), np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def cache(self, i: int, policy: str = "stop", keep: int = 4, inv_freq=None, rope_mode=None) -> KVCache:
+        arrays = (self.k[:, i], self.v[:, i], self.kpos[i])
+        if policy == "shift":
+            return RingKVCache(self.cfg, self.cap, keep, inv_freq, rope_mode, arrays=arrays)
+        return KVCache(self.cfg, self.cap, arrays=arrays)

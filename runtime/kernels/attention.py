@@ -126,3 +126,42 @@ def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out, window):
                     if kpos[j] > p or kpos[j] < lo:
                         sc[j] = 0.0
             _mix(sc, vc[h // group], lim, out[t, h * hd:(h + 1) * hd])
+
+
+@njit(cache=True, fastmath=FM, parallel=True)
+def attend_batch(q, kp, vp, seq, qpos, kpos, n_filled, scale, scores, out, window):
+    """Batched decode: row t's query (q[t], at position qpos[t]) against the first n_filled[t] slots
+    of sequence seq[t]'s cache in one layer of a KV pool, kp, vp (n_seq, n_kv, cap, head_dim),
+    kpos (n_seq, cap), into out (n, n_heads*head_dim). Every sequence's rows in one parallel
+    region over (row, head) pairs, with attend_rows' masks (a wrapped ring's hidden slots, a
+    sliding window > 0) and loops."""
+    hd = kp.shape[3]
+    n, n_heads = out.shape[0], out.shape[1] // hd
+    group = n_heads // kp.shape[1]
+    nw = scores.shape[0]
+    total = n * n_heads
+    for w in prange(nw):
+        sc = scores[w]
+        for task in range(w, total, nw):
+            t = task // n_heads
+            h = task - t * n_heads
+            si = seq[t]
+            kps = kpos[si]
+            p = qpos[t]
+            lo = p - window + 1 if window > 0 else -(1 << 62)
+            lim = n_filled[t]
+            hidden = 0
+            for j in range(lim):
+                if kps[j] > p or kps[j] < lo:
+                    hidden += 1
+            _dots(q[t, h * hd:(h + 1) * hd], kp[si, h // group], lim, scale, sc)
+            if hidden:
+                for j in range(lim):
+                    if kps[j] > p or kps[j] < lo:
+                        sc[j] = -np.inf
+            softmax_inplace(sc, lim)
+            if hidden:
+                for j in range(lim):
+                    if kps[j] > p or kps[j] < lo:
+                        sc[j] = 0.0
+            _mix(sc, vp[si, h // group], lim, out[t, h * hd:(h + 1) * hd])

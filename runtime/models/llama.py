@@ -22,7 +22,7 @@ from ..errors import TensorError, UnsupportedError
 from ..kernels import blockir
 from ..kernels import qmatmul as qm
 from ..kernels import simd
-from ..kernels.attention import attend_one, attend_rows, masked_softmax
+from ..kernels.attention import attend_batch, attend_one, attend_rows, masked_softmax
 from ..kernels.ops import (ROPE_NEOX, ROPE_NORM, exp32, gelu, gelu_mul, gelu_mul_par, head_rmsnorm, rmsnorm,
                            rope, rope_inv_freq, silu_mul, silu_mul_par)
 from ..kernels.qmatmul import FM, TAB_COLS, TAB_ROWS, TAB_WIDTH
@@ -270,27 +270,27 @@ class LlamaModel:
             self.k.dequant(self.wu8, tab, r0, r1, w, s.tmp[0])
             np.matmul(h, w.T, out=out[:, r0:r1])
 
-    def prefill(self, s, kv, tokens, all_logits=False):
-        """Run tokens (a chunk of at most s.n_batch) at positions kv.pos.. and fill the cache.
-        Returns logits (n, n_vocab) if all_logits else (n_vocab,) for the last token (views into s)."""
-        c = self.cfg
+    def _embed(self, s, tokens):
         n = len(tokens)
-        toks = np.asarray(tokens, np.int64)
-        slots = kv.slots_for(n)
-        qpos = kv.kpos[slots].copy()
         x = s.px[:n]
-        h = s.ph[:n]
-        x[:] = codecs.dequantize(self.embd_raw[toks], self.embd_qtype)
-        if c.embd_scale:
+        x[:] = codecs.dequantize(self.embd_raw[np.asarray(tokens, np.int64)], self.embd_qtype)
+        if self.cfg.embd_scale:
             x *= self.embd_mul
+        return x
+
+    def _layers(self, s, x, qpos, store, attend, resid):
+        """The transformer layers over the n rows of x (in place): the one layer definition of
+        prompt chunks (rows: consecutive tokens of one sequence) and batched decode (rows: one
+        token of each of several sequences). store(li, k, v) writes the rows' keys and values to
+        their caches, attend(li, qkv, att) computes their attention; resid: whether the last row's
+        matmuls get a residual row (see _matmul_i8)."""
+        c = self.cfg
+        n = x.shape[0]
+        h = s.ph[:n]
         qkv, fr = s.pqkv[:n], s.ffn_rows
         q, k, v = qkv[:, :c.q_dim], qkv[:, c.q_dim:c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim:]
-        # the matmuls' outputs have a row more (see _matmul_i8): the last token's residual row
-        resid = 0 if all_logits else 1
         qkv1, h1 = s.pqkv[:n + 1], s.ph[:n + 1]
         att = s.patt[:n]
-        scale = self.attn_scale
-        n_filled = kv.offset          # slots_for advanced it (a full ring stays at its size)
         for li in range(c.n_layers):
             t = self.tab[li]
             rmsnorm(x, self.v(li, V_ATTN_NORM), c.norm_eps, h)
@@ -303,10 +303,8 @@ class LlamaModel:
                 head_rmsnorm(k, c.n_kv_heads, c.head_dim, self.v(li, V_KNORM), np.float32(c.norm_eps))
             rope(q, c.n_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq[li], self.rope_mode)
             rope(k, c.n_kv_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq[li], self.rope_mode)
-            kc, vc = kv.k[li], kv.v[li]
-            kc[:, slots, :] = k.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
-            vc[:, slots, :] = v.reshape(n, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
-            self._attend(s, qkv, kc, vc, qpos, kv.kpos, n_filled, scale, att, int(self.windows[li]))
+            store(li, k.reshape(n, c.n_kv_heads, c.head_dim), v.reshape(n, c.n_kv_heads, c.head_dim))
+            attend(li, qkv, att)
             self._matmul(s, t[K_O], att, h1)
             if c.post_norms:
                 rmsnorm(h, self.v(li, V_POST_ATTN), c.norm_eps, h)
@@ -329,6 +327,28 @@ class LlamaModel:
                 rmsnorm(h, self.v(li, V_POST_FFN), c.norm_eps, h)
             x += h
         s.resid = 0
+
+    def prefill(self, s, kv, tokens, all_logits=False):
+        """Run tokens (a chunk of at most s.n_batch) at positions kv.pos.. and fill the cache.
+        Returns logits (n, n_vocab) if all_logits else (n_vocab,) for the last token (views into s)."""
+        c = self.cfg
+        n = len(tokens)
+        slots = kv.slots_for(n)
+        qpos = kv.kpos[slots].copy()
+        x = self._embed(s, tokens)
+        h = s.ph[:n]
+        n_filled = kv.offset          # slots_for advanced it (a full ring stays at its size)
+
+        def store(li, k, v):
+            kv.k[li][:, slots, :] = k.transpose(1, 0, 2)
+            kv.v[li][:, slots, :] = v.transpose(1, 0, 2)
+
+        def attend(li, qkv, att):
+            self._attend(s, qkv, kv.k[li], kv.v[li], qpos, kv.kpos, n_filled, self.attn_scale, att,
+                         int(self.windows[li]))
+
+        # the matmuls' outputs have a row more (see _matmul_i8): the last token's residual row
+        self._layers(s, x, qpos, store, attend, 0 if all_logits else 1)
         if all_logits:
             rmsnorm(x, self.vec[self.out_norm:self.out_norm + c.dim], c.norm_eps, h)
             out = np.empty((n, c.n_vocab), np.float32)
@@ -339,6 +359,35 @@ class LlamaModel:
         # (~0.3 on SmolLM2's logits) flipped a near tie in the chat test
         self._matmul(s, self.out, h[:1], s.logits2d, allow_i8=False)
         return s.logits
+
+    def decode_batch(self, s, pool, seqs, caches, tokens, out):
+        """One decode step of several sequences in one pass over the weights: token tokens[r] of
+        sequence seqs[r], whose cache caches[r] is pool.cache(seqs[r]) (KVPool); its logits into
+        out[r] (out: (>= n, n_vocab), C-contiguous). n <= s.n_batch."""
+        c = self.cfg
+        self._wait_pending()
+        n = len(tokens)
+        seq = np.asarray(seqs, np.int64)
+        slots = np.array([kv.next_slot() for kv in caches], np.int64)
+        qpos = pool.kpos[seq, slots]
+        n_filled = np.array([kv.offset for kv in caches], np.int64)
+        x = self._embed(s, tokens)
+        h = s.ph[:n]
+        nw = max(1, min(s.n_threads, s.ascores.size // pool.cap, n * c.n_heads))
+        scores = s.ascores.reshape(-1)[:nw * pool.cap].reshape(nw, pool.cap)
+
+        def store(li, k, v):
+            pool.k[li][seq, :, slots] = k
+            pool.v[li][seq, :, slots] = v
+
+        def attend(li, qkv, att):
+            attend_batch(qkv, pool.k[li], pool.v[li], seq, qpos, pool.kpos, n_filled, self.attn_scale,
+                         scores, att, int(self.windows[li]))
+
+        self._layers(s, x, qpos, store, attend, 0)
+        rmsnorm(x, self.vec[self.out_norm:self.out_norm + c.dim], c.norm_eps, h)
+        self._matmul(s, self.out, h, out[:n])
+        return out[:n]
 
     def compile_logits(self, s):
         """Run the prompt's logits route once (one row through the output matrix on float
