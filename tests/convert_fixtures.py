@@ -8,6 +8,7 @@
     make_llama3_rope(dir) LlamaForCausalLM with rope_scaling llama3 (Llama 3.x), f16, BPE
     make_llama_linear(dir), make_llama_yarn(dir)   the same with rope_scaling linear / yarn
     make_gemma3(dir)      Gemma3ForCausalLM (below), sliding window 8 and two RoPE bases, SPM
+    make_gemma3_rope_params(dir)   the same weights, transformers 5's rope_parameters, local base 20000
     reference_logits(dir, ids) -> float64 [len(ids), n_vocab], straight from the safetensors weights
     weights_sha256(dir)   hash of the tensors (names, shapes, values) whatever the storage dtype
 
@@ -442,6 +443,19 @@ def make_gemma3(d: Path) -> Path:
     return d
 
 
+def make_gemma3_rope_params(d: Path) -> Path:
+    """make_gemma3's checkpoint with config.json in transformers 5's form: rope_parameters per layer
+    type instead of rope_theta / rope_local_base_freq, and a sliding layers' base of 20000 (not
+    transformers' or llama.cpp's default 10000, so a converter dropping it is seen)."""
+    make_gemma3(d)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["rope_theta"], cfg["rope_local_base_freq"]
+    cfg["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    return d
+
+
 def reference_logits_gemma3(d: Path, ids: list[int]) -> np.ndarray:
     """float64 forward with transformers' Gemma3ForCausalLM semantics (modeling_gemma3)."""
     cfg = json.loads((d / "config.json").read_text())
@@ -461,7 +475,12 @@ def reference_logits_gemma3(d: Path, ids: list[int]) -> np.ndarray:
             x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
             return x * cos[:, None, :] + np.concatenate([-x2, x1], -1) * sin[:, None, :]
         return rope
-    rope_global, rope_local = rope_of(cfg["rope_theta"]), rope_of(cfg["rope_local_base_freq"])
+    rp = cfg.get("rope_parameters") or {}
+    if "full_attention" in rp:              # transformers 5's form: a RoPE entry per layer type
+        rope_global = rope_of(rp["full_attention"]["rope_theta"])
+        rope_local = rope_of(rp["sliding_attention"]["rope_theta"])
+    else:
+        rope_global, rope_local = rope_of(cfg["rope_theta"]), rope_of(cfg["rope_local_base_freq"])
 
     def gelu(x):
         return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
@@ -495,4 +514,5 @@ def reference_logits_gemma3(d: Path, ids: list[int]) -> np.ndarray:
 
 # every family fixture the family goldens cover (tests/golden/make_family_goldens.py)
 FAMILY_MAKERS = {**MAKERS, "mistral": make_mistral, "llama3_rope": make_llama3_rope,
-                 "llama_linear": make_llama_linear, "llama_yarn": make_llama_yarn, "gemma3": make_gemma3}
+                 "llama_linear": make_llama_linear, "llama_yarn": make_llama_yarn, "gemma3": make_gemma3,
+                 "gemma3_rope_params": make_gemma3_rope_params}

@@ -2,7 +2,8 @@
 
 Tiny random-weight checkpoints (tests/convert_fixtures.py's FAMILY_MAKERS: llama with SentencePiece
 and BPE vocabularies, Llama 3.x rope_scaling llama3, linear and yarn scaling, mistral, qwen2, qwen3,
-gemma3 with a sliding window of 8 and two RoPE bases) were run by transformers in float32 and
+gemma3 with a sliding window of 8 and two RoPE bases, the sliding layers' base 20000 in
+transformers 5's rope_parameters form) were run by transformers in float32 and
 converted by llama.cpp's convert_hf_to_gguf.py (--outtype f16) by tests/golden/make_family_goldens.py:
 the logits at all 40 positions of a prompt (5x the Gemma 3 window) are in tests/golden/
 family_goldens.npz, llama.cpp's files in tests/data/families/. Neither torch nor llama.cpp is needed.
@@ -38,13 +39,13 @@ TOL = 1e-2
 # the weight rounding moves these tiny random models' logits by 3-5% of their largest magnitude
 Q8_TOL = 0.06
 
-INTENDED_DIFFERENCES = {
-    "gemma3": "Gemma's RMSNorm weights are stored as 1 + w (its norm multiplies by 1 + w): infer adds "
+GEMMA_NORMS = (
+    "Gemma's RMSNorm weights are stored as 1 + w (its norm multiplies by 1 + w): infer adds "
               "the 1 in float32, so the F32 tensor holds 1 + w exactly as transformers computes it; "
               "llama.cpp's converter adds it in the checkpoint's dtype before the F32 cast, so from an "
               "F16 checkpoint it stores float16(1 + w), off by up to 2^-11 (the 5e-3 logit error of its "
-              "file against transformers)",
-}
+              "file against transformers)")
+INTENDED_DIFFERENCES = {"gemma3": GEMMA_NORMS, "gemma3_rope_params": GEMMA_NORMS}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,8 @@ def test_goldens_are_what_they_claim():
         assert hashlib.sha256(p.read_bytes()).hexdigest() == m["gguf_sha256"], f"{p} is not the file the goldens saw"
     assert set(FAMILIES) == set(cf.FAMILY_MAKERS)
     assert META["families"]["gemma3"]["sliding_window"] * 2 < META["families"]["gemma3"]["n_prompt"]
+    for name, m in META["families"].items():       # what a runtime ignoring the feature would miss by
+        assert m["feature_effect"] is None or m["feature_effect"]["max_abs_logit_change"] > 10 * TOL, name
 
 
 # --------------------------------------------------------------------------------------------- (a), (b)
@@ -165,7 +168,7 @@ def test_metadata_and_tensors_equal_llamacpp(folders, converted, name):
     assert [t[:3] for t in t_o] == [t[:3] for t in t_t]                 # names, order, types, shapes
     w = cf.load_weights(folders(name))
     for (n, _, _, a), (_, _, _, b) in zip(t_o, t_t):
-        if name == "gemma3" and n.endswith("norm.weight"):
+        if name in INTENDED_DIFFERENCES and n.endswith("norm.weight"):
             hf = _gemma_hf_name(n)
             exact = (1.0 + w[hf].astype(np.float32)).astype(np.float32)
             assert np.array_equal(a, exact), n                           # infer: 1 + w in float32

@@ -12,7 +12,8 @@ HOW TO RUN
     /work/refvenv/bin/python tests/golden/make_family_goldens.py [--llamacpp /work/llamacpp/src]
 
 WHAT IT COMPUTES, per family of tests/convert_fixtures.py's FAMILY_MAKERS
-(llama_spm, llama_bpe, qwen2, qwen3, mistral, llama3_rope, llama_linear, llama_yarn, gemma3):
+(llama_spm, llama_bpe, qwen2, qwen3, mistral, llama3_rope, llama_linear, llama_yarn, gemma3,
+gemma3_rope_params):
   1. The HF folder, built by the fixture maker in a temporary directory (fixed seeds, weights exact
      in float16, tiny SentencePiece / BPE tokenizers trained there). Recorded: sha256 of the weights
      (convert_fixtures.weights_sha256: names, shapes, float32 values) and of config.json, so a test
@@ -111,6 +112,9 @@ def feature_effect(d: Path, name: str, ids: list[int], ref: np.ndarray) -> dict 
     cfg = json.loads((d / "config.json").read_text())
     if cfg.get("rope_scaling"):
         what, cfg["rope_scaling"] = "rope_scaling removed", None
+    elif name == "gemma3_rope_params":
+        what = "sliding layers' RoPE base 20000 -> 10000 (the default)"
+        cfg["rope_parameters"]["sliding_attention"]["rope_theta"] = 10000.0
     elif name == "gemma3":
         what, cfg["sliding_window"] = "sliding_window 8 -> 4096", 4096
     else:
@@ -118,7 +122,7 @@ def feature_effect(d: Path, name: str, ids: list[int], ref: np.ndarray) -> dict 
     alt = d.parent / f"{d.name}-without"
     shutil.copytree(d, alt)
     (alt / "config.json").write_text(json.dumps(cfg))
-    f = cf.reference_logits_gemma3 if name == "gemma3" else cf.reference_logits
+    f = cf.reference_logits_gemma3 if name.startswith("gemma3") else cf.reference_logits
     dist = float(np.abs(f(alt, ids) - ref).max())
     if dist < 0.1:
         sys.exit(f"{name}: {what} moves the logits by only {dist:.3g}; the test would not see it")
@@ -159,7 +163,7 @@ def main() -> None:
             ids = text_ids[:N_PROMPT]
             assert len(ids) == N_PROMPT, (name, len(text_ids))
             got = transformers_logits(d, ids)
-            ref = (cf.reference_logits_gemma3 if name == "gemma3" else cf.reference_logits)(d, ids)
+            ref = (cf.reference_logits_gemma3 if name.startswith("gemma3") else cf.reference_logits)(d, ids)
             err = float(np.abs(got - ref).max())
             same_top = bool((got.argmax(1) == ref.argmax(1)).all())
             if err > 1e-3 or not same_top:
