@@ -134,6 +134,21 @@ def test_logits_match_transformers(goldens, converted, name, source, n_threads):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_decode_matches_transformers(goldens, name):
+    """Token by token after a 5-token prompt (the decode kernels, the sliding-window cache): llama.cpp's file."""
+    import infer
+    ids = goldens[f"{name}.ids"].tolist()
+    want = goldens[f"{name}.logits"].astype(np.float64)
+    for n_threads in (1, 2):
+        with infer.LLM(str(DATA / f"{name}.gguf"), n_ctx=64, n_threads=n_threads, int8_activations=False) as llm:
+            llm.engine.reset()
+            first = np.asarray(llm.engine.prefill(ids[:5], reuse=False), np.float64).copy()   # logits of ids[4]
+            steps = [first] + \
+                [np.asarray(llm.engine.decode(t), np.float64).copy() for t in ids[5:]]
+        check(np.stack(steps), want[4:], TOL, f"{name}, llama.cpp's file, decode, {n_threads} thread(s)")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_q8_0_default_arguments(goldens, converted, name):
     path = converted(name, "q8_0")
     ids = goldens[f"{name}.ids"].tolist()
