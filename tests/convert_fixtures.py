@@ -11,6 +11,7 @@
     make_gemma3_rope_params(dir)   the same weights, transformers 5's rope_parameters, local base 20000
     reference_logits(dir, ids) -> float64 [len(ids), n_vocab], straight from the safetensors weights
     weights_sha256(dir)   hash of the tensors (names, shapes, values) whatever the storage dtype
+    gguf_digest(path)     a GGUF's metadata and tensors as JSON-able lists (long arrays and tensor data hashed)
 
 All weights are exactly representable in float16, so an f16 conversion is lossless and a runtime's
 logits can be compared to the float64 forward at 1e-3. Fixed seeds: the folders are the same on
@@ -307,6 +308,25 @@ def weights_sha256(d: Path) -> str:
         h.update(f"{name}:{list(a.shape)}:".encode())
         h.update(np.ascontiguousarray(a, "<f4").tobytes())
     return h.hexdigest()
+
+
+def gguf_digest(path) -> dict:
+    """{"kv": [[key, value types, value]], "tensors": [[name, type, shape, sha256 of the data]]} in
+    file order, GGUF.* header fields left out; a list value longer than 8 is [len, sha256 of its JSON]."""
+    import hashlib
+    import gguf
+    r = gguf.GGUFReader(path)
+    kv = []
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        v = f.contents()
+        if isinstance(v, list) and len(v) > 8:
+            v = [len(v), hashlib.sha256(json.dumps(v, ensure_ascii=False).encode()).hexdigest()]
+        kv.append([k, [int(t) for t in f.types], v])
+    tensors = [[t.name, t.tensor_type.name, [int(s) for s in t.shape],
+                hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest()] for t in r.tensors]
+    return {"kv": kv, "tensors": tensors}
 
 
 def hf_rope_frequencies(cfg: dict, hd: int) -> tuple[np.ndarray, float]:

@@ -202,3 +202,28 @@ def _gemma_hf_name(n: str) -> str:
            "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
            "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}[kind]
     return f"model.layers.{i}.{sub}.weight"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_transformers_written_config(folders, goldens, tmp_path, name):
+    """The fixture with config.json / generation_config.json as transformers 5 writes them
+    (rope_parameters, explicit head_dim, layer_types, pad_token_id, ...): infer convert's file has
+    llama.cpp's metadata and tensors for that folder (its digest in the goldens) and runs as before."""
+    import shutil
+    from infer.convert import convert
+    tc = META["families"][name]["transformers_config"]
+    d = tmp_path / f"tiny-{name}"
+    shutil.copytree(folders(name), d)
+    for fn, content in tc["files"].items():
+        (d / fn).write_text(json.dumps(content, indent=2))
+    out = tmp_path / "m.gguf"
+    convert(d, out, "f16")
+    ours, theirs = cf.gguf_digest(out), tc["llamacpp_digest"]
+    assert [k[0] for k in ours["kv"]] == [k[0] for k in theirs["kv"]]
+    for a, b in zip(ours["kv"], theirs["kv"]):
+        assert a == b, a[0]
+    assert [t[:3] for t in ours["tensors"]] == [t[:3] for t in theirs["tensors"]]
+    for a, b in zip(ours["tensors"], theirs["tensors"]):
+        assert a == b or (name in INTENDED_DIFFERENCES and a[0].endswith("norm.weight")), a[0]
+    got = run(out, goldens[f"{name}.ids"].tolist(), 1, int8_activations=False)
+    assert np.abs(got - goldens[f"{name}.logits"]).max() < 1e-4

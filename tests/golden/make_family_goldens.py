@@ -35,6 +35,12 @@ gemma3_rope_params):
      regex was copied from ("llama-bpe": Llama 3's; "qwen2": Qwen2's). Nothing else is changed.
      The file's sha256 goes in the meta.
 
+  5. The same folder with config.json and generation_config.json replaced by the ones transformers
+     writes for the loaded model (model.config / model.generation_config .save_pretrained: rope_parameters
+     instead of rope_theta / rope_scaling, explicit head_dim, layer_types, pad_token_id, dtype, ...),
+     converted by llama.cpp the same way; its gguf_digest (metadata, tensor hashes) goes in the meta,
+     so infer convert can be checked on transformers-written configs without another file.
+
 OUTPUTS
   tests/data/families/NAME.gguf   llama.cpp's conversion (f16 matrices, f32 norms)
   tests/golden/family_goldens.npz np.savez_compressed, plain arrays (np.load(allow_pickle=False)):
@@ -45,7 +51,8 @@ OUTPUTS
       cross-check figures, the smallest top-1/top-2 logit margin over the prompt, and
       feature_effect: how far the float64 reference moves without the family's rope_scaling or
       (Gemma 3) sliding window, i.e. what a runtime ignoring it would miss the goldens by (>= 0.1,
-      checked, so the tests' 1e-2 sees it).
+      checked, so the tests' 1e-2 sees it); transformers_config: the two JSON files of step 5 and
+      llama.cpp's digest of that folder's conversion.
 """
 from __future__ import annotations
 
@@ -53,6 +60,7 @@ import argparse
 import hashlib
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,7 +102,8 @@ def tokenize_text(d: Path) -> list[int]:
     return [sp.bos_id()] + sp.encode(cf.TEXT)
 
 
-def transformers_logits(d: Path, ids: list[int]) -> np.ndarray:
+def transformers_logits(d: Path, ids: list[int], saved: Path) -> np.ndarray:
+    """The logits; and into `saved`, config.json and generation_config.json as transformers writes them."""
     import torch
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(1)
@@ -102,13 +111,14 @@ def transformers_logits(d: Path, ids: list[int]) -> np.ndarray:
     model.eval()
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), use_cache=False)
+    model.config.save_pretrained(saved)
+    model.generation_config.save_pretrained(saved)
     return out.logits[0].float().numpy()
 
 
 def feature_effect(d: Path, name: str, ids: list[int], ref: np.ndarray) -> dict | None:
     """How far the float64 reference moves without the family's feature (rope_scaling; Gemma 3's
     sliding window): a runtime ignoring it would miss the goldens by that much. Stops below 0.1."""
-    import shutil
     cfg = json.loads((d / "config.json").read_text())
     if cfg.get("rope_scaling"):
         what, cfg["rope_scaling"] = "rope_scaling removed", None
@@ -162,7 +172,8 @@ def main() -> None:
             text_ids = tokenize_text(d)
             ids = text_ids[:N_PROMPT]
             assert len(ids) == N_PROMPT, (name, len(text_ids))
-            got = transformers_logits(d, ids)
+            saved = Path(tmp) / "saved"
+            got = transformers_logits(d, ids, saved)
             ref = (cf.reference_logits_gemma3 if name.startswith("gemma3") else cf.reference_logits)(d, ids)
             err = float(np.abs(got - ref).max())
             same_top = bool((got.argmax(1) == ref.argmax(1)).all())
@@ -173,6 +184,17 @@ def main() -> None:
             top2 = np.sort(got, 1)[:, -2:]
             gguf_path = TESTS / "data" / "families" / f"{name}.gguf"
             llamacpp_convert(args.llamacpp, d, gguf_path, PRE.get(name, ""))
+            # the same folder with transformers' own config.json / generation_config.json
+            alt = Path(tmp) / "with-transformers-config" / f"tiny-{name}"
+            shutil.copytree(d, alt)
+            tf_files = {}
+            for fn in ("config.json", "generation_config.json"):
+                shutil.copy(saved / fn, alt / fn)
+                tf_files[fn] = json.loads((saved / fn).read_text())
+            alt_gguf = Path(tmp) / f"{name}-transformers-config.gguf"
+            llamacpp_convert(args.llamacpp, alt, alt_gguf, PRE.get(name, ""))
+            alt_digest = cf.gguf_digest(alt_gguf)
+            shutil.rmtree(saved)
             cfg = json.loads((d / "config.json").read_text())
             arrays[f"{name}.ids"] = np.asarray(ids, np.int32)
             arrays[f"{name}.logits"] = got.astype(np.float32)
@@ -187,6 +209,9 @@ def main() -> None:
                 "min_top1_top2_margin": float((top2[:, 1] - top2[:, 0]).min()),
                 "logit_abs_max": float(np.abs(got).max()),
                 "feature_effect": effect,
+                "transformers_config": {
+                    "files": tf_files, "llamacpp_digest": alt_digest,
+                    "llamacpp_file_same_as_fixture_file": alt_gguf.read_bytes() == gguf_path.read_bytes()},
             }
             print(f"{name:13s} vocab {cfg['vocab_size']:4d}  tf vs f64 {err:.2e}  margin "
                   f"{fams[name]['min_top1_top2_margin']:.3f}  gguf {gguf_path.stat().st_size} B")
