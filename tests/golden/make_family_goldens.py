@@ -11,6 +11,12 @@ HOW TO RUN
     # regenerate (about a minute: one transformers forward and one llama.cpp conversion per family)
     /work/refvenv/bin/python tests/golden/make_family_goldens.py [--llamacpp /work/llamacpp/src]
 
+VERSIONS used for the committed goldens (also in family_goldens.json): Python 3.11.7, torch
+2.13.0+cpu, transformers 5.24.0, numpy 2.4.6, sentencepiece 0.2.3, tokenizers 0.23.3, gguf-py 0.19.0
+(llama.cpp's own), llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f (2026-10-01). The fixtures'
+tokenizers are trained by sentencepiece / tokenizers: other versions may train other vocabularies,
+which the tests see as a weights hash mismatch (then regenerate).
+
 WHAT IT COMPUTES, per family of tests/convert_fixtures.py's FAMILY_MAKERS
 (llama_spm, llama_bpe, qwen2, qwen3, mistral, llama3_rope, llama_linear, llama_yarn, gemma3,
 gemma3_rope_params):
