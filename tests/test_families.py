@@ -18,7 +18,8 @@ llama.cpp is needed here.
   (c) the file infer writes equals llama.cpp's: the same metadata keys in the same order with the
       same types and values, the same tensor names, order, types, shapes and bytes, except
       INTENDED_DIFFERENCES (then the whole file, byte for byte); and so with config.json /
-      generation_config.json as transformers writes them (against the digest of llama.cpp's file).
+      generation_config.json as transformers writes them, and with type="q8_0" against llama.cpp's
+      --outtype q8_0 (against digests of llama.cpp's files: metadata, tensor hashes).
 """
 from __future__ import annotations
 
@@ -199,6 +200,23 @@ def test_metadata_and_tensors_equal_llamacpp(folders, converted, name):
         assert ours.read_bytes() == theirs.read_bytes()
 
 
+def same_as_digest(name, ours, theirs):
+    """infer's file against llama.cpp's digest: metadata in order, tensor names/types/shapes, data
+    hashes (Gemma's norms aside: INTENDED_DIFFERENCES, checked value by value above)."""
+    assert [k[0] for k in ours["kv"]] == [k[0] for k in theirs["kv"]]
+    for a, b in zip(ours["kv"], theirs["kv"]):
+        assert a == b, a[0]
+    assert [t[:3] for t in ours["tensors"]] == [t[:3] for t in theirs["tensors"]]
+    for a, b in zip(ours["tensors"], theirs["tensors"]):
+        assert a == b or (name in INTENDED_DIFFERENCES and a[0].endswith("norm.weight")), a[0]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_q8_0_file_equals_llamacpp(converted, name):
+    """infer convert --type q8_0 against llama.cpp's --outtype q8_0 (its digest in the goldens)."""
+    same_as_digest(name, cf.gguf_digest(converted(name, "q8_0")), META["families"][name]["llamacpp_q8_0_digest"])
+
+
 def _gemma_hf_name(n: str) -> str:
     if n == "output_norm.weight":
         return "model.norm.weight"
@@ -223,12 +241,6 @@ def test_transformers_written_config(folders, goldens, tmp_path, name):
         (d / fn).write_text(json.dumps(content, indent=2))
     out = tmp_path / "m.gguf"
     convert(d, out, "f16")
-    ours, theirs = cf.gguf_digest(out), tc["llamacpp_digest"]
-    assert [k[0] for k in ours["kv"]] == [k[0] for k in theirs["kv"]]
-    for a, b in zip(ours["kv"], theirs["kv"]):
-        assert a == b, a[0]
-    assert [t[:3] for t in ours["tensors"]] == [t[:3] for t in theirs["tensors"]]
-    for a, b in zip(ours["tensors"], theirs["tensors"]):
-        assert a == b or (name in INTENDED_DIFFERENCES and a[0].endswith("norm.weight")), a[0]
+    same_as_digest(name, cf.gguf_digest(out), tc["llamacpp_digest"])
     got = run(out, goldens[f"{name}.ids"].tolist(), 1, int8_activations=False)
     assert np.abs(got - goldens[f"{name}.logits"]).max() < 1e-4

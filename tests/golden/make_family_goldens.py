@@ -41,7 +41,8 @@ gemma3_rope_params):
      regex was copied from ("llama-bpe": Llama 3's; "qwen2": Qwen2's). Nothing else is changed.
      The file's sha256 goes in the meta.
 
-  5. The same folder with config.json and generation_config.json replaced by the ones transformers
+  5. llama.cpp's --outtype q8_0 conversion of the folder: its gguf_digest (metadata, tensor hashes).
+  6. The same folder with config.json and generation_config.json replaced by the ones transformers
      writes for the loaded model (model.config / model.generation_config .save_pretrained: rope_parameters
      instead of rope_theta / rope_scaling, explicit head_dim, layer_types, pad_token_id, dtype, ...),
      converted by llama.cpp the same way; its gguf_digest (metadata, tensor hashes) goes in the meta,
@@ -57,8 +58,8 @@ OUTPUTS
       cross-check figures, the smallest top-1/top-2 logit margin over the prompt, and
       feature_effect: how far the float64 reference moves without the family's rope_scaling or
       (Gemma 3) sliding window, i.e. what a runtime ignoring it would miss the goldens by (>= 0.1,
-      checked, so the tests' 1e-2 sees it); transformers_config: the two JSON files of step 5 and
-      llama.cpp's digest of that folder's conversion.
+      checked, so the tests' 1e-2 sees it); transformers_config: the two JSON files of step 6 and
+      llama.cpp's digest of that folder's conversion; llamacpp_q8_0_digest (step 5).
 """
 from __future__ import annotations
 
@@ -85,12 +86,12 @@ PRE = {"llama_bpe": "llama-bpe", "llama3_rope": "llama-bpe", "llama_linear": "ll
 
 RUNNER = r"""
 import sys, runpy
-src, folder, out, pre = sys.argv[1:5]
+src, folder, out, pre, outtype = sys.argv[1:6]
 sys.path.insert(0, src)
 if pre:
     import conversion.base as base
     base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
-sys.argv = ["convert_hf_to_gguf.py", folder, "--outtype", "f16", "--outfile", out]
+sys.argv = ["convert_hf_to_gguf.py", folder, "--outtype", outtype, "--outfile", out]
 runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
 """
 
@@ -145,9 +146,9 @@ def feature_effect(d: Path, name: str, ids: list[int], ref: np.ndarray) -> dict 
     return {"change": what, "max_abs_logit_change": dist}
 
 
-def llamacpp_convert(src: Path, d: Path, out: Path, pre: str) -> None:
+def llamacpp_convert(src: Path, d: Path, out: Path, pre: str, outtype: str = "f16") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([sys.executable, "-c", RUNNER, str(src), str(d), str(out), pre],
+    r = subprocess.run([sys.executable, "-c", RUNNER, str(src), str(d), str(out), pre, outtype],
                        capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"llama.cpp's converter failed on {d.name}:\n{r.stderr[-3000:]}")
@@ -200,6 +201,9 @@ def main() -> None:
             alt_gguf = Path(tmp) / f"{name}-transformers-config.gguf"
             llamacpp_convert(args.llamacpp, alt, alt_gguf, PRE.get(name, ""))
             alt_digest = cf.gguf_digest(alt_gguf)
+            q8_gguf = Path(tmp) / f"{name}-q8_0.gguf"
+            llamacpp_convert(args.llamacpp, d, q8_gguf, PRE.get(name, ""), "q8_0")
+            q8_digest = cf.gguf_digest(q8_gguf)
             shutil.rmtree(saved)
             cfg = json.loads((d / "config.json").read_text())
             arrays[f"{name}.ids"] = np.asarray(ids, np.int32)
@@ -215,6 +219,7 @@ def main() -> None:
                 "min_top1_top2_margin": float((top2[:, 1] - top2[:, 0]).min()),
                 "logit_abs_max": float(np.abs(got).max()),
                 "feature_effect": effect,
+                "llamacpp_q8_0_digest": q8_digest,
                 "transformers_config": {
                     "files": tf_files, "llamacpp_digest": alt_digest,
                     "llamacpp_file_same_as_fixture_file": alt_gguf.read_bytes() == gguf_path.read_bytes()},
