@@ -34,6 +34,7 @@ import convert_fixtures as cf
 
 HERE = Path(__file__).parent
 META = json.loads((HERE / "golden" / "family_goldens.json").read_text())
+DIGESTS = json.loads((HERE / "golden" / "family_goldens_digests.json").read_text())
 FAMILIES = list(META["families"])
 DATA = HERE / "data" / "families"
 
@@ -214,7 +215,7 @@ def same_as_digest(name, ours, theirs):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_q8_0_file_equals_llamacpp(converted, name):
     """infer convert --type q8_0 against llama.cpp's --outtype q8_0 (its digest in the goldens)."""
-    same_as_digest(name, cf.gguf_digest(converted(name, "q8_0")), META["families"][name]["llamacpp_q8_0_digest"])
+    same_as_digest(name, cf.gguf_digest(converted(name, "q8_0")), DIGESTS[name]["q8_0"])
 
 
 def _gemma_hf_name(n: str) -> str:
@@ -241,7 +242,7 @@ def test_transformers_written_config(folders, goldens, tmp_path, name):
         (d / fn).write_text(json.dumps(content, indent=2))
     out = tmp_path / "m.gguf"
     convert(d, out, "f16")
-    same_as_digest(name, cf.gguf_digest(out), tc["llamacpp_digest"])
+    same_as_digest(name, cf.gguf_digest(out), DIGESTS[name]["transformers_config"])
     got = run(out, goldens[f"{name}.ids"].tolist(), 1, int8_activations=False)
     assert np.abs(got - goldens[f"{name}.logits"]).max() < 1e-4
 

@@ -58,8 +58,9 @@ OUTPUTS
       cross-check figures, the smallest top-1/top-2 logit margin over the prompt, and
       feature_effect: how far the float64 reference moves without the family's rope_scaling or
       (Gemma 3) sliding window, i.e. what a runtime ignoring it would miss the goldens by (>= 0.1,
-      checked, so the tests' 1e-2 sees it); transformers_config: the two JSON files of step 6 and
-      llama.cpp's digest of that folder's conversion; llamacpp_q8_0_digest (step 5).
+      checked, so the tests' 1e-2 sees it); transformers_config: the two JSON files of step 6.
+  tests/golden/family_goldens_digests.json  per family, convert_fixtures.gguf_digest of llama.cpp's
+      q8_0 conversion (step 5) and of its f16 conversion of the step-6 folder ("transformers_config").
 """
 from __future__ import annotations
 
@@ -167,11 +168,13 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(args.llamacpp), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     npz_path, json_path = HERE / "family_goldens.npz", HERE / "family_goldens.json"
-    arrays, fams = {}, {}
+    digests_path = HERE / "family_goldens_digests.json"
+    arrays, fams, digests = {}, {}, {}
     if args.only and npz_path.exists():
         with np.load(npz_path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         fams = json.loads(json_path.read_text())["families"]
+        digests = json.loads(digests_path.read_text())
     names = args.only or list(cf.FAMILY_MAKERS)
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -205,6 +208,7 @@ def main() -> None:
             llamacpp_convert(args.llamacpp, d, q8_gguf, PRE.get(name, ""), "q8_0")
             q8_digest = cf.gguf_digest(q8_gguf)
             shutil.rmtree(saved)
+            digests[name] = {"q8_0": q8_digest, "transformers_config": alt_digest}
             cfg = json.loads((d / "config.json").read_text())
             arrays[f"{name}.ids"] = np.asarray(ids, np.int32)
             arrays[f"{name}.logits"] = got.astype(np.float32)
@@ -219,9 +223,8 @@ def main() -> None:
                 "min_top1_top2_margin": float((top2[:, 1] - top2[:, 0]).min()),
                 "logit_abs_max": float(np.abs(got).max()),
                 "feature_effect": effect,
-                "llamacpp_q8_0_digest": q8_digest,
                 "transformers_config": {
-                    "files": tf_files, "llamacpp_digest": alt_digest,
+                    "files": tf_files,
                     "llamacpp_file_same_as_fixture_file": alt_gguf.read_bytes() == gguf_path.read_bytes()},
             }
             print(f"{name:13s} vocab {cfg['vocab_size']:4d}  tf vs f64 {err:.2e}  margin "
@@ -238,6 +241,8 @@ def main() -> None:
             "llamacpp_command": "convert_hf_to_gguf.py FOLDER --outtype f16 --outfile NAME.gguf",
             "families": {k: fams[k] for k in cf.FAMILY_MAKERS if k in fams}}
     json_path.write_text(json.dumps(meta, indent=1) + "\n")
+    lines = [f"{json.dumps(k)}: {json.dumps(digests[k], separators=(',', ':'))}" for k in cf.FAMILY_MAKERS if k in digests]
+    digests_path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def _dist_version(name: str) -> str | None:
