@@ -75,6 +75,7 @@ class HParams:
     tie_embeddings: bool | None
     attention_bias: bool
     raw: dict = field(default_factory=dict, compare=False, repr=False)   # config.json as read
+    rope_theta_swa: float | None = None   # sliding-window layers' RoPE base (Gemma 3's rope_local_base_freq)
 
     @classmethod
     def from_config(cls, cfg: dict, path: Path) -> tuple["HParams", ArchSpec]:
@@ -124,13 +125,25 @@ class HParams:
             rope["rope_type"] = rope["type"]
         theta = rope.get("rope_theta", _find(cfg, ["rope_theta", "rotary_emb_base"], defaults["rope_theta"]))
         eps = _find(cfg, ["rms_norm_eps", "norm_eps"], defaults["rms_norm_eps"])
-        for name, v in (("rope_theta", theta), ("rms_norm_eps", eps)):
+        # the sliding-window layers' base, where llama.cpp's converter finds it: rope_parameters'
+        # sliding_attention entry (configs saved by transformers 5), else one of the flat keys
+        rp = cfg.get("rope_parameters", cfg.get("rope_scaling")) or {}
+        if "full_attention" in rp or "sliding_attention" in rp:
+            sa = rp.get("sliding_attention")
+            swa = sa.get("rope_theta") if isinstance(sa, dict) else None
+        else:
+            swa = _find(cfg, ["local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                              "rope_local_base_freq"])
+        for name, v in (("rope_theta", theta), ("rms_norm_eps", eps), ("rope_local_base_freq", swa)):
+            if v is None and name == "rope_local_base_freq":
+                continue
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 raise ConvertError(f"{path}: {name} must be a positive number, not {v!r}")
         tie = cfg.get("tie_word_embeddings")
         return cls(hf_arch, n_layer, n_embd, n_ff, n_head, n_head_kv, hd, "head_dim" in cfg, n_vocab,
                    n_ctx, float(theta), float(eps), rope, tie if isinstance(tie, bool) else None,
-                   bool(cfg.get("attention_bias", False)), dict(cfg)), spec
+                   bool(cfg.get("attention_bias", False)), dict(cfg),
+                   None if swa is None else float(swa)), spec
 
 
 @dataclass(frozen=True)

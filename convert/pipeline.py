@@ -157,18 +157,20 @@ def _model_metadata(w: MetaRecorder, hp: HParams, spec: ArchSpec, recipe: Recipe
         raise ConvertError(f"rope type {rope_type!r} is not supported (default, linear, yarn, llama3)")
     if hp.rope_theta is not None:
         w.add_float32(f"{a}.rope.freq_base", hp.rope_theta)
+    if hp.rope_theta_swa is not None:       # written for any architecture, as llama.cpp's converter does
+        w.add_float32(f"{a}.rope.freq_base_swa", hp.rope_theta_swa)
     if hp.rms_eps is not None:
         w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", hp.rms_eps)
     if spec.always_head_dim or hp.head_dim_in_config:
         w.add_uint32(f"{a}.attention.key_length", hp.head_dim)
         w.add_uint32(f"{a}.attention.value_length", hp.head_dim)
-    if spec.gemma:
+    w.add_uint32("general.file_type", recipe.file_type)
+    if spec.gemma:          # after file_type, in llama.cpp's order (its Gemma3Model adds them)
         raw = hp.raw
         if raw.get("final_logit_softcapping"):
             w.add_float32(f"{a}.final_logit_softcapping", float(raw["final_logit_softcapping"]))
         if raw.get("sliding_window_pattern") != 1 and raw.get("sliding_window"):
             w.add_uint32(f"{a}.attention.sliding_window", int(raw["sliding_window"]))
-    w.add_uint32("general.file_type", recipe.file_type)
     if spec.vocab_and_rope_dim:
         w.add_uint32(f"{a}.vocab_size", hp.n_vocab)
         w.add_uint32(f"{a}.rope.dimension_count", hp.head_dim)

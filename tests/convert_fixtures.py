@@ -4,7 +4,14 @@
     make_llama_bpe(dir)   LlamaForCausalLM, f16 weights in 2 shards + index, BPE tokenizer.json (llama-bpe)
     make_qwen2(dir)       Qwen2ForCausalLM, f32 weights, q/k/v biases, tied embeddings, BPE (qwen2)
     make_qwen3(dir)       Qwen3ForCausalLM, f16 weights, q/k norms, head_dim 32 != hidden/heads, BPE
+    make_mistral(dir)     MistralForCausalLM (llama path), f16, head_dim 32 != hidden/heads, no window, SPM
+    make_llama3_rope(dir) LlamaForCausalLM with rope_scaling llama3 (Llama 3.x), f16, BPE
+    make_llama_linear(dir), make_llama_yarn(dir)   the same with rope_scaling linear / yarn
+    make_gemma3(dir)      Gemma3ForCausalLM (below), sliding window 8 and two RoPE bases, SPM
+    make_gemma3_rope_params(dir)   the same weights, transformers 5's rope_parameters, local base 20000
     reference_logits(dir, ids) -> float64 [len(ids), n_vocab], straight from the safetensors weights
+    weights_sha256(dir)   hash of the tensors (names, shapes, values) whatever the storage dtype
+    gguf_digest(path)     a GGUF's metadata and tensors as JSON-able lists (long arrays and tensor data hashed)
 
 All weights are exactly representable in float16, so an f16 conversion is lossless and a runtime's
 logits can be compared to the float64 forward at 1e-3. Fixed seeds: the folders are the same on
@@ -223,6 +230,53 @@ def make_qwen3(d: Path) -> Path:
 MAKERS = {"llama_spm": make_llama_spm, "llama_bpe": make_llama_bpe, "qwen2": make_qwen2, "qwen3": make_qwen3}
 
 
+def make_mistral(d: Path) -> Path:
+    """MistralForCausalLM as Mistral Nemo / v0.3 ship it: head_dim (32) set apart from hidden_size /
+    heads (16), no sliding window (null), rope_theta 1e6, untied f16 weights, SentencePiece."""
+    d.mkdir(parents=True, exist_ok=True)
+    n = train_spm(d / "tokenizer.model")
+    cfg = _config("MistralForCausalLM", "mistral", n, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                  head_dim=32, rope_theta=1000000.0, sliding_window=None)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"}))
+    save_safetensors(d / "model.safetensors", make_weights(cfg, 6, False, False, bf16=False), "F16")
+    return d
+
+
+def _make_llama_scaled(d: Path, rope_scaling: dict, seed: int) -> Path:
+    """llama-bpe LlamaForCausalLM (one f16 shard) with config.json's rope_scaling; the original
+    context (64) is short, so the scaled dimensions turn visibly within a 40-token prompt."""
+    d.mkdir(parents=True, exist_ok=True)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    n = train_bpe(d / "tokenizer.json", LLAMA3_REGEX, specials, 400, bos="<|begin_of_text|>")
+    cfg = _config("LlamaForCausalLM", "llama", n, bos_token_id=0, eos_token_id=2, tie_word_embeddings=False,
+                  rope_theta=500000.0, rope_scaling=rope_scaling)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": CHAT_TEMPLATE}))
+    save_safetensors(d / "model.safetensors", make_weights(cfg, seed, False, False, bf16=False), "F16")
+    return d
+
+
+def make_llama3_rope(d: Path) -> Path:
+    """Llama 3.x rope_scaling (rope_type llama3: per-dimension factors, llama.cpp's rope_freqs.weight)."""
+    return _make_llama_scaled(d, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, 8)
+
+
+def make_llama_linear(d: Path) -> Path:
+    """rope_scaling linear (position interpolation by 4), the older "type" spelling."""
+    return _make_llama_scaled(d, {"type": "linear", "factor": 4.0}, 9)
+
+
+def make_llama_yarn(d: Path) -> Path:
+    """rope_scaling yarn (factor 4 over an original context of 64; transformers' default attention
+    factor 0.1 ln 4 + 1 on cos and sin)."""
+    return _make_llama_scaled(d, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 10)
+
+
 # ---------------------------------------------------------------------------------------------
 # float64 reference forward of the original weights (Hugging Face semantics, no permutation)
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +297,36 @@ def load_weights(d: Path) -> dict[str, np.ndarray]:
                 a = np.frombuffer(buf, {"F16": "<f2", "F32": "<f4"}[m["dtype"]])
             out[name] = a.astype(np.float64).reshape(m["shape"])
     return out
+
+
+def weights_sha256(d: Path) -> str:
+    """sha256 over every tensor of the folder, by name: name, shape, float32 little-endian values
+    (so the same checkpoint stored as BF16/F16/F32 or in other shards hashes the same)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, a in sorted(load_weights(d).items()):
+        h.update(f"{name}:{list(a.shape)}:".encode())
+        h.update(np.ascontiguousarray(a, "<f4").tobytes())
+    return h.hexdigest()
+
+
+def gguf_digest(path) -> dict:
+    """{"kv": [[key, value types, value]], "tensors": [[name, type, shape, sha256 of the data]]} in
+    file order, GGUF.* header fields left out; a list value longer than 8 is [len, sha256 of its JSON]."""
+    import hashlib
+    import gguf
+    r = gguf.GGUFReader(path)
+    kv = []
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        v = f.contents()
+        if isinstance(v, list) and len(v) > 8:
+            v = [len(v), hashlib.sha256(json.dumps(v, ensure_ascii=False).encode()).hexdigest()]
+        kv.append([k, [int(t) for t in f.types], v])
+    tensors = [[t.name, t.tensor_type.name, [int(s) for s in t.shape],
+                hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest()] for t in r.tensors]
+    return {"kv": kv, "tensors": tensors}
 
 
 def hf_rope_frequencies(cfg: dict, hd: int) -> tuple[np.ndarray, float]:
@@ -379,6 +463,19 @@ def make_gemma3(d: Path) -> Path:
     return d
 
 
+def make_gemma3_rope_params(d: Path) -> Path:
+    """make_gemma3's checkpoint with config.json in transformers 5's form: rope_parameters per layer
+    type instead of rope_theta / rope_local_base_freq, and a sliding layers' base of 20000 (not
+    transformers' or llama.cpp's default 10000, so a converter dropping it is seen)."""
+    make_gemma3(d)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["rope_theta"], cfg["rope_local_base_freq"]
+    cfg["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    return d
+
+
 def reference_logits_gemma3(d: Path, ids: list[int]) -> np.ndarray:
     """float64 forward with transformers' Gemma3ForCausalLM semantics (modeling_gemma3)."""
     cfg = json.loads((d / "config.json").read_text())
@@ -398,7 +495,12 @@ def reference_logits_gemma3(d: Path, ids: list[int]) -> np.ndarray:
             x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
             return x * cos[:, None, :] + np.concatenate([-x2, x1], -1) * sin[:, None, :]
         return rope
-    rope_global, rope_local = rope_of(cfg["rope_theta"]), rope_of(cfg["rope_local_base_freq"])
+    rp = cfg.get("rope_parameters") or {}
+    if "full_attention" in rp:              # transformers 5's form: a RoPE entry per layer type
+        rope_global = rope_of(rp["full_attention"]["rope_theta"])
+        rope_local = rope_of(rp["sliding_attention"]["rope_theta"])
+    else:
+        rope_global, rope_local = rope_of(cfg["rope_theta"]), rope_of(cfg["rope_local_base_freq"])
 
     def gelu(x):
         return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
@@ -428,3 +530,9 @@ def reference_logits_gemma3(d: Path, ids: list[int]) -> np.ndarray:
         x = x + rms(f, w[p + "post_feedforward_layernorm.weight"])
     x = rms(x, w["model.norm.weight"])
     return x @ w["model.embed_tokens.weight"].T
+
+
+# every family fixture the family goldens cover (tests/golden/make_family_goldens.py)
+FAMILY_MAKERS = {**MAKERS, "mistral": make_mistral, "llama3_rope": make_llama3_rope,
+                 "llama_linear": make_llama_linear, "llama_yarn": make_llama_yarn, "gemma3": make_gemma3,
+                 "gemma3_rope_params": make_gemma3_rope_params}

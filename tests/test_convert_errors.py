@@ -61,6 +61,8 @@ CASES = {
                        r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"),
     "missing_bias": ("qwen2", lambda d: _drop_tensor(d, "model.layers.0.self_attn.k_proj.bias"),
                      r"missing tensor 'model\.layers\.0\.self_attn\.k_proj\.bias'"),
+    "bad_local_rope_base": ("qwen2", lambda d: _edit_json(d / "config.json", lambda j: j.update(rope_local_base_freq=-1)),
+                            r"rope_local_base_freq must be a positive number, not -1"),
     "shape_mismatch": ("qwen2", lambda d: _edit_json(d / "config.json", lambda j: j.update(intermediate_size=128)),
                        r"has shape \[64, 96\] but config\.json implies \[64, 128\]"),
     "unexpected_tensor": ("qwen2", lambda d: _rewrite_header(d / ST, lambda h: h.update(
