@@ -142,7 +142,7 @@ def q8_0(phi3):
 def test_q8_0(q8_0, n_threads, int8):
     """The q8_0 file, prefill and decode, against the reference on its own decoded weights: float
     activations within 1e-3 (the quantized matmuls are exact); the default int8 activations
-    within a stated bound (their rounding: ~0.1 on these logits of spread ~4), the same top token
+    within a stated bound (their rounding; measured 0.12 on logits of std 0.8), the same top token
     at nearly every position."""
     import infer
     out, want = q8_0
@@ -152,7 +152,7 @@ def test_q8_0(q8_0, n_threads, int8):
         llm.engine.reset()
         llm.engine.prefill(ids[:5], reuse=False)
         steps = np.stack([np.asarray(llm.engine.decode(t), np.float64).copy() for t in ids[5:]])
-    bound = 0.6 if int8 else 1e-3
+    bound = 0.3 if int8 else 1e-3
     assert np.abs(got - want).max() < bound, np.abs(got - want).max()
     assert np.abs(steps - want[5:]).max() < bound, np.abs(steps - want[5:]).max()
     assert (got.argmax(1) == want.argmax(1)).mean() >= (0.9 if int8 else 1.0)
