@@ -177,3 +177,24 @@ def test_refusals(phi3, tmp_path):
         (bad / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(err, match=r"config.json: .*" + msg):
             convert(bad, tmp_path / f"{name}.gguf", "f16")
+
+
+def test_mixed_recipe_and_calibration(phi3, tmp_path):
+    """q4_0_mixed keeps the fused attn_qkv (it holds attn_v) at Q8_0; an importance matrix measured
+    on the f16 file has one entry per fused tensor, counted once per token, and drives a q4_0
+    conversion (the checkpoint's fused tensors have the same names)."""
+    import infer
+    from infer.convert.pipeline import make_plan
+    d, out = phi3
+    plan = make_plan(d, "q4_0_mixed")
+    try:
+        types = {t.name: t.qtype.name for t in plan.tensors}
+    finally:
+        plan.checkpoint.close()
+    assert types["blk.0.attn_qkv.weight"] == "Q8_0" and types["blk.0.ffn_up.weight"] == "Q4_0"
+    im = infer.calibrate(str(out), cf.TEXT, n_ctx=16, n_threads=1)
+    assert "blk.0.attn_qkv.weight" in im and "blk.1.ffn_up.weight" in im and "blk.0.attn_q.weight" not in im
+    assert im.counts["blk.0.attn_qkv.weight"] == im.counts["blk.0.attn_output.weight"] == \
+        im.counts["blk.1.ffn_up.weight"] > 0
+    s = convert(d, tmp_path / "cal.gguf", "q4_0", imatrix=im)
+    assert s.arch == "phi3"

@@ -256,10 +256,10 @@ class LlamaModel:
         out[:n]), each matrix's result in its columns; on int8 activations h is quantized once
         and one parallel region runs them all."""
         n = h.shape[0]
+        if self.observer is not None:       # once per tensor: a fused one's views share its name
+            for name in dict.fromkeys(self._names[int(t[0])] for t in tabs):
+                self.observer(name, h)
         if s.i8_for(n) and all(int(t[qm.TAB_TYPE]) in FORMATS for t in tabs) and out.flags.c_contiguous:
-            if self.observer is not None:
-                for t in tabs:
-                    self.observer(self._names[int(t[0])], h)
             self.routes["int8"] += 1
             self._matmul_i8(s, tabs, h, out)
             return
@@ -267,7 +267,7 @@ class LlamaModel:
         for t in tabs:
             rows = int(t[TAB_ROWS])
             # with the residual row: a single-token chunk's slice is contiguous and may run int8
-            self._matmul(s, t, h, out[:n + s.resid, c0:c0 + rows])
+            self._matmul(s, t, h, out[:n + s.resid, c0:c0 + rows], observe=False)
             c0 += rows
 
     def _matmul_i8(self, s, tabs, h, out):
@@ -290,10 +290,10 @@ class LlamaModel:
         if r:
             out[n - 1] += out[n]
 
-    def _matmul(self, s, tab, h, out, allow_i8=True):
+    def _matmul(self, s, tab, h, out, allow_i8=True, observe=True):
         """out[:n] (out: n or, with s.resid, n + 1 rows) = h (n, cols) @ W.T: int8 activations (see
         _matmul_i8) or W dequantized in tiles into s.wbuf and float32 BLAS."""
-        if self.observer is not None:
+        if observe and self.observer is not None:
             self.observer(self._names[int(tab[0])], h)
         rows, cols = int(tab[TAB_ROWS]), int(tab[TAB_COLS])
         n = h.shape[0]
