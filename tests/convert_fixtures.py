@@ -436,14 +436,15 @@ def reference_logits_gemma3(d: Path, ids: list[int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Phi-3 (fused qkv_proj and gate_up_proj, LongRoPE with partial rotary) and SmolLM3 (NoPE layers)
 # ---------------------------------------------------------------------------------------------
-PHI3_ORIG_CTX = 32            # original_max_position_embeddings; max_position_embeddings is twice it
+PHI3_ORIG_CTX = 256           # original_max_position_embeddings (a multiple of 256, as Phi-3's: llama.cpp
+                              # compares it to n_ctx rounded up to 256); max_position_embeddings twice it
 PHI3_SHORT = [1.0, 1.25, 1.5, 2.0]
 PHI3_LONG = [1.0, 2.0, 6.0, 16.0]
 
 
 def make_phi3(d: Path) -> Path:
     """Phi3ForCausalLM: 2 layers, head_dim 16 of which 8 rotate (partial_rotary_factor 0.5), GQA,
-    LongRoPE (short / long factors, context 64 over an original 32: attention factor sqrt(1.2)),
+    LongRoPE (short / long factors, context 512 over an original 256: attention factor sqrt(1.125)),
     sliding_window 2047 as Phi-3 mini's config has it, f16 weights, SentencePiece tokenizer.model."""
     d.mkdir(parents=True, exist_ok=True)
     n = train_spm(d / "tokenizer.model")

@@ -16,7 +16,8 @@ import convert_fixtures as cf
 from infer.convert import convert
 
 IDS = [1, 5, 17, 42, 3, 99, 7, 250, 11, 64, 2, 30, 8, 120, 77, 5, 200, 33, 19, 4, 61, 150]
-LONG_IDS = IDS + [9, 13, 88, 140, 6, 31, 222, 45, 70, 18, 3, 101, 55, 260, 12, 90, 27, 180]   # 40 > 32
+# past the original context (256): transformers runs the long factors for it
+LONG_IDS = IDS + [int(t) for t in np.random.default_rng(5).integers(3, 250, 250)]
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +34,10 @@ def test_metadata_and_tensors(phi3):
     with GGUFFile(out) as g:
         md, names = g.metadata, set(g.tensors)
         assert md["general.architecture"] == "phi3"
-        assert md["phi3.context_length"] == 2 * cf.PHI3_ORIG_CTX
+        assert md["phi3.context_length"] == 2 * cf.PHI3_ORIG_CTX == 512
         assert md["phi3.rope.scaling.original_context_length"] == cf.PHI3_ORIG_CTX
         assert md["phi3.rope.dimension_count"] == 8 and md["phi3.attention.sliding_window"] == 2047
-        assert math.isclose(md["phi3.rope.scaling.attn_factor"], math.sqrt(1 + math.log(2) / math.log(32)),
+        assert math.isclose(md["phi3.rope.scaling.attn_factor"], math.sqrt(1 + math.log(2) / math.log(256)),
                             rel_tol=1e-6)
         assert "phi3.rope.scaling.type" not in md and "phi3.attention.key_length" not in md
         assert g.tensors["blk.0.attn_qkv.weight"].shape == (8 * 16, 64)
@@ -55,7 +56,7 @@ def test_fused_tensors_are_views(phi3):
     import infer
     from infer.kernels.qmatmul import TAB_ROWS
     _, out = phi3
-    with infer.LLM(str(out), n_ctx=32, n_threads=1) as llm:
+    with infer.LLM(str(out), n_ctx=64, n_threads=1) as llm:
         m, t = llm.model, llm.model.gf.tensors["blk.0.attn_qkv.weight"]
         rb = t.nbytes // (8 * 16)
         assert [int(r[0]) for r in m.tab[0, :3]] == [t.offset, t.offset + 64 * rb, t.offset + 96 * rb]
@@ -65,7 +66,7 @@ def test_fused_tensors_are_views(phi3):
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])
-@pytest.mark.parametrize("n_ctx, ids", [(32, IDS), (64, LONG_IDS)], ids=["short", "long"])
+@pytest.mark.parametrize("n_ctx, ids", [(64, IDS), (300, LONG_IDS)], ids=["short", "long"])
 def test_logits_match_reference(phi3, n_threads, n_ctx, ids):
     import infer
     d, out = phi3
@@ -81,15 +82,17 @@ def test_logits_match_reference(phi3, n_threads, n_ctx, ids):
 
 
 def test_factors_chosen_by_context_size(phi3):
-    """llama.cpp's rule, not transformers' per-forward one: a context larger than the original one
-    runs the long factors from the first token (the prompt's 22 tokens as the 40-token reference's
-    first 22 positions, computed with the long factors)."""
+    """llama.cpp's rule, not transformers' per-forward one: the context size rounded up to 256
+    against the original context. n_ctx 300 (512) runs the long factors from the first token (the
+    22-token prompt as the first 22 positions of the long reference); n_ctx 256 the short ones."""
     import infer
     d, out = phi3
-    want = cf.reference_logits_phi3(d, LONG_IDS)[:len(IDS)]
-    with infer.LLM(str(out), n_ctx=64, n_threads=1, int8_activations=False) as llm:
-        got = np.asarray(llm.logits(IDS), np.float64)
-    assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
+    long = cf.reference_logits_phi3(d, LONG_IDS)[:len(IDS)]
+    short = cf.reference_logits_phi3(d, IDS)
+    for n_ctx, want in ((300, long), (257, long), (256, short), (100, short)):
+        with infer.LLM(str(out), n_ctx=n_ctx, n_threads=1, int8_activations=False) as llm:
+            got = np.asarray(llm.logits(IDS), np.float64)
+        assert np.abs(got - want).max() < 1e-3, (n_ctx, np.abs(got - want).max())
 
 
 def test_sliding_window_not_applied(phi3, tmp_path, caplog):
@@ -103,10 +106,10 @@ def test_sliding_window_not_applied(phi3, tmp_path, caplog):
     cfg["sliding_window"] = 8
     (small / "config.json").write_text(json.dumps(cfg))
     convert(small, tmp_path / "sw8.gguf", "f16")
-    with infer.LLM(str(out), n_ctx=32, n_threads=1, int8_activations=False) as llm:
+    with infer.LLM(str(out), n_ctx=64, n_threads=1, int8_activations=False) as llm:
         want = np.asarray(llm.logits(IDS), np.float64)
     with caplog.at_level("WARNING", logger="infer"):
-        with infer.LLM(str(tmp_path / "sw8.gguf"), n_ctx=32, n_threads=1, int8_activations=False) as llm:
+        with infer.LLM(str(tmp_path / "sw8.gguf"), n_ctx=64, n_threads=1, int8_activations=False) as llm:
             assert llm.metadata["phi3.attention.sliding_window"] == 8
             got = np.asarray(llm.logits(IDS), np.float64)
     assert np.array_equal(got, want)
@@ -147,7 +150,7 @@ def test_q8_0(q8_0, n_threads, int8):
     import infer
     out, want = q8_0
     ids = LONG_IDS
-    with infer.LLM(str(out), n_ctx=64, n_threads=n_threads, int8_activations=int8) as llm:
+    with infer.LLM(str(out), n_ctx=300, n_threads=n_threads, int8_activations=int8) as llm:
         got = np.asarray(llm.logits(ids), np.float64)
         llm.engine.reset()
         llm.engine.prefill(ids[:5], reuse=False)

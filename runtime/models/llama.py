@@ -234,12 +234,14 @@ class LlamaModel:
         return mscale
 
     def use_context(self, n_ctx):
-        """Set up the model for a context of n_ctx tokens: LongRoPE's long factors when n_ctx
-        exceeds the original context (rope.scaling.original_context_length, else the training
-        context), its short ones otherwise (llama.cpp's get_rope_factors: n_ctx_seq > n_ctx_orig_yarn)."""
+        """Set up the model for a context of n_ctx tokens: LongRoPE's long factors when the context
+        exceeds the original one (rope.scaling.original_context_length, else the training context),
+        its short ones otherwise, as llama.cpp's get_rope_factors chooses (n_ctx_seq > n_ctx_orig_yarn,
+        its n_ctx_seq being n_ctx rounded up to a multiple of 256)."""
         if self.rope_factors is not None:
             short, long = self.rope_factors
-            self._set_frequencies(long if n_ctx > (self.cfg.rope_orig_ctx or self.cfg.n_ctx_train) else short)
+            n_ctx_seq = -(-int(n_ctx) // 256) * 256
+            self._set_frequencies(long if n_ctx_seq > (self.cfg.rope_orig_ctx or self.cfg.n_ctx_train) else short)
 
     def v(self, layer, which):
         o = self.vtab[layer, which]
