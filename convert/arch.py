@@ -4,11 +4,13 @@
     HParams.from_config(cfg, path)            validated hyperparameters (ConvertError on bad input)
     map_tensor(spec, hp, hf_name)             -> Mapped(gguf name, expected shape, permute heads) | None
 
-Tensor names follow llama.cpp (gguf-py's TensorNameMap for LLAMA/QWEN2/QWEN3):
+Tensor names follow llama.cpp (gguf-py's TensorNameMap for LLAMA/QWEN2/QWEN3/GEMMA3/PHI3/SMOLLM3):
   model.embed_tokens -> token_embd, model.norm -> output_norm, lm_head -> output,
   model.layers.N.{input_layernorm -> attn_norm, self_attn.{q,k,v,o}_proj -> attn_{q,k,v,output},
   post_attention_layernorm -> ffn_norm, mlp.{gate,up,down}_proj -> ffn_{gate,up,down}}  -> blk.N.*
-llama (not qwen2) stores q/k rows permuted for ggml's RoPE: within each head, rows (pairs i, i+hd/2)
+phi3 keeps its checkpoint's fused self_attn.qkv_proj -> attn_qkv and mlp.gate_up_proj -> ffn_up (gate
+rows first) and adds rope_factors_{long,short}.weight for LongRoPE; smollm3 is llama's path renamed.
+llama and smollm3 (not qwen2) store q/k rows permuted for ggml's RoPE: within each head, rows (pairs i, i+hd/2)
 become interleaved (i -> 2i, i+hd/2 -> 2i+1), as llama.cpp's LlamaModel.permute does.
 """
 from __future__ import annotations
@@ -247,7 +249,7 @@ def _check_nope(cfg: dict, n_layer: int, path) -> None:
     if not isinstance(layers, list) or [int(v) if isinstance(v, (int, bool)) else v for v in layers] != want:
         raise UnsupportedError(f"{path}: no_rope_layers {layers!r} is not llama.cpp's smollm3 pattern (RoPE off on "
                                f"every {NOPE_STEP}th layer), the only one its GGUF can express")
-    if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+    if cfg.get("use_sliding_window") and cfg.get("sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
         raise UnsupportedError(f"{path}: use_sliding_window is set: SmolLM3 sliding-window attention is not "
                                f"supported (llama.cpp's smollm3 has none)")
 
@@ -256,6 +258,9 @@ def phi3_rope(hp: HParams, path) -> dict:
     """Phi-3's RoPE as llama.cpp's Phi3MiniModel writes it: rope dimensions, the original context,
     and for LongRoPE the attention factor and the two factor lists."""
     rope = dict(hp.rope)
+    if hp.head_dim * hp.n_head != hp.n_embd:
+        raise UnsupportedError(f"{path}: head_dim {hp.head_dim} is not hidden_size / num_attention_heads: llama.cpp's "
+                               f"phi3 has no key for it")
     orig = rope.get("original_max_position_embeddings", hp.raw.get("original_max_position_embeddings"))
     if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
         raise ConvertError(f"{path}: missing original_max_position_embeddings (Phi-3's original context), got {orig!r}")

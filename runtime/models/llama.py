@@ -1,4 +1,10 @@
-"""The llama family: Llama 2/3, SmolLM, TinyLlama, Mistral (no sliding window), Qwen2 (q/k/v biases).
+"""The llama family: Llama 2/3, SmolLM, TinyLlama, Mistral (no sliding window), Qwen2 (q/k/v biases),
+Qwen3, Gemma 3, Phi-3 and SmolLM3; how each differs is its config.ARCHS entry (ArchTraits).
+
+Fused matrices (phi3's attn_qkv and ffn_up = gate|up; attn_qkv in any llama.cpp-style file) are
+split at load into table rows at their row offsets in the file: views, no copy. Per-layer RoPE is
+a row of `inv_freq` per layer: sliding-window layers their own base, NoPE layers (smollm3) zeros
+(the identity rotation), LongRoPE (phi3) the factors chosen by the context size (use_context).
 
 Weights stay in the memory-mapped file; `LlamaModel` holds a tensor table into it (see
 kernels/qmatmul.py) plus the small 1-D tensors.
