@@ -144,6 +144,9 @@ class HParams:
         tie = cfg.get("tie_word_embeddings")
         if spec.nope:
             _check_nope(cfg, n_layer, path)
+        if spec.phi3 and hd * n_head != n_embd:
+            raise UnsupportedError(f"{path}: head_dim {hd} is not hidden_size / num_attention_heads: llama.cpp's "
+                                   f"phi3 writes no key for it")
         return cls(hf_arch, n_layer, n_embd, n_ff, n_head, n_head_kv, hd, "head_dim" in cfg, n_vocab,
                    n_ctx, float(theta), float(eps), rope, tie if isinstance(tie, bool) else None,
                    bool(cfg.get("attention_bias", False)), dict(cfg)), spec
@@ -250,17 +253,14 @@ def _check_nope(cfg: dict, n_layer: int, path) -> None:
         raise UnsupportedError(f"{path}: no_rope_layers {layers!r} is not llama.cpp's smollm3 pattern (RoPE off on "
                                f"every {NOPE_STEP}th layer), the only one its GGUF can express")
     if cfg.get("use_sliding_window") and cfg.get("sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
-        raise UnsupportedError(f"{path}: use_sliding_window is set: SmolLM3 sliding-window attention is not "
-                               f"supported (llama.cpp's smollm3 has none)")
+        raise UnsupportedError(f"{path}: use_sliding_window is set (or a layer type is sliding_attention): SmolLM3 "
+                               f"sliding-window attention is not supported (llama.cpp's smollm3 has none)")
 
 
 def phi3_rope(hp: HParams, path) -> dict:
     """Phi-3's RoPE as llama.cpp's Phi3MiniModel writes it: rope dimensions, the original context,
     and for LongRoPE the attention factor and the two factor lists."""
     rope = dict(hp.rope)
-    if hp.head_dim * hp.n_head != hp.n_embd:
-        raise UnsupportedError(f"{path}: head_dim {hp.head_dim} is not hidden_size / num_attention_heads: llama.cpp's "
-                               f"phi3 has no key for it")
     orig = rope.get("original_max_position_embeddings", hp.raw.get("original_max_position_embeddings"))
     if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
         raise ConvertError(f"{path}: missing original_max_position_embeddings (Phi-3's original context), got {orig!r}")

@@ -172,7 +172,9 @@ def test_refusals(phi3, tmp_path):
             ("noorig", lambda c: c.pop("original_max_position_embeddings"), infer.ConvertError,
              r"missing original_max_position_embeddings"),
             ("short", lambda c: c["rope_scaling"].update(long_factor=[1.0]), infer.ConvertError,
-             r"long_factor must be 4 positive numbers")]:
+             r"long_factor must be 4 positive numbers"),
+            ("headdim", lambda c: c.update(head_dim=32), infer.UnsupportedError,
+             r"head_dim 32 is not hidden_size / num_attention_heads")]:
         bad = tmp_path / name
         shutil.copytree(d, bad)
         cfg = json.loads((bad / "config.json").read_text())
@@ -201,3 +203,46 @@ def test_mixed_recipe_and_calibration(phi3, tmp_path):
         im.counts["blk.1.ffn_up.weight"] > 0
     s = convert(d, tmp_path / "cal.gguf", "q4_0", imatrix=im)
     assert s.arch == "phi3"
+
+
+
+def rewrite(src, dst, drop=(), add=None):
+    """A copy of GGUF src without the tensors `drop` and with the arrays `add` (name -> F32 array)."""
+    import gguf
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.get_field("general.architecture").contents())
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), f.types[0], sub)
+    for t in r.tensors:
+        if t.name not in drop:
+            w.add_tensor(t.name, np.asarray(t.data), raw_shape=tuple(int(d) for d in reversed(t.shape)),
+                         raw_dtype=t.tensor_type)
+    for name, a in (add or {}).items():
+        w.add_tensor(name, np.asarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("drop, add, err, msg", [
+    (("rope_factors_short.weight",), None, "TensorError", r"tensor rope_factors_short.weight is missing"),
+    ((), {"blk.0.attn_qkv.bias": np.zeros(128)}, "UnsupportedError", r"blk.0.attn_qkv.bias \(a fused q/k/v bias\)"),
+    (("blk.1.ffn_up.weight",), None, "TensorError", r"missing tensor blk.1.ffn_up.weight"),
+    ((), {"rope_factors_extra": np.ones(4)}, None, None)])
+def test_runtime_refusals(phi3, tmp_path, drop, add, err, msg):
+    """Files the runtime must not run as if complete: one-line errors naming the file."""
+    import infer
+    _, out = phi3
+    bad = rewrite(out, tmp_path / "bad.gguf", drop, add)
+    if err is None:                 # the rewrite itself is faithful: the copy runs as the original
+        with infer.LLM(str(bad), n_ctx=64, n_threads=1, int8_activations=False) as a, \
+                infer.LLM(str(out), n_ctx=64, n_threads=1, int8_activations=False) as b:
+            assert np.array_equal(a.logits(IDS[:6]), b.logits(IDS[:6]))
+        return
+    with pytest.raises(getattr(infer, err), match=r"bad.gguf: .*" + msg):
+        infer.LLM(str(bad), n_ctx=64, n_threads=1)

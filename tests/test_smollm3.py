@@ -116,7 +116,8 @@ def test_q8_0(q8_0, n_threads, int8):
 @pytest.mark.parametrize("edit, msg", [
     ({"no_rope_layers": [1, 0, 1, 0]}, r"no_rope_layers \[1, 0, 1, 0\] is not llama.cpp's smollm3 pattern"),
     ({"no_rope_layers": None, "no_rope_layer_interval": 2}, r"no_rope_layers \[1, 0, 1, 0\] is not"),
-    ({"use_sliding_window": True, "sliding_window": 16}, r"use_sliding_window is set")])
+    ({"use_sliding_window": True, "sliding_window": 16}, r"use_sliding_window is set"),
+    ({"layer_types": ["full_attention"] * 3 + ["sliding_attention"]}, r"use_sliding_window is set")])
 def test_refusals(smollm3, tmp_path, edit, msg):
     import infer
     d, _ = smollm3
