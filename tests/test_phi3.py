@@ -145,7 +145,7 @@ def q8_0(phi3):
 def test_q8_0(q8_0, n_threads, int8):
     """The q8_0 file, prefill and decode, against the reference on its own decoded weights: float
     activations within 1e-3 (the quantized matmuls are exact); the default int8 activations
-    within a stated bound (their rounding; measured 0.12 on logits of std 0.8), the same top token
+    within a stated bound (their rounding; measured 0.18 on logits of std 0.8), the same top token
     at nearly every position."""
     import infer
     out, want = q8_0
