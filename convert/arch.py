@@ -4,11 +4,13 @@
     HParams.from_config(cfg, path)            validated hyperparameters (ConvertError on bad input)
     map_tensor(spec, hp, hf_name)             -> Mapped(gguf name, expected shape, permute heads) | None
 
-Tensor names follow llama.cpp (gguf-py's TensorNameMap for LLAMA/QWEN2/QWEN3):
+Tensor names follow llama.cpp (gguf-py's TensorNameMap for LLAMA/QWEN2/QWEN3/GEMMA3/PHI3/SMOLLM3):
   model.embed_tokens -> token_embd, model.norm -> output_norm, lm_head -> output,
   model.layers.N.{input_layernorm -> attn_norm, self_attn.{q,k,v,o}_proj -> attn_{q,k,v,output},
   post_attention_layernorm -> ffn_norm, mlp.{gate,up,down}_proj -> ffn_{gate,up,down}}  -> blk.N.*
-llama (not qwen2) stores q/k rows permuted for ggml's RoPE: within each head, rows (pairs i, i+hd/2)
+phi3 keeps its checkpoint's fused self_attn.qkv_proj -> attn_qkv and mlp.gate_up_proj -> ffn_up (gate
+rows first) and adds rope_factors_{long,short}.weight for LongRoPE; smollm3 is llama's path renamed.
+llama and smollm3 (not qwen2) store q/k rows permuted for ggml's RoPE: within each head, rows (pairs i, i+hd/2)
 become interleaved (i -> 2i, i+hd/2 -> 2i+1), as llama.cpp's LlamaModel.permute does.
 """
 from __future__ import annotations
@@ -30,6 +32,8 @@ class ArchSpec:
     always_head_dim: bool     # llama: attention.key_length/value_length always written
     qk_norm: bool = False     # qwen3: self_attn.{q,k}_norm -> attn_{q,k}_norm (per-head RMSNorm weights)
     gemma: bool = False       # gemma3: pre/post norms, RMSNorm weights stored as 1 + w, tied, sliding window
+    phi3: bool = False        # phi3: fused qkv_proj / gate_up_proj, LongRoPE factor tensors, partial rotary
+    nope: bool = False        # smollm3: every 4th layer without RoPE (config no_rope_layers, checked)
 
 
 LLAMA = ArchSpec("llama", permute_qk=True, qkv_bias=False, vocab_and_rope_dim=True, always_head_dim=True)
@@ -38,8 +42,16 @@ QWEN3 = ArchSpec("qwen3", permute_qk=False, qkv_bias=False, vocab_and_rope_dim=F
                  qk_norm=True)
 GEMMA3 = ArchSpec("gemma3", permute_qk=False, qkv_bias=False, vocab_and_rope_dim=False, always_head_dim=True,
                   qk_norm=True, gemma=True)
+# llama.cpp's Phi3MiniModel: the checkpoint's fused tensors kept as they are (attn_qkv, ffn_up = gate|up)
+PHI3 = ArchSpec("phi3", permute_qk=False, qkv_bias=False, vocab_and_rope_dim=False, always_head_dim=False,
+                phi3=True)
+# llama.cpp's SmolLM3Model is its LlamaModel (q/k permuted, vocab_size, rope.dimension_count) under another name
+SMOLLM3 = ArchSpec("smollm3", permute_qk=True, qkv_bias=False, vocab_and_rope_dim=True, always_head_dim=True,
+                   nope=True)
 ARCHS = {"LlamaForCausalLM": LLAMA, "LLaMAForCausalLM": LLAMA, "MistralForCausalLM": LLAMA,
-         "Qwen2ForCausalLM": QWEN2, "Qwen3ForCausalLM": QWEN3, "Gemma3ForCausalLM": GEMMA3}
+         "Qwen2ForCausalLM": QWEN2, "Qwen3ForCausalLM": QWEN3, "Gemma3ForCausalLM": GEMMA3,
+         "Phi3ForCausalLM": PHI3, "SmolLM3ForCausalLM": SMOLLM3}
+NOPE_STEP = 4       # llama.cpp's smollm3 loader: layer il has no RoPE when (il + 1) % 4 == 0
 
 # transformers' defaults for keys a config.json may leave out (llama.cpp reads configs through them)
 DEFAULTS = {"llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
@@ -47,7 +59,9 @@ DEFAULTS = {"llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "ro
             "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
             "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
             "gemma3_text": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0},
-            "gemma3": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}}
+            "gemma3": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0},
+            "phi3": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
+            "smollm3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 2000000.0}}
 
 
 def _find(cfg: dict, keys, default=None):
@@ -140,6 +154,11 @@ class HParams:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 raise ConvertError(f"{path}: {name} must be a positive number, not {v!r}")
         tie = cfg.get("tie_word_embeddings")
+        if spec.nope:
+            _check_nope(cfg, n_layer, path)
+        if spec.phi3 and hd * n_head != n_embd:
+            raise UnsupportedError(f"{path}: head_dim {hd} is not hidden_size / num_attention_heads: llama.cpp's "
+                                   f"phi3 writes no key for it")
         return cls(hf_arch, n_layer, n_embd, n_ff, n_head, n_head_kv, hd, "head_dim" in cfg, n_vocab,
                    n_ctx, float(theta), float(eps), rope, tie if isinstance(tie, bool) else None,
                    bool(cfg.get("attention_bias", False)), dict(cfg),
@@ -175,6 +194,13 @@ def layer_tensors(spec: ArchSpec, hp: HParams, i: int) -> dict[str, Mapped]:
         "mlp.up_proj.weight": Mapped(b + "ffn_up.weight", (ff, e), 0, True),
         "mlp.down_proj.weight": Mapped(b + "ffn_down.weight", (e, ff), 0, True),
     }
+    if spec.phi3:       # the fused tensors as llama.cpp's tensor map names them
+        for k in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                  "mlp.gate_proj.weight", "mlp.up_proj.weight"):
+            del m[k]
+        m["self_attn.qkv_proj.weight"] = Mapped(b + "attn_qkv.weight", (q + 2 * kv, e), 0, True)
+        m["mlp.gate_up_proj.weight"] = Mapped(b + "ffn_up.weight", (2 * ff, e), 0, True)
+        return m
     bias_required = spec.qkv_bias or hp.attention_bias
     m["self_attn.q_proj.bias"] = Mapped(b + "attn_q.bias", (q,), pq, bias_required)
     m["self_attn.k_proj.bias"] = Mapped(b + "attn_k.bias", (kv,), pk, bias_required)
@@ -225,6 +251,58 @@ def expected_tensors(spec: ArchSpec, hp: HParams) -> dict[str, Mapped]:
     out = dict(global_tensors(hp))
     for i in range(hp.n_layer):
         out.update({f"model.layers.{i}.{k}": v for k, v in layer_tensors(spec, hp, i).items()})
+    return out
+
+
+def _check_nope(cfg: dict, n_layer: int, path) -> None:
+    """SmolLM3's NoPE layers: llama.cpp writes no per-layer key and its loader hard-codes every
+    NOPE_STEP-th layer, so a config with another pattern cannot be converted faithfully."""
+    want = [int((i + 1) % NOPE_STEP != 0) for i in range(n_layer)]
+    layers = cfg.get("no_rope_layers")
+    if layers is None:
+        step = cfg.get("no_rope_layer_interval", NOPE_STEP)
+        layers = [int((i + 1) % step != 0) for i in range(n_layer)] if isinstance(step, int) and step > 0 else step
+    if not isinstance(layers, list) or [int(v) if isinstance(v, (int, bool)) else v for v in layers] != want:
+        raise UnsupportedError(f"{path}: no_rope_layers {layers!r} is not llama.cpp's smollm3 pattern (RoPE off on "
+                               f"every {NOPE_STEP}th layer), the only one its GGUF can express")
+    if cfg.get("use_sliding_window") and cfg.get("sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
+        raise UnsupportedError(f"{path}: use_sliding_window is set (or a layer type is sliding_attention): SmolLM3 "
+                               f"sliding-window attention is not supported (llama.cpp's smollm3 has none)")
+
+
+def phi3_rope(hp: HParams, path) -> dict:
+    """Phi-3's RoPE as llama.cpp's Phi3MiniModel writes it: rope dimensions, the original context,
+    and for LongRoPE the attention factor and the two factor lists."""
+    rope = dict(hp.rope)
+    orig = rope.get("original_max_position_embeddings", hp.raw.get("original_max_position_embeddings"))
+    if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
+        raise ConvertError(f"{path}: missing original_max_position_embeddings (Phi-3's original context), got {orig!r}")
+    pct = rope.get("partial_rotary_factor", hp.raw.get("partial_rotary_factor", 1.0))
+    if not isinstance(pct, (int, float)) or isinstance(pct, bool) or not 0 < pct <= 1:
+        raise ConvertError(f"{path}: partial_rotary_factor must be in (0, 1], not {pct!r}")
+    rope_dims = int(pct * hp.n_embd) // hp.n_head
+    if rope_dims % 2 or rope_dims > hp.head_dim:
+        raise ConvertError(f"{path}: partial_rotary_factor {pct} gives {rope_dims} rotary dimensions for heads of "
+                           f"{hp.head_dim} (must be even and fit)")
+    out = {"orig_ctx": orig, "rope_dims": rope_dims, "attn_factor": None, "long": None, "short": None}
+    kind = str(rope.get("rope_type", "") or "").lower()
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if kind in ("", "default") and not long:
+        return out
+    if kind not in ("su", "longrope"):
+        raise UnsupportedError(f"{path}: Phi-3 rope type {kind or None!r} is not supported (default, longrope)")
+    n = rope_dims // 2
+    for name, f in (("long_factor", long), ("short_factor", short)):
+        if not isinstance(f, list) or len(f) != n or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in f):
+            raise ConvertError(f"{path}: rope_scaling.{name} must be {n} positive numbers (rotary dimensions / 2)")
+    scale = (hp.n_ctx or 0) / orig
+    att = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    given = rope.get("attention_factor")
+    if given is not None and not math.isclose(float(given), att, rel_tol=1e-6):
+        raise UnsupportedError(f"{path}: rope_scaling.attention_factor {given} differs from the one llama.cpp's "
+                               f"converter derives ({att:.6g}); its GGUF would not match transformers")
+    out.update(attn_factor=att, long=[float(v) for v in long], short=[float(v) for v in short])
     return out
 
 

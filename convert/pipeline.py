@@ -25,7 +25,7 @@ from infer.errors import ConvertError
 from infer.quant.recipes import Recipe, get_recipe, plan_type
 from infer.quant.types import F32, QType
 
-from .arch import ArchSpec, HParams, expected_tensors, llama3_rope_factors, map_tensor
+from .arch import ArchSpec, HParams, expected_tensors, llama3_rope_factors, map_tensor, phi3_rope
 from .gguf_writer import MetaRecorder, StreamWriter, TensorSlot, file_size, header_bytes
 from .safetensors import FLOAT_DTYPES, Checkpoint, TensorEntry
 from .vocab import load_json, write_vocab
@@ -134,8 +134,33 @@ def _general_metadata(w: MetaRecorder, src: Path, total_params: int) -> None:
         w.add_name(src.name)
 
 
-def _model_metadata(w: MetaRecorder, hp: HParams, spec: ArchSpec, recipe: Recipe) -> None:
+def _phi3_metadata(w: MetaRecorder, hp: HParams, recipe: Recipe, rope: dict) -> None:
+    """The keys of llama.cpp's Phi3MiniModel.set_gguf_parameters, in its order (no rope.scaling.type:
+    LongRoPE is the factor tensors and rope.scaling.attn_factor)."""
+    a = "phi3"
+    if hp.n_ctx is not None:
+        w.add_uint32(f"{a}.context_length", int(hp.n_ctx))
+    w.add_uint32(f"{a}.rope.scaling.original_context_length", rope["orig_ctx"])
+    w.add_uint32(f"{a}.embedding_length", hp.n_embd)
+    w.add_uint32(f"{a}.feed_forward_length", hp.n_ff)
+    w.add_uint32(f"{a}.block_count", hp.n_layer)
+    w.add_uint32(f"{a}.attention.head_count", hp.n_head)
+    w.add_uint32(f"{a}.attention.head_count_kv", hp.n_head_kv)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", hp.rms_eps)
+    w.add_uint32(f"{a}.rope.dimension_count", rope["rope_dims"])
+    w.add_float32(f"{a}.rope.freq_base", hp.rope_theta)
+    w.add_uint32("general.file_type", recipe.file_type)
+    sw = hp.raw.get("sliding_window")
+    w.add_uint32(f"{a}.attention.sliding_window", int(sw) if isinstance(sw, int) and sw > 0 else 0)
+    if rope["attn_factor"] is not None:
+        w.add_float32(f"{a}.rope.scaling.attn_factor", rope["attn_factor"])
+    w.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+
+
+def _model_metadata(w: MetaRecorder, hp: HParams, spec: ArchSpec, recipe: Recipe, phi3: dict | None = None) -> None:
     a = spec.gguf_arch
+    if spec.phi3:
+        return _phi3_metadata(w, hp, recipe, phi3)
     w.add_uint32(f"{a}.block_count", hp.n_layer)
     if hp.n_ctx is not None:
         w.add_uint32(f"{a}.context_length", int(hp.n_ctx))
@@ -215,16 +240,22 @@ def make_plan(src, type: str = "q8_0") -> Plan:
         for hf_name, m in expected_tensors(spec, hp).items():
             if m.required and hf_name not in seen:
                 raise ConvertError(f"{src}: missing tensor {hf_name!r} ({m.name}) in the checkpoint")
-        factors = llama3_rope_factors(hp) if spec.gguf_arch == "llama" else None
+        factors = llama3_rope_factors(hp) if spec.gguf_arch in ("llama", "smollm3") else None
         if factors is not None:
             data = np.asarray(factors, dtype=np.float32)
             tensors.insert(0, TensorPlan("rope_freqs.weight", data.shape, F32, data.nbytes, None, 0, data))
+        rope = phi3_rope(hp, cfg_path) if spec.phi3 else None
+        if rope is not None:    # LongRoPE: the long and short factors, first, as llama.cpp writes them
+            if rope["long"] is not None:
+                extra = [("rope_factors_long.weight", rope["long"]), ("rope_factors_short.weight", rope["short"])]
+                tensors[:0] = [TensorPlan(n, (len(f),), F32, 4 * len(f), None, 0, np.asarray(f, np.float32))
+                               for n, f in extra]
 
         w = MetaRecorder(spec.gguf_arch)
         w.add_type("model")
         total = sum(int(np.prod(t.shape)) for t in tensors)
         _general_metadata(w, src, total)
-        _model_metadata(w, hp, spec, recipe)
+        _model_metadata(w, hp, spec, recipe, rope)
         vocab = write_vocab(w, src, spec.gguf_arch, hp.n_vocab)
         plan = Plan(src, recipe, hp, spec, tensors, w.items(), vocab, ckpt)
         plan.header = header_bytes(plan.kv, plan.slots())

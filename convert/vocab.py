@@ -443,7 +443,8 @@ def _spm_style_json(tj: dict) -> bool:
 def write_vocab(w, folder: Path, gguf_arch: str, vocab_size: int | None) -> str:
     """Add the tokenizer keys to metadata recorder `w`; returns a one-line description."""
     tc = load_json(folder / "tokenizer_config.json")
-    if gguf_arch == "llama" and isinstance(tc, dict) and tc.get("add_prefix_space") is not None:
+    llama = gguf_arch in ("llama", "smollm3")          # llama.cpp's LlamaModel.set_vocab
+    if llama and isinstance(tc, dict) and tc.get("add_prefix_space") is not None:
         w.add_bool("tokenizer.ggml.add_space_prefix", bool(tc["add_prefix_space"]))
     if (folder / "tokenizer.model").is_file():
         tokens, scores, types = spm_vocab(folder, vocab_size)
@@ -458,7 +459,7 @@ def write_vocab(w, folder: Path, gguf_arch: str, vocab_size: int | None) -> str:
         desc = f"SentencePiece, {len(tokens)} tokens"
     elif (folder / "tokenizer.json").is_file():
         tj = load_json(folder / "tokenizer.json", required=True)
-        if gguf_arch == "llama" and isinstance(tj, dict) and _spm_style_json(tj):
+        if llama and isinstance(tj, dict) and _spm_style_json(tj):
             raise UnsupportedError(f"{folder / 'tokenizer.json'}: a SentencePiece-style BPE (byte fallback) without "
                                    f"tokenizer.model is not supported; add the model's tokenizer.model")
         tokens, types, pre = bpe_vocab(folder, vocab_size)
@@ -470,6 +471,6 @@ def write_vocab(w, folder: Path, gguf_arch: str, vocab_size: int | None) -> str:
         desc = f"BPE ({pre}), {len(tokens)} tokens"
     else:
         raise ConvertError(f"{folder}: missing tokenizer (no tokenizer.model or tokenizer.json)")
-    if gguf_arch == "llama" and vocab_size == 49152:
+    if llama and vocab_size == 49152:
         w.add_bool("tokenizer.ggml.add_bos_token", False)   # llama.cpp does this for every 49152-token llama
     return desc

@@ -13,6 +13,8 @@ Recipes (`--type`):
   q4_0_mixed, q4_1_mixed             INT4 with the tensors that hurt most kept at Q8_0:
                                        token_embd.weight, output.weight      -> q8_0
                                        blk.N.attn_v.weight (every layer)     -> q8_0 (small with GQA)
+                                       blk.N.attn_qkv.weight (fused, phi3)   -> q8_0 (it holds attn_v;
+                                         llama.cpp's mixes raise it above the base type too)
                                        blk.N.ffn_down.weight on the layers llama.cpp's Q4_K_M gives
                                        more bits (first and last eighth, every third between) -> q8_0
                                        everything else                       -> q4_0 / q4_1
@@ -79,7 +81,7 @@ def plan_type(recipe: Recipe | str, name: str, shape, n_layers: int = 0) -> QTyp
         return F32
     qt = recipe.base
     if recipe.mixed:
-        if name in ("token_embd.weight", "output.weight") or name.endswith(".attn_v.weight"):
+        if name in ("token_embd.weight", "output.weight") or name.endswith((".attn_v.weight", ".attn_qkv.weight")):
             qt = Q8_0
         elif name.endswith(".ffn_down.weight"):
             m = _LAYER.match(name)

@@ -1,6 +1,7 @@
 """ModelConfig: the hyper-parameters of a model, read from GGUF metadata and checked."""
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from dataclasses import dataclass, fields
@@ -10,6 +11,7 @@ from .gguf_file import StringArray
 from .rope import read_scaling
 
 INT32_MAX = 2**31 - 1    # llama.cpp keeps the hyper-parameters in (u)int32
+log = logging.getLogger("infer")
 MAX_LAYERS = 512         # llama.cpp's LLAMA_MAX_LAYERS: a block_count past it is a corrupt file
 
 # ModelConfig fields -> the metadata keys they come from (after "<arch>.")
@@ -30,13 +32,21 @@ class ArchTraits:
     act: str = "silu"         # the gated FFN's activation: "silu" or "gelu" (tanh form)
     swa: bool = False         # sliding-window layers: attention.sliding_window, a pattern (default 6)
     swa_pattern: int = 6      #   every swa_pattern-th layer global (llama.cpp's set_swa_pattern)
+    fused_gate_up: bool = False  # ffn_up holds gate and up (2 * n_ff rows, gate first), no ffn_gate
+    nope_step: int = 0        # every nope_step-th layer has no RoPE (llama.cpp's n_no_rope_layer_step)
 
 
 # the architectures we run (general.architecture), as llama.cpp names them
 ARCHS = {"llama": ArchTraits(), "mistral": ArchTraits(),
          "qwen2": ArchTraits(rope_neox=True, attn_bias=True),
          "qwen3": ArchTraits(rope_neox=True, qk_norm=True),
-         "gemma3": ArchTraits(rope_neox=True, qk_norm=True, embd_scale=True, post_norms=True, act="gelu", swa=True)}
+         "gemma3": ArchTraits(rope_neox=True, qk_norm=True, embd_scale=True, post_norms=True, act="gelu", swa=True),
+         # fused attn_qkv / ffn_up (gate|up), LongRoPE factor tensors (models/llama.py); its
+         # attention.sliding_window is read and not applied, as llama.cpp's phi3 loader does
+         "phi3": ArchTraits(rope_neox=True, fused_gate_up=True),
+         # llama with every 4th layer unrotated (NoPE): llama.cpp hard-codes the step, its
+         # converter writes no per-layer key (convert/arch.py refuses other patterns)
+         "smollm3": ArchTraits(nope_step=4)}
 ARCH_ALIASES = {a: t.family for a, t in ARCHS.items()}
 
 
@@ -64,6 +74,8 @@ class ModelConfig:
     n_swa: int = 0           # sliding window (tokens) of the SWA layers; 0: none
     swa_layers: tuple = ()   # per layer: True where the layer attends within the window
     rope_base_swa: float = 10000.0   # the SWA layers' RoPE base (llama.cpp's rope_freq_base_train_swa)
+    fused_gate_up: bool = False
+    nope_layers: tuple = ()  # per layer: True where the layer applies no RoPE (smollm3)
     attn_scale_dim: int = 0  # the attention scale is 1/sqrt(this) (0: head_dim)
     # RoPE context scaling (rope.py): "none" | "linear" | "yarn", and its parameters
     rope_scaling: str = "none"
@@ -125,6 +137,8 @@ class ModelConfig:
             post_norms=ARCHS[arch].post_norms,
             act=ARCHS[arch].act,
             **_swa(md, arch, source, ARCHS[arch], key),
+            fused_gate_up=ARCHS[arch].fused_gate_up,
+            nope_layers=_nope(ARCHS[arch], key("block_count", int)),
             name=md.get("general.name", "") if isinstance(md.get("general.name", ""), str) else "",
             **read_scaling(md, arch, source, _get),
         )
@@ -147,6 +161,13 @@ class ModelConfig:
         return cfg
 
 
+def _nope(traits, n_layers) -> tuple:
+    """llama.cpp's NoPE rule (smollm3): layer il rotates unless (il + 1) % n_no_rope_layer_step == 0."""
+    if not traits.nope_step or not 0 < n_layers <= MAX_LAYERS:
+        return ()
+    return tuple((il + 1) % traits.nope_step == 0 for il in range(n_layers))
+
+
 def _swa(md, arch, source, traits, key) -> dict:
     """Sliding-window attention as llama.cpp's gemma3 loader reads it: attention.sliding_window
     (none or 0: no SWA), attention.sliding_window_pattern (an int n: layer il slides unless
@@ -156,6 +177,10 @@ def _swa(md, arch, source, traits, key) -> dict:
     if arch == "gemma3" and n_layers == 62:     # Gemma 3 27B: 1/sqrt(dim / heads), llama.cpp's rule
         out["attn_scale_dim"] = key("embedding_length", int) // key("attention.head_count", int)
     n_swa = key("attention.sliding_window", int, 0) if traits.swa else 0
+    if arch == "phi3" and md.get("phi3.attention.sliding_window"):
+        log.warning("%s: phi3 sliding window (%s tokens) not applied, as llama.cpp's loader disables it "
+                    "(results past the window may differ from transformers')", source,
+                    md["phi3.attention.sliding_window"])
     if not n_swa or not 0 < n_layers <= MAX_LAYERS:        # (a bad block_count is refused later)
         return out
     if n_swa < 0:

@@ -94,6 +94,7 @@ class Engine:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.policy = policy
+        model.use_context(n_ctx)          # what depends on the context size (LongRoPE's factors)
         if policy == "shift":
             self.kv = RingKVCache(self.cfg, n_ctx, n_keep, getattr(model, "inv_freq", None),
                                   getattr(model, "rope_mode", None))

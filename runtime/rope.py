@@ -7,7 +7,10 @@ Every supported scaling keeps the rotation angle of dimension pair i linear in t
 theta_i(p) = p * inv_freq[i], so it folds into `inv_freq` (the kernels and the ring cache's
 context shift are unchanged); YaRN's magnitude factor m, which llama.cpp and transformers put on
 cos and sin (so on q and k), folds into the attention scale as m^2. A scaling type not
-implemented here (longrope and others) is refused, never run unscaled."""
+implemented here is refused, never run unscaled. LongRoPE (phi3) is per-dimension factors in
+tensors (`rope_factors_long.weight` / `rope_factors_short.weight`, one chosen by the context
+size as llama.cpp's get_rope_factors does: models/llama.py) with the file's attention factor;
+its scaling type, when a file names it, scales nothing else."""
 from __future__ import annotations
 
 import math
@@ -16,7 +19,8 @@ import numpy as np
 
 from .errors import MetadataError, UnsupportedError
 
-SCALING_TYPES = ("none", "linear", "yarn")
+SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+LONGROPE_ARCHS = ("phi3",)      # the architectures whose loader reads the LongRoPE factor tensors
 
 
 def read_scaling(md: dict, arch: str, source: str, get) -> dict:
@@ -24,13 +28,14 @@ def read_scaling(md: dict, arch: str, source: str, get) -> dict:
     def key(name, typ, default):
         return get(md, f"{arch}.rope.scaling.{name}", typ, source, default)
     kind = key("type", str, "linear")          # llama.cpp's default: linear, a factor of 1 unless given
-    if kind not in SCALING_TYPES:
-        raise UnsupportedError(f"{source}: rope scaling type {kind!r} is not supported (supported: "
-                               f"{', '.join(SCALING_TYPES)}); running it unscaled would be wrong")
+    if kind not in SCALING_TYPES or kind == "longrope" and arch not in LONGROPE_ARCHS:
+        ok = [t for t in SCALING_TYPES if t != "longrope" or arch in LONGROPE_ARCHS]
+        raise UnsupportedError(f"{source}: rope scaling type {kind!r} is not supported for {arch} (supported: "
+                               f"{', '.join(ok)}); running it unscaled would be wrong")
     factor = float(key("factor", float, 0.0) or get(md, f"{arch}.rope.scale_linear", float, source, 0.0) or 0.0)
     if not (math.isfinite(factor) and factor >= 0):
         raise MetadataError(f"{source}: metadata {arch}.rope.scaling.factor must be a non-negative number, got {factor}")
-    if kind == "none" or factor in (0.0, 1.0) and kind == "linear":
+    if kind in ("none", "longrope") or factor in (0.0, 1.0) and kind == "linear":
         kind, factor = "none", 1.0
     out = {"rope_scaling": kind, "rope_factor": factor or 1.0,
            "rope_attn_factor": float(key("attn_factor", float, 1.0)),

@@ -9,6 +9,8 @@
     make_llama_linear(dir), make_llama_yarn(dir)   the same with rope_scaling linear / yarn
     make_gemma3(dir)      Gemma3ForCausalLM (below), sliding window 8 and two RoPE bases, SPM
     make_gemma3_rope_params(dir)   the same weights, transformers 5's rope_parameters, local base 20000
+    make_phi3, make_smollm3: their families' fixtures (Phi-3 with its own reference;
+                          reference_logits follows SmolLM3's no_rope_layers)
     reference_logits(dir, ids) -> float64 [len(ids), n_vocab], straight from the safetensors weights
     weights_sha256(dir)   hash of the tensors (names, shapes, values) whatever the storage dtype
     gguf_digest(path)     a GGUF's metadata and tensors as JSON-able lists (long arrays and tensor data hashed)
@@ -397,7 +399,8 @@ def reference_logits(d: Path, ids: list[int]) -> np.ndarray:
         q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
         if p + "self_attn.q_norm.weight" in w:          # Qwen3: RMSNorm of each head, then RoPE
             q, k = rms(q, w[p + "self_attn.q_norm.weight"]), rms(k, w[p + "self_attn.k_norm.weight"])
-        q, k = rope(q), rope(k)
+        if cfg.get("no_rope_layers", [1] * (i + 1))[i]:   # SmolLM3: use_rope = no_rope_layers[i]
+            q, k = rope(q), rope(k)
         rep = nh // nkv
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
         s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
@@ -536,3 +539,153 @@ def reference_logits_gemma3(d: Path, ids: list[int]) -> np.ndarray:
 FAMILY_MAKERS = {**MAKERS, "mistral": make_mistral, "llama3_rope": make_llama3_rope,
                  "llama_linear": make_llama_linear, "llama_yarn": make_llama_yarn, "gemma3": make_gemma3,
                  "gemma3_rope_params": make_gemma3_rope_params}
+# ---------------------------------------------------------------------------------------------
+# Phi-3 (fused qkv_proj and gate_up_proj, LongRoPE with partial rotary) and SmolLM3 (NoPE layers)
+# ---------------------------------------------------------------------------------------------
+PHI3_ORIG_CTX = 256           # original_max_position_embeddings (a multiple of 256, as Phi-3's: llama.cpp
+                              # compares it to n_ctx rounded up to 256); max_position_embeddings twice it
+PHI3_SHORT = [1.0, 1.25, 1.5, 2.0]
+PHI3_LONG = [1.0, 2.0, 6.0, 16.0]
+
+
+def make_phi3(d: Path) -> Path:
+    """Phi3ForCausalLM: 2 layers, head_dim 16 of which 8 rotate (partial_rotary_factor 0.5), GQA,
+    LongRoPE (short / long factors, context 512 over an original 256: attention factor sqrt(1.125)),
+    sliding_window 2047 as Phi-3 mini's config has it, f16 weights, SentencePiece tokenizer.model."""
+    d.mkdir(parents=True, exist_ok=True)
+    n = train_spm(d / "tokenizer.model")
+    cfg = _config("Phi3ForCausalLM", "phi3", n, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                  max_position_embeddings=2 * PHI3_ORIG_CTX, original_max_position_embeddings=PHI3_ORIG_CTX,
+                  partial_rotary_factor=0.5, sliding_window=2047, resid_pdrop=0.0,
+                  rope_scaling={"type": "longrope", "short_factor": PHI3_SHORT, "long_factor": PHI3_LONG})
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "tokenizer_class": "LlamaTokenizer"}))
+    rng = np.random.default_rng(11)
+    e, ff, nh, nkv, hd = 64, 96, 4, 2, 16
+
+    def mat(r, c, scale):
+        return _f16_exact(rng.standard_normal((r, c)) * scale)
+
+    def vec(k):
+        return _f16_exact(1.0 + rng.standard_normal(k) * 0.1)
+
+    w = {"model.embed_tokens.weight": mat(n, e, 0.5), "model.norm.weight": vec(e), "lm_head.weight": mat(n, e, 0.1)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = vec(e)
+        w[p + "post_attention_layernorm.weight"] = vec(e)
+        w[p + "self_attn.qkv_proj.weight"] = mat((nh + 2 * nkv) * hd, e, 0.25)
+        w[p + "self_attn.o_proj.weight"] = mat(e, nh * hd, 0.15)
+        w[p + "mlp.gate_up_proj.weight"] = mat(2 * ff, e, 0.15)
+        w[p + "mlp.down_proj.weight"] = mat(e, ff, 0.15)
+    save_safetensors(d / "model.safetensors", w, "F16")
+    return d
+
+
+def reference_logits_phi3(d: Path, ids: list[int]) -> np.ndarray:
+    """float64 forward with transformers' Phi3ForCausalLM semantics (modeling_phi3): q|k|v and
+    gate|up split from the fused projections, LongRoPE's factors chosen by the sequence length
+    (long past original_max_position_embeddings), its attention factor on cos and sin, RoPE on the
+    first partial_rotary_factor * head_dim dimensions, the sliding-window mask."""
+    cfg = json.loads((d / "config.json").read_text())
+    w = load_weights(d)
+    e, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd, ff = e // nh, cfg["intermediate_size"]
+    rd = int(hd * cfg["partial_rotary_factor"])
+    eps, T = cfg["rms_norm_eps"], len(ids)
+    rs, orig = cfg["rope_scaling"], cfg["original_max_position_embeddings"]
+    factor = cfg["max_position_embeddings"] / orig
+    att = np.sqrt(1 + np.log(factor) / np.log(orig)) if factor > 1 else 1.0
+    ext = np.asarray(rs["long_factor"] if T > orig else rs["short_factor"], np.float64)
+    inv = 1.0 / (ext * cfg["rope_theta"] ** (np.arange(0, rd, 2, dtype=np.float64) / rd))
+    ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)) * att, np.sin(np.concatenate([ang, ang], -1)) * att
+
+    def rms(x, g):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    def rope(x):
+        r, rest = x[..., :rd], x[..., rd:]
+        rot = np.concatenate([-r[..., rd // 2:], r[..., :rd // 2]], -1)
+        return np.concatenate([r * cos[:, None, :] + rot * sin[:, None, :], rest], -1)
+
+    t = np.arange(T)
+    win = cfg.get("sliding_window") or T + 1
+    mask = np.where((t[None, :] > t[:, None]) | (t[:, None] - t[None, :] >= win), -np.inf, 0.0)
+    x = w["model.embed_tokens.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        qkv = rms(x, w[p + "input_layernorm.weight"]) @ w[p + "self_attn.qkv_proj.weight"].T
+        q = qkv[:, :nh * hd].reshape(T, nh, hd)
+        k = qkv[:, nh * hd:(nh + nkv) * hd].reshape(T, nkv, hd)
+        v = qkv[:, (nh + nkv) * hd:].reshape(T, nkv, hd)
+        q, k = rope(q), rope(k)
+        k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)
+        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        x = x + np.einsum("hts,shd->thd", s, v).reshape(T, nh * hd) @ w[p + "self_attn.o_proj.weight"].T
+        gu = rms(x, w[p + "post_attention_layernorm.weight"]) @ w[p + "mlp.gate_up_proj.weight"].T
+        g, u = gu[:, :ff], gu[:, ff:]
+        x = x + (u * (g / (1 + np.exp(-g)))) @ w[p + "mlp.down_proj.weight"].T
+    return rms(x, w["model.norm.weight"]) @ w["lm_head.weight"].T
+
+
+def make_smollm3(d: Path) -> Path:
+    """SmolLM3ForCausalLM: 4 layers, the 4th without RoPE (no_rope_layers [1, 1, 1, 0], its
+    no_rope_layer_interval 4), GQA, tied f16 embeddings, BPE tokenizer.json (llama-bpe)."""
+    d.mkdir(parents=True, exist_ok=True)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
+    n = train_bpe(d / "tokenizer.json", LLAMA3_REGEX, specials, 400, bos=None)
+    cfg = _config("SmolLM3ForCausalLM", "smollm3", n, bos_token_id=None, eos_token_id=3, pad_token_id=1,
+                  tie_word_embeddings=True, num_hidden_layers=4, rope_theta=5000000.0, rms_norm_eps=1e-6,
+                  no_rope_layers=[1, 1, 1, 0], no_rope_layer_interval=4, use_sliding_window=False,
+                  sliding_window=None, attention_bias=False, mlp_bias=False)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|end_of_text|>", "chat_template": CHAT_TEMPLATE}))
+    save_safetensors(d / "model.safetensors", make_weights(cfg, 12, False, True, bf16=False), "F16")
+    return d
+
+
+# GGUF names -> Hugging Face names of the llama-style layer tensors (dequantized_copy)
+HF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+            "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+            "attn_qkv": "self_attn.qkv_proj"}
+
+
+def dequantized_copy(d: Path, gguf_path: Path, dst: Path) -> Path:
+    """A copy of the HF folder d whose weights are those of the converted file gguf_path, decoded by
+    the reference codecs (q/k rows un-permuted for llama-style files; phi3's ffn_up is gate_up_proj):
+    the float64 references on it give what a quantized file computes exactly."""
+    import shutil
+
+    from infer.gguf_file import GGUFFile
+    from infer.quant import codecs
+    shutil.copytree(d, dst)
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    cfg = json.loads((d / "config.json").read_text())
+    out = {}
+    with GGUFFile(gguf_path) as g:
+        arch = g.metadata["general.architecture"]
+        for n, t in g.tensors.items():
+            x = codecs.dequantize(g.raw(n), t.qtype).reshape(t.shape).astype(np.float32)
+            if n.startswith("rope_factors_"):
+                continue
+            top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                   "output.weight": "lm_head.weight"}.get(n)
+            if top is not None:
+                out[top] = x
+                continue
+            _, i, kind, _ = n.split(".")
+            if kind in ("attn_q", "attn_k") and arch in ("llama", "smollm3"):
+                nh = cfg["num_attention_heads"] if kind == "attn_q" else cfg["num_key_value_heads"]
+                x = x.reshape(nh, x.shape[0] // nh // 2, 2, -1).swapaxes(1, 2).reshape(x.shape)
+            name = "mlp.gate_up_proj" if (arch, kind) == ("phi3", "ffn_up") else HF_LAYER[kind]
+            out[f"model.layers.{i}.{name}.weight"] = x
+    save_safetensors(dst / "model.safetensors", out, "F32")
+    return dst

@@ -1,4 +1,10 @@
-"""The llama family: Llama 2/3, SmolLM, TinyLlama, Mistral (no sliding window), Qwen2 (q/k/v biases).
+"""The llama family: Llama 2/3, SmolLM, TinyLlama, Mistral (no sliding window), Qwen2 (q/k/v biases),
+Qwen3, Gemma 3, Phi-3 and SmolLM3; how each differs is its config.ARCHS entry (ArchTraits).
+
+Fused matrices (phi3's attn_qkv and ffn_up = gate|up; attn_qkv in any llama.cpp-style file) are
+split at load into table rows at their row offsets in the file: views, no copy. Per-layer RoPE is
+a row of `inv_freq` per layer: sliding-window layers their own base, NoPE layers (smollm3) zeros
+(the identity rotation), LongRoPE (phi3) the factors chosen by the context size (use_context).
 
 Weights stay in the memory-mapped file; `LlamaModel` holds a tensor table into it (see
 kernels/qmatmul.py) plus the small 1-D tensors.
@@ -40,7 +46,7 @@ ACT_SILU, ACT_GELU = 0, 1
 # decode_step's arguments, in three bundles (Numba passes named tuples as typed structs)
 DecodeWeights = namedtuple("DecodeWeights", "wu8 vec tab vtab embd outt out_norm inv_freq windows")
 DecodeConfig = namedtuple("DecodeConfig", "n_layers dim n_heads n_kv head_dim n_ff rope_dim rope_mode eps scale "
-                                          "attn_bias qk_norm embd_mul post_norms act")
+                                          "attn_bias qk_norm embd_mul post_norms act q_pass_mul")
 DecodeBuffers = namedtuple("DecodeBuffers", "x xn qkv att scores gu xsum starts tmp logits offs3 offs2 offs1 "
                                             "chunks xq xd xsq use_i8")
 # F32/F16/BF16 and every block format of quant/formats (blockir's kernels)
@@ -108,6 +114,19 @@ class LlamaModel:
             self._names[t.offset] = name
             return row
 
+        def split(name, parts, cols):
+            """Table rows for the matrices stacked in fused tensor `name` (rows `parts`, in order):
+            views at their row offsets into the file, no copy."""
+            row = mat(name, sum(parts), cols)
+            t = gf.tensors[name]
+            row_bytes = t.nbytes // sum(parts)
+            out, r0 = np.repeat(row[None], len(parts), 0), 0
+            for j, r in enumerate(parts):
+                out[j, 0], out[j, qm.TAB_ROWS] = t.offset + r0 * row_bytes, r
+                self._names[int(out[j, 0])] = name
+                r0 += r
+            return out
+
         L = c.n_layers
         self.tab = np.zeros((L, len(MATS), TAB_WIDTH), np.int64)
         self.vtab = np.full((L, len(VECS)), -1, np.int64)
@@ -115,8 +134,19 @@ class LlamaModel:
                   "attn_output": (c.dim, c.q_dim), "ffn_gate": (c.n_ff, c.dim), "ffn_up": (c.n_ff, c.dim),
                   "ffn_down": (c.dim, c.n_ff)}
         for i in range(L):
+            done = set()
+            # fused q|k|v (llama.cpp's create_tensor_qkv takes attn_qkv in place of the three)
+            if f"blk.{i}.attn_qkv.weight" in gf.tensors:
+                if f"blk.{i}.attn_qkv.bias" in gf.tensors:
+                    raise UnsupportedError(f"{src}: tensor blk.{i}.attn_qkv.bias (a fused q/k/v bias) is not supported")
+                self.tab[i, K_Q:K_V + 1] = split(f"blk.{i}.attn_qkv.weight", (c.q_dim, c.kv_dim, c.kv_dim), c.dim)
+                done |= {K_Q, K_K, K_V}
+            if c.fused_gate_up:         # phi3: ffn_up holds gate then up (llama.cpp's LLM_FFN_SWIGLU halves)
+                self.tab[i, K_GATE:K_UP + 1] = split(f"blk.{i}.ffn_up.weight", (c.n_ff, c.n_ff), c.dim)
+                done |= {K_GATE, K_UP}
             for k, m in enumerate(MATS):
-                self.tab[i, k] = mat(f"blk.{i}.{m}.weight", *shapes[m])
+                if k not in done:
+                    self.tab[i, k] = mat(f"blk.{i}.{m}.weight", *shapes[m])
             self.vtab[i, V_ATTN_NORM] = vec(f"blk.{i}.attn_norm.weight", c.dim)
             self.vtab[i, V_FFN_NORM] = vec(f"blk.{i}.ffn_norm.weight", c.dim)
             if c.post_norms:
@@ -140,27 +170,40 @@ class LlamaModel:
         self.out_norm = vec("output_norm.weight", c.dim)
         self.vec = np.concatenate(vecs) if vecs else np.zeros(1, np.float32)
         self.wu8 = gf.data
-        base_inv = np.zeros(c.rope_dim // 2, np.float64)
-        rope_inv_freq(c.rope_dim, c.rope_base, base_inv)
-        ff = gf.tensors.get("rope_freqs.weight")          # Llama 3.x: per-dimension frequency factors
-        if ff is not None:
+        self.base_inv = np.zeros(c.rope_dim // 2, np.float64)
+        rope_inv_freq(c.rope_dim, c.rope_base, self.base_inv)
+
+        def factors(name):
+            ff = gf.tensors.get(name)
+            if ff is None:
+                return None
             if ff.shape != (c.rope_dim // 2,) or ff.qtype.name != "F32":
-                raise TensorError(f"{src}: tensor rope_freqs.weight has shape {list(ff.shape)} and type "
+                raise TensorError(f"{src}: tensor {name} has shape {list(ff.shape)} and type "
                                   f"{ff.qtype.name}, expected [{c.rope_dim // 2}] F32")
-            ff = np.asarray(gf.view("rope_freqs.weight"), np.float64)
+            ff = np.asarray(gf.view(name), np.float64)
             if not (np.isfinite(ff).all() and (ff > 0).all()):
-                raise TensorError(f"{src}: tensor rope_freqs.weight holds factors that are not positive numbers")
-        # context scaling folded into the frequencies and the attention scale (rope.py); a row per
-        # layer: sliding-window layers have their own base, unscaled (llama.cpp's freq_base_swa)
-        inv, mscale = rope_frequencies(c, base_inv, ff)
-        self.inv_freq = np.tile(inv, (c.n_layers, 1))
+                raise TensorError(f"{src}: tensor {name} holds factors that are not positive numbers")
+            return ff
+        ff = factors("rope_freqs.weight")            # Llama 3.x: per-dimension frequency factors
+        # LongRoPE (phi3): short and long factors, chosen by the context size (use_context); as
+        # llama.cpp's get_rope_factors, a file's rope_freqs comes first
+        self.rope_factors = None
+        long, short = factors("rope_factors_long.weight"), factors("rope_factors_short.weight")
+        if ff is None and (long is not None or short is not None):
+            if long is None or short is None:
+                raise TensorError(f"{src}: tensor rope_factors_{'long' if long is None else 'short'}.weight is "
+                                  f"missing (LongRoPE needs both)")
+            self.rope_factors = (short, long)
+            ff = short
+        # a RoPE row per layer: sliding-window layers have their own base, unscaled (llama.cpp's
+        # freq_base_swa); NoPE layers (smollm3) a row of zeros, the identity rotation
+        self.inv_freq = np.zeros((c.n_layers, c.rope_dim // 2), np.float64)
         self.windows = np.zeros(c.n_layers, np.int64)
-        if c.n_swa:
-            swa_inv = np.zeros(c.rope_dim // 2, np.float64)
-            rope_inv_freq(c.rope_dim, c.rope_base_swa, swa_inv)
-            for i in range(c.n_layers):
-                if c.swa_layers[i]:
-                    self.inv_freq[i], self.windows[i] = swa_inv, c.n_swa
+        mscale = self._set_frequencies(ff)
+        # context scaling's magnitude factor m is folded into the attention scale as m^2 (rope.py);
+        # with partial rotary (rope_dim < head_dim) it belongs to the rotated dimensions only, so
+        # the query's other dimensions are multiplied by 1/m^2 (the keys stay as RoPE leaves them)
+        self.q_pass_mul = np.float32(1.0 / (mscale * mscale) if c.rope_dim < c.head_dim else 1.0)
         self.attn_scale = np.float32(mscale * mscale / math.sqrt(c.attn_scale_dim or c.head_dim))
         self.embd_mul = np.float32(math.sqrt(c.dim)) if c.embd_scale else np.float32(1.0)
         self.act = ACT_GELU if c.act == "gelu" else ACT_SILU
@@ -179,7 +222,32 @@ class LlamaModel:
                                 self.inv_freq, self.windows)
         self.dc = DecodeConfig(c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_ff, c.rope_dim,
                                self.rope_mode, np.float32(c.norm_eps), self.attn_scale, c.attn_bias, c.qk_norm,
-                               self.embd_mul, c.post_norms, self.act)
+                               self.embd_mul, c.post_norms, self.act, self.q_pass_mul)
+
+    def _set_frequencies(self, ff):
+        """Fill self.inv_freq (in place: decode's bundle and a ring cache hold it) for the
+        per-dimension factors ff (or None); returns the magnitude factor m (rope.frequencies)."""
+        c = self.cfg
+        inv, mscale = rope_frequencies(c, self.base_inv, ff)
+        self.inv_freq[:] = inv
+        swa_inv = np.zeros(c.rope_dim // 2, np.float64)
+        rope_inv_freq(c.rope_dim, c.rope_base_swa, swa_inv)
+        for i in range(c.n_layers):
+            if c.n_swa and c.swa_layers[i]:
+                self.inv_freq[i], self.windows[i] = swa_inv, c.n_swa
+            if c.nope_layers and c.nope_layers[i]:
+                self.inv_freq[i] = 0.0
+        return mscale
+
+    def use_context(self, n_ctx):
+        """Set up the model for a context of n_ctx tokens: LongRoPE's long factors when the context
+        exceeds the original one (rope.scaling.original_context_length, else the training context),
+        its short ones otherwise, as llama.cpp's get_rope_factors chooses (n_ctx_seq > n_ctx_orig_yarn,
+        its n_ctx_seq being n_ctx rounded up to a multiple of 256)."""
+        if self.rope_factors is not None:
+            short, long = self.rope_factors
+            n_ctx_seq = -(-int(n_ctx) // 256) * 256
+            self._set_frequencies(long if n_ctx_seq > (self.cfg.rope_orig_ctx or self.cfg.n_ctx_train) else short)
 
     def v(self, layer, which):
         o = self.vtab[layer, which]
@@ -196,10 +264,10 @@ class LlamaModel:
         out[:n]), each matrix's result in its columns; on int8 activations h is quantized once
         and one parallel region runs them all."""
         n = h.shape[0]
+        if self.observer is not None:       # once per tensor: a fused one's views share its name
+            for name in dict.fromkeys(self._names[int(t[0])] for t in tabs):
+                self.observer(name, h)
         if s.i8_for(n) and all(int(t[qm.TAB_TYPE]) in FORMATS for t in tabs) and out.flags.c_contiguous:
-            if self.observer is not None:
-                for t in tabs:
-                    self.observer(self._names[int(t[0])], h)
             self.routes["int8"] += 1
             self._matmul_i8(s, tabs, h, out)
             return
@@ -207,7 +275,7 @@ class LlamaModel:
         for t in tabs:
             rows = int(t[TAB_ROWS])
             # with the residual row: a single-token chunk's slice is contiguous and may run int8
-            self._matmul(s, t, h, out[:n + s.resid, c0:c0 + rows])
+            self._matmul(s, t, h, out[:n + s.resid, c0:c0 + rows], observe=False)
             c0 += rows
 
     def _matmul_i8(self, s, tabs, h, out):
@@ -230,10 +298,10 @@ class LlamaModel:
         if r:
             out[n - 1] += out[n]
 
-    def _matmul(self, s, tab, h, out, allow_i8=True):
+    def _matmul(self, s, tab, h, out, allow_i8=True, observe=True):
         """out[:n] (out: n or, with s.resid, n + 1 rows) = h (n, cols) @ W.T: int8 activations (see
         _matmul_i8) or W dequantized in tiles into s.wbuf and float32 BLAS."""
-        if self.observer is not None:
+        if observe and self.observer is not None:
             self.observer(self._names[int(tab[0])], h)
         rows, cols = int(tab[TAB_ROWS]), int(tab[TAB_COLS])
         n = h.shape[0]
@@ -303,6 +371,9 @@ class LlamaModel:
                 head_rmsnorm(k, c.n_kv_heads, c.head_dim, self.v(li, V_KNORM), np.float32(c.norm_eps))
             rope(q, c.n_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq[li], self.rope_mode)
             rope(k, c.n_kv_heads, c.head_dim, c.rope_dim, qpos, self.inv_freq[li], self.rope_mode)
+            if self.q_pass_mul != 1:
+                for hh in range(c.n_heads):
+                    q[:, hh * c.head_dim + c.rope_dim:(hh + 1) * c.head_dim] *= self.q_pass_mul
             store(li, k.reshape(n, c.n_kv_heads, c.head_dim), v.reshape(n, c.n_kv_heads, c.head_dim))
             attend(li, qkv, att)
             self._matmul(s, t[K_O], att, h1)
@@ -627,6 +698,10 @@ def decode_step_for(mask):
                 head_rmsnorm(k, n_kv, head_dim, vec[o:o + head_dim], eps)
             rope(q, n_heads, head_dim, c.rope_dim, posv, w.inv_freq[li], c.rope_mode)
             rope(k, n_kv, head_dim, c.rope_dim, posv, w.inv_freq[li], c.rope_mode)
+            if c.q_pass_mul != np.float32(1.0):
+                for hh in range(n_heads):
+                    for d in range(c.rope_dim, head_dim):
+                        qkv[hh * head_dim + d] *= c.q_pass_mul
             for hh in range(n_kv):
                 for d in range(head_dim):
                     kcache[li, hh, slot, d] = qkv[q_dim + hh * head_dim + d]
