@@ -36,6 +36,29 @@ def _mix(sc, vg, lim, o):
             o[d] += p * vj[d]
 
 
+@njit(cache=True, fastmath=FM)
+def _head(qh, kg, vg, kpos, lim, p, window, scale, sc, o):
+    """One query head at position p over the slots j < lim of one KV head (kg, vg (n_slots,
+    head_dim)) into o: slots with kpos[j] > p (a wrapped ring's newer tokens) or, with a sliding
+    window > 0, kpos[j] <= p - window get weight 0; sc (>= lim) scratch."""
+    lo = p - window + 1 if window > 0 else -(1 << 62)
+    hidden = 0
+    for j in range(lim):
+        if kpos[j] > p or kpos[j] < lo:
+            hidden += 1
+    _dots(qh, kg, lim, scale, sc)
+    if hidden:
+        for j in range(lim):
+            if kpos[j] > p or kpos[j] < lo:
+                sc[j] = -np.inf
+    softmax_inplace(sc, lim)
+    if hidden:
+        for j in range(lim):
+            if kpos[j] > p or kpos[j] < lo:
+                sc[j] = 0.0
+    _mix(sc, vg, lim, o)
+
+
 @njit(cache=True, fastmath=FM, parallel=True)
 def attend_one(q, kc, vc, n_filled, scale, n_heads, n_kv, head_dim, scores, out, kpos, lo):
     """Decode: one query (n_heads*head_dim,) against slots 0..n_filled of one layer's cache
@@ -107,25 +130,11 @@ def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out, window):
             t = task // n_heads
             h = task - t * n_heads
             p = qpos[t]
-            lo = p - window + 1 if window > 0 else -(1 << 62)
             lim = n_filled
             while lim > 0 and kpos[lim - 1] > p:
                 lim -= 1
-            hidden = 0
-            for j in range(lim):
-                if kpos[j] > p or kpos[j] < lo:
-                    hidden += 1
-            _dots(q[t, h * hd:(h + 1) * hd], kc[h // group], lim, scale, sc)
-            if hidden:
-                for j in range(lim):
-                    if kpos[j] > p or kpos[j] < lo:
-                        sc[j] = -np.inf
-            softmax_inplace(sc, lim)
-            if hidden:
-                for j in range(lim):
-                    if kpos[j] > p or kpos[j] < lo:
-                        sc[j] = 0.0
-            _mix(sc, vc[h // group], lim, out[t, h * hd:(h + 1) * hd])
+            _head(q[t, h * hd:(h + 1) * hd], kc[h // group], vc[h // group], kpos, lim, p, window, scale, sc,
+                  out[t, h * hd:(h + 1) * hd])
 
 
 @njit(cache=True, fastmath=FM, parallel=True)
@@ -146,22 +155,5 @@ def attend_batch(q, kp, vp, seq, qpos, kpos, n_filled, scale, scores, out, windo
             t = task // n_heads
             h = task - t * n_heads
             si = seq[t]
-            kps = kpos[si]
-            p = qpos[t]
-            lo = p - window + 1 if window > 0 else -(1 << 62)
-            lim = n_filled[t]
-            hidden = 0
-            for j in range(lim):
-                if kps[j] > p or kps[j] < lo:
-                    hidden += 1
-            _dots(q[t, h * hd:(h + 1) * hd], kp[si, h // group], lim, scale, sc)
-            if hidden:
-                for j in range(lim):
-                    if kps[j] > p or kps[j] < lo:
-                        sc[j] = -np.inf
-            softmax_inplace(sc, lim)
-            if hidden:
-                for j in range(lim):
-                    if kps[j] > p or kps[j] < lo:
-                        sc[j] = 0.0
-            _mix(sc, vp[si, h // group], lim, out[t, h * hd:(h + 1) * hd])
+            _head(q[t, h * hd:(h + 1) * hd], kp[si, h // group], vp[si, h // group], kpos[si], n_filled[t],
+                  qpos[t], window, scale, sc, out[t, h * hd:(h + 1) * hd])
