@@ -251,3 +251,15 @@ def test_queue_full_is_503_and_sigterm_exits_cleanly(smollm2_path):
         waiting.join(10)
     finally:
         srv.stop(signal.SIGKILL)
+
+
+def test_port_in_use_is_a_one_line_error(smollm2_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        exe = Path(sys.executable).with_name("infer")
+        r = subprocess.run([str(exe), "serve", str(smollm2_path), "--port", str(port)], capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in r.stderr

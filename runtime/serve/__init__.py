@@ -54,7 +54,16 @@ def _uvicorn_class():
 def run(path, host: str = "127.0.0.1", port: int = 8080, parallel: int = 4, n_ctx: int | None = None,
         n_threads: int | None = None, api_key: str | None = None, max_queue: int = 64,
         prefix_cache_mb: float = 256, context_policy: str = "stop", graceful_s: float = 5.0, on_ready=None):
+    import socket
+
     import uvicorn
+
+    from ..errors import InferError
+    try:        # before the model loads: a port in use is a one-line error, not a log line later
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise InferError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     _Uvicorn = _uvicorn_class()
     server, eng, llm = build(path, parallel, n_ctx, n_threads, api_key, max_queue, prefix_cache_mb, context_policy)
     if on_ready is not None:
