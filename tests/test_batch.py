@@ -19,8 +19,8 @@ PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", 
            "In 1492, Columbus", "Water boils at", "My favourite food is", "The meaning of life is"]
 
 
-@pytest.fixture(scope="module", params=[(1, False), (2, False), (2, True), (None, True)],
-                ids=["1t-exact", "2t-exact", "2t-int8", "default"])
+@pytest.fixture(scope="module", params=[(1, False), (2, False), (1, True), (2, True), (None, True)],
+                ids=["1t-exact", "2t-exact", "1t-int8", "2t-int8", "default"])
 def llm(request, smollm2_path):
     th, i8 = request.param
     kw = {} if th is None else {"n_threads": th, "int8_activations": i8}
