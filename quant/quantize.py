@@ -21,7 +21,7 @@ from .types import BF16, F16, F32, Q4_0, Q4_1, Q8_0, QType
 QK = 32  # elements per block of Q8_0 / Q4_0 / Q4_1
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def _round_half_away(v):
     # C roundf on a float32: floor(|v|) + floor(2 * frac(|v|)), sign of v (exact in float32)
     a = abs(v)
@@ -30,7 +30,7 @@ def _round_half_away(v):
     return -r if v < 0 else r
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def q8_0_kernel(x, out, scales):
     """x: (n_rows, n_cols) f32; out: (n_rows, n_cols // 32 * 34) u8 (qs written, d left); scales: (n_rows, nb) f32."""
     n_rows, n_cols = x.shape
@@ -55,7 +55,7 @@ def q8_0_kernel(x, out, scales):
             scales[r, b] = d
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def q4_0_kernel(x, out, scales):
     """x: (n_rows, n_cols) f32; out: (n_rows, n_cols // 32 * 18) u8; scales: (n_rows, nb) f32."""
     n_rows, n_cols = x.shape
@@ -86,7 +86,7 @@ def q4_0_kernel(x, out, scales):
             scales[r, b] = d
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def q4_1_kernel(x, out, scales, mins):
     """x: (n_rows, n_cols) f32; out: (n_rows, n_cols // 32 * 20) u8; scales, mins: (n_rows, nb) f32."""
     n_rows, n_cols = x.shape
@@ -119,7 +119,7 @@ def q4_1_kernel(x, out, scales, mins):
             mins[r, b] = lo
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def bf16_kernel(xu, out):
     """xu: (n,) u32 (float32 bits); out: (n,) u16. Round to nearest even; NaN -> quiet NaN."""
     for i in range(xu.shape[0]):

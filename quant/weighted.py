@@ -45,7 +45,7 @@ _GRID = 8
 _GRID_DIV = np.float32(40.0)
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def _q4_0_scale(x, c, ev_t, ev_j, q):
     """The scale d minimizing sum c (x - d q)^2 over q in -8..7, among the scales whose inverse s
     lies in [T_LO, T_HI] / max|x| (exact sweep over that window). x, c: (32,) float64."""
@@ -108,7 +108,7 @@ def _q4_0_scale(x, c, ev_t, ev_j, q):
     return best_d
 
 
-@njit(cache=True, parallel=True)
+@njit(fastmath=False, cache=True, parallel=True)
 def q4_0_scales_kernel(x, c, scales):
     """x: (n_rows, n_cols) f32; c: (n_cols,) f64 weights; scales: (n_rows, nb) f32 out. Rows in parallel."""
     n_rows, n_cols = x.shape
@@ -126,7 +126,7 @@ def q4_0_scales_kernel(x, c, scales):
             scales[r, b] = _q4_0_scale(xb, cb, ev_t, ev_j, q)
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def q4_0_pack_kernel(x, scales, out):
     """Integers for fixed (float16-rounded) scales: q = clamp(round(x / d), -8, 7), stored q + 8."""
     n_rows, n_cols = x.shape
@@ -142,7 +142,7 @@ def q4_0_pack_kernel(x, scales, out):
                 out[r, o + j] = np.uint8(q0 | (q1 << 4))
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def _fit_dm(x, c, q):
     """Weighted least squares (d, m) for x ~= d q + m; returns (d, m, error)."""
     sw = sq = sqq = sx = sxq = 0.0
@@ -165,7 +165,7 @@ def _fit_dm(x, c, q):
     return d, m, err
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def _q4_1_block(x, c, q):
     n = x.shape[0]
     lo = x[0]
@@ -201,7 +201,7 @@ def _q4_1_block(x, c, q):
     return best_d, best_m
 
 
-@njit(cache=True, parallel=True)
+@njit(fastmath=False, cache=True, parallel=True)
 def q4_1_scales_kernel(x, c, scales, mins):
     """x: (n_rows, n_cols) f32; c: (n_cols,) f64 weights; scales, mins: (n_rows, nb) f32 out."""
     n_rows, n_cols = x.shape
@@ -219,7 +219,7 @@ def q4_1_scales_kernel(x, c, scales, mins):
             mins[r, b] = m
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def q4_1_pack_kernel(x, scales, mins, out):
     """Integers for fixed (float16-rounded) d and m: q = clamp(round((x - m) / d), 0, 15)."""
     n_rows, n_cols = x.shape

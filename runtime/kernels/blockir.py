@@ -34,6 +34,7 @@ from infer.quant.formats import FORMATS
 from infer.quant.formats.base import Lane
 
 from . import simd
+from .isa import FM
 from .simd import (F32, I8, I16, I32, I64, MAXR, MAXT, PF_DIST, SHORT_ROW, V8F, V8I, V16S, V32B, ZERO8,
                    _bcast, _blk_f16, _decl, _dot_u8s8, _hsum, _hsum2, _hsum8, _pmaddubsw, _pmaddwd, _prefetch, _psign,
                    _row_switch, _vfma, _vload, _xvec)
@@ -795,18 +796,18 @@ for _f in ALL:
     BLOCK[_f.id], BSIZE[_f.id] = _f.block, _f.size
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def is_block(t):
     return 0 <= t < _N and BLOCK[t] > 0
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def block_of(t):
     """Values per block of type t (0: not a block format)."""
     return BLOCK[t] if 0 <= t < _N else 0
 
 
-@njit(cache=True)
+@njit(fastmath=FM, cache=True)
 def rows_float(mask, t, wu8, off, cols, x, xs2, out, o0, r0, r1):
     """out[o0 + r] = W[r] . x for rows r0..r1 of a block-format matrix (float activations)."""
     nb = cols // BLOCK[t]
@@ -820,7 +821,7 @@ def rows_float(mask, t, wu8, off, cols, x, xs2, out, o0, r0, r1):
         mv_float_any(mask, t, wu8, off + r * rs, rs, nb, x, xs2, out, o0 + r, 1)
 
 
-@njit(cache=True)
+@njit(fastmath=FM, cache=True)
 def rows_i8(mask, t, wu8, off, cols, xq, xd, xs, out, o0, r0, r1):
     """As rows_float on int8 activations (xq, xd, xs from quantize_x). Rows of at most PAIR_BYTES
     go two per pass, longer ones one per pass (one sequential stream, prefetched PF_DIST ahead)."""
@@ -833,7 +834,7 @@ def rows_i8(mask, t, wu8, off, cols, xq, xd, xs, out, o0, r0, r1):
         mv_i8_1_any(mask, t, wu8, off + r * rs, rs, nb, xq, xd, xs, out, o0 + r)
 
 
-@njit(cache=True)
+@njit(fastmath=FM, cache=True)
 def dequant_rows(mask, t, wu8, off, cols, r0, r1, dst):
     """dst[:r1-r0, :cols] = rows r0..r1 as float32 (dst C-contiguous)."""
     nb = cols // BLOCK[t]
@@ -843,7 +844,7 @@ def dequant_rows(mask, t, wu8, off, cols, r0, r1, dst):
         dequant_any(mask, t, wu8, off + r * rs, nb, flat, (r - r0) * cols)
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def _quantize4(v, i0, xq, o0):
     """v[i0:i0+4] to int8 in xq[o0:o0+4] with one scale, amax/127; returns (the scale, the sum
     of the int8 values, the sum of the values). (A plain call, which LLVM inlines: Numba's own
@@ -864,7 +865,7 @@ def _quantize4(v, i0, xq, o0):
     return d, ls, s
 
 
-@njit(cache=True)
+@njit(fastmath=FM, cache=True)
 def quantize_x(x, xq, xd, xs):
     """x (float32, n a multiple of 32) -> xq int8 with a scale per 4 values: xd[LANES g + l] =
     amax/127 of x[32g + 4l:][:4]; xs (XS_PER_GROUP floats per group of 32, ng groups): sums of
@@ -893,7 +894,7 @@ def quantize_x(x, xq, xd, xs):
         xs[5 * ng + g] = s0 + s1
 
 
-@njit(cache=True)
+@njit(fastmath=FM, cache=True)
 def quantize_xk(x, xq, xs):
     """The 256-value formats' int8 activations (llama.cpp's Q8_K): x (n a multiple of 256) with one
     scale per 256 values, amax/127, into xq[n:2n]; the scales at xs[6 ng + i] (ng = n / 32) and the
@@ -917,7 +918,7 @@ def quantize_xk(x, xq, xs):
             bs[16 * b + h] = t
 
 
-@njit(cache=True)
+@njit(fastmath=FM, cache=True)
 def half_sums(x, xs2):
     """xs2[i] = the sum of x[16i:16i+16] (the float kernels' offsets and mins)."""
     for i in range(x.shape[0] // 16):
@@ -927,7 +928,7 @@ def half_sums(x, xs2):
         xs2[i] = s
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def _quantize_row(v, xq, t, xg, exact):
     """Token t of the prompt's int8 activations from v (cols,), into xq and xg (layouts in
     quantize_rows); exact: whether sum(x) is v's own (False: v is the residual of the row before,
@@ -959,7 +960,7 @@ def _quantize_row(v, xq, t, xg, exact):
         xg[g, b, XG_S, tl] = s0 + s1
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def quantize_rows(h, xq, xg, resid):
     """Rows of h (n, cols) to int8 with a scale per 4 values, laid out for mm_i8 by token groups of
     MAXT: xq (ceil((n + resid) / MAXT), cols / 32, MAXT, 32) int8, token t's 32 values of group b at
@@ -983,7 +984,7 @@ def quantize_rows(h, xq, xg, resid):
 KF_CELL = MAXT + MAXT * 8      # quantize_rows_k's floats per (token group, block): 8 scales, 8 x 16 int16 sums
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def _quantize_row_k(v, xk, xkf, t):
     """Token t's K form (quantize_rows_k) from v (cols,)."""
     g, tl = t // MAXT, t % MAXT
@@ -1007,7 +1008,7 @@ def _quantize_row_k(v, xk, xkf, t):
             bs[16 * tl + h] = s
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def quantize_rows_k(h, xk, xkf, resid):
     """The prompt's activations for the 256-value formats (mm_i8_k), as quantize_xk per token and
     laid out by token groups of MAXT and blocks of 256: token t's int8 values of block b at
@@ -1034,7 +1035,7 @@ MM_ROW_BYTES = 128 * 1024
 MM_COLS = 2048
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def mm_rows_per_task(rows, cols, t, n_threads):
     """Rows per task of qmatmul.matmul_i8_group: about 8 tasks per thread, the task's rows of one
     column slice within MM_ROW_BYTES, a multiple of 16 (tasks write whole 64-byte lines of out)."""
@@ -1043,7 +1044,7 @@ def mm_rows_per_task(rows, cols, t, n_threads):
     return max(16, min(64, MM_ROW_BYTES // (kb * BSIZE[t]), per_thread) // 16 * 16)
 
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def mm_rows(mask, t, wu8, off, cols, xq, xg, xk, xkf, out, ocol, r0, r1):
     """out[:, ocol + r] = x @ W[r] for rows r0 <= r < r1 of a block-format matrix (one task of
     qmatmul.matmul_i8_group): column slices of about MM_COLS, within a slice MAXT tokens at a time."""

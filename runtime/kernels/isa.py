@@ -19,6 +19,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+# The fastmath flags of the kernels that may reorder float operations (vectorized reductions).
+# Every @njit function of the kernels names its fastmath explicitly, FM or False: a function that
+# leaves it unset inherits its first caller's flags (Numba's ConfigStack, flags.inherit_if_not_set),
+# and that compilation is the one the process, and the disk cache, keep for the signature. The
+# prompt quantizer, shared by decode's (FM) and the prompt's (exact) paths, was compiled either way
+# by whichever ran first: one-row and several-row steps then quantized differently (issue 16's CI).
+FM = {"reassoc", "contract", "nsz", "arcp"}
+
 # What a feature needs (LLVM's implications, the part that matters here): enabling one enables
 # these, disabling one disables what needs it.
 _NEEDS = {

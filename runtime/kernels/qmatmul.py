@@ -21,8 +21,7 @@ from numba import get_thread_id, njit, prange
 from infer.quant.types import BF16, F16, F32
 
 from . import blockir, simd
-
-FM = {"reassoc", "contract", "nsz", "arcp"}   # fastmath flags that allow vectorized reductions
+from .isa import FM
 
 T_F32, T_F16, T_BF16 = F32.id, F16.id, BF16.id
 
@@ -33,7 +32,7 @@ ROW_TILE = 4           # rows per pass in the matvec kernels
 TWO112 = np.float32(2.0 ** 112)
 
 
-@njit(cache=True, inline="always")
+@njit(fastmath=FM, cache=True, inline="always")
 def _f16_bits_to_f32_bits(h):
     """Branch-free f16 -> f32 bit pattern, to be scaled by 2**112 (exact for normals, subnormals
     and zero; inf/nan become large finite numbers, which never occur in weights)."""
@@ -201,7 +200,7 @@ def prep_x(tabs, x, xsum, xq, xd, xs, use_i8):
         blockir.half_sums(x, xsum)
 
 
-@njit(cache=True, parallel=True)
+@njit(fastmath=False, cache=True, parallel=True)
 def matmul_i8_group(mask, wu8, tabs, xq, xg, xk, xkf, out, n_threads, starts):
     """out (n, sum of rows) = x @ W.T for one or several block-format matrices on the same int8
     activations (blockir.quantize_rows; the 256-value formats' form from quantize_rows_k in xk,
@@ -246,15 +245,15 @@ def kernels(mask):
     def mv_prepared(wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8):
         matvec_group(mask, wu8, tabs, x, xsum, out, offs, chunk, starts, tmp, xq, xd, xsq, use_i8)
 
-    @njit(cache=True)
+    @njit(fastmath=False, cache=True)
     def matmul_i8(wu8, tabs, xq, xg, xk, xkf, out, n_threads, starts):
         matmul_i8_group(mask, wu8, tabs, xq, xg, xk, xkf, out, n_threads, starts)
 
-    @njit(cache=True)
+    @njit(fastmath=FM, cache=True)
     def dequant(wu8, tab, r0, r1, dst, tmp_u32):
         dequant_rows(mask, wu8, tab, r0, r1, dst, tmp_u32)
 
-    @njit(cache=True)
+    @njit(fastmath=FM, cache=True)
     def dequant_par(wu8, tab, r0, r1, dst, tmp_u32_2d):
         dequant_matrix(mask, wu8, tab, r0, r1, dst, tmp_u32_2d)
 

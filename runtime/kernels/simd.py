@@ -25,6 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import isa
+from .isa import FM
 
 # the CPU Numba compiles for (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, else the host): whether the x86
 # intrinsics and asm below may be emitted; elsewhere the same computation is written as generic IR
@@ -244,12 +245,12 @@ dq_bf16 = _make_dequant(KIND_BF16)
 # stream: four interleaved short streams defeat the hardware prefetcher (measured on a
 # 49152x576 Q8_0 output head from DRAM: 5.7 GB/s four per pass, 10.5 GB/s one per pass).
 
-@njit(cache=True)
+@njit(fastmath=False, cache=True)
 def _step(rs):
     return 1 if rs < SHORT_ROW else MAXR
 
 
-@njit(cache=True)
+@njit(fastmath=FM, cache=True)
 def rows_16(wu8, off, cols, is_bf16, x, out, o0, r0, r1):
     """F16 / BF16 rows (cols a multiple of 32)."""
     nb = cols // 32
@@ -262,7 +263,7 @@ def rows_16(wu8, off, cols, is_bf16, x, out, o0, r0, r1):
             mv_f16(wu8, off + r * rs, rs, nb, x, out, o0 + r, min(k, r1 - r))
 
 
-@njit(cache=True)
+@njit(fastmath=FM, cache=True)
 def dequant_rows(wu8, kind, off, cols, r0, r1, dst):
     """dst[:r1-r0, :cols] = F16 (kind KIND_F16) or BF16 rows r0..r1 as float32 (dst C-contiguous,
     cols a multiple of 32)."""
