@@ -51,3 +51,27 @@ def smollm2(smollm2_path):
     llm = infer.LLM(smollm2_path, n_ctx=512, int8_activations=False)
     yield llm
     llm.close()
+
+
+def pytest_report_header(config):
+    """The CPU the run is on and the target the kernels compile for (CI logs: machines differ)."""
+    import platform
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model name")):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    from infer.kernels import isa
+    t = isa.target()
+    flags = ",".join(k for k in ("avx", "avx2", "fma", "f16c") if getattr(t, k))
+    try:
+        with open("/proc/cpuinfo") as f:
+            txt = f.read()
+        extra = [k for k in ("avx512f", "avx512_vnni", "avx_vnni") if f" {k}" in txt]
+    except OSError:
+        extra = []
+    return f"cpu: {model}, {os.cpu_count()} cores; kernels: {t.cpu} ({flags or 'generic'}); host also: {','.join(extra) or '-'}"
