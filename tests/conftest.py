@@ -53,7 +53,7 @@ def smollm2(smollm2_path):
     llm.close()
 
 
-def pytest_report_header(config):
+def _machine_line():
     """The CPU the run is on and the target the kernels compile for (CI logs: machines differ)."""
     import platform
     model = platform.processor() or platform.machine()
@@ -75,3 +75,12 @@ def pytest_report_header(config):
     except OSError:
         extra = []
     return f"cpu: {model}, {os.cpu_count()} cores; kernels: {t.cpu} ({flags or 'generic'}); host also: {','.join(extra) or '-'}"
+
+
+def pytest_report_header(config):
+    return _machine_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # also at the end: the project's addopts have -q, which hides the header
+    terminalreporter.write_line(_machine_line())
