@@ -27,6 +27,10 @@ def register(app: typer.Typer):
         prefix_cache_mb: float = typer.Option(256, "--prefix-cache-mb",
                                               help="Memory for cached prompt prefixes beyond the slots' own."),
         context_policy: str = typer.Option("stop", "--context-policy", help="stop | shift (per sequence)."),
+        batch_invariant: bool = typer.Option(False, "--batch-invariant",
+                                             help="Run every step on the batched kernels, a lone sequence's too: a "
+                                                  "stream's text then never depends on the load (one stream decodes "
+                                                  "slower)."),
     ):
         """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models,
         /health, /metrics)."""
@@ -38,6 +42,6 @@ def register(app: typer.Typer):
         from infer import serve as srv
         try:
             srv.run(model, host, port, parallel, ctx, threads, api_key, queue, prefix_cache_mb, context_policy,
-                    on_ready=notice.done)
+                    on_ready=notice.done, batch_invariant=batch_invariant)
         finally:
             notice.done()

@@ -166,11 +166,15 @@ class BatchEngine:
 
     def __init__(self, llm, parallel: int = 4, n_ctx: int | None = None, policy: str = "stop",
                  n_keep: int = 4, chunk: int = 256, prefix_cache_mb: float = 256, max_queue: int = 64,
-                 int8_activations: bool | None = None):
+                 int8_activations: bool | None = None, batch_invariant: bool = False):
         """n_ctx: tokens of KV for all sequences together (default llm.n_ctx * parallel), split
         evenly: each sequence's context is n_ctx // parallel. chunk: prompt tokens run between two
         decode steps. max_queue: waiting requests beyond it are refused (QueueFullError).
-        int8_activations: default, as llm was opened."""
+        int8_activations: default, as llm was opened. batch_invariant: every step runs the batched
+        kernels, a lone sequence too, so a sequence's tokens do not depend on what else runs (to
+        the bit on int8 activations); by default a lone sequence runs the fused one-token step,
+        LLM.generate's (~1.7x faster on SmolLM2), whose rounding differs from the batched step's,
+        so a greedy text may differ from its text under load where two tokens nearly tie."""
         if policy not in POLICIES:
             raise ContextError(f"context policy must be one of {', '.join(POLICIES)} (got {policy!r})")
         if parallel < 1:
@@ -185,6 +189,7 @@ class BatchEngine:
             raise ContextError(f"a context of {total} tokens for {parallel} sequences leaves "
                                f"{self.seq_ctx} tokens each (at least 8 needed)")
         self.policy = policy
+        self.fused_single = not batch_invariant
         self.n_threads = llm.n_threads
         m = self.model
         self.pool = KVPool(m.cfg, self.parallel, self.seq_ctx)
@@ -399,8 +404,13 @@ class BatchEngine:
         dec = [s for s in self.slots if s.req is not None and not s.todo and s.next_tok is not None]
         if dec:
             toks = [s.next_tok for s in dec]
-            lg = self.model.decode_batch(self.scratch, self.pool, [s.idx for s in dec], [s.kv for s in dec],
-                                         toks, self.logits)
+            if len(dec) == 1 and self.fused_single:
+                # a lone sequence: the fused one-token step (one parallel region a token), as
+                # LLM.generate; several: one pass over the weights for all of them
+                lg = self.model.decode(self.scratch, dec[0].kv, toks[0]).reshape(1, -1)
+            else:
+                lg = self.model.decode_batch(self.scratch, self.pool, [s.idx for s in dec], [s.kv for s in dec],
+                                             toks, self.logits)
             self.metrics.steps += 1
             self.metrics.batch_rows += len(dec)
             for i, s in enumerate(dec):

@@ -317,15 +317,16 @@ class RingKVCache(KVCache):
 
 class KVPool:
     """The keys and values of n_seq sequences of `cap` slots each, in one allocation:
-    k, v (n_layers, n_seq, n_kv_heads, cap, head_dim), kpos (n_seq, cap). Sequence i's cache is a
-    KVCache or RingKVCache on the views k[:, i], v[:, i], kpos[i] (`cache(i, ...)`), so prompt
-    chunks run on it as on a cache of its own (each layer's part is C-contiguous), and a batched
-    decode step reads every sequence's layer li from k[li] (kernels.attention.attend_batch)."""
+    k, v (n_seq, n_layers, n_kv_heads, cap, head_dim), kpos (n_seq, cap). Sequence i's cache is a
+    KVCache or RingKVCache on the views k[i], v[i], kpos[i] (`cache(i, ...)`), C-contiguous like a
+    cache of its own: prompt chunks and the fused one-token decode step (a lone sequence) run on it
+    with the kernels a single context compiled; a batched decode step reads every sequence's
+    layer li from k[seq, li] (kernels.attention.attend_batch)."""
 
     def __init__(self, cfg: ModelConfig, n_seq: int, cap: int):
         if n_seq < 1 or cap < 2:
             raise ContextError(f"a KV pool needs at least one sequence of 2 slots (got {n_seq} x {cap})")
-        shape = (cfg.n_layers, n_seq, cfg.n_kv_heads, cap, cfg.head_dim)
+        shape = (n_seq, cfg.n_layers, cfg.n_kv_heads, cap, cfg.head_dim)
         self.cfg, self.n_seq, self.cap = cfg, n_seq, cap
         self.k = lazy_zeros(shape)
         self.v = lazy_zeros(shape)
@@ -336,7 +337,7 @@ class KVPool:
         return self.k.nbytes + self.v.nbytes
 
     def cache(self, i: int, policy: str = "stop", keep: int = 4, inv_freq=None, rope_mode=None) -> KVCache:
-        arrays = (self.k[:, i], self.v[:, i], self.kpos[i])
+        arrays = (self.k[i], self.v[i], self.kpos[i])
         if policy == "shift":
             return RingKVCache(self.cfg, self.cap, keep, inv_freq, rope_mode, arrays=arrays)
         return KVCache(self.cfg, self.cap, arrays=arrays)

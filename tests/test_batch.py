@@ -68,9 +68,24 @@ def test_batched_step_equals_each_sequences_decode(llm):
         eng.close()
 
 
+def _same_or_near_tie(llm, prompt, alone, got, bound):
+    """got (a stream's tokens while other streams shared its steps) equals alone (the stream by
+    itself: the fused one-token step) up to a near tie: where they part, alone's own logits
+    put the two tokens within `bound` (the batched step's rows differ from the fused step's by
+    float rounding on the exact path, by activation rounding on int8)."""
+    if got == alone:
+        return
+    j = next(i for i, (x, y) in enumerate(zip(got, alone)) if x != y)
+    lg = _single_logits(llm, llm.tokenize(prompt), alone[:j])[-1]      # as generate tokenizes it
+    gap = float(lg[alone[j]] - lg[got[j]])
+    assert 0 <= gap <= bound, (prompt, j, alone[j], got[j], gap)
+
+
 def test_concurrent_greedy_equals_alone(llm):
     """8 requests from 8 threads on 3 sequences (5 wait for a slot): each gets its greedy text
-    alone through the same engine; on the exact path also LLM.generate's."""
+    alone through the same engine (which is LLM.generate's), up to a near tie where a batched
+    step's rounding differs from the lone sequence's fused step; batch_invariant (every step
+    batched): exactly on int8."""
     eng = BatchEngine(llm, parallel=3, n_ctx=3 * 256)
     try:
         alone = [eng.generate(p, max_tokens=24, sampling=G) for p in PROMPTS]
@@ -83,12 +98,27 @@ def test_concurrent_greedy_equals_alone(llm):
             t.start()
         for t in ts:
             t.join(300)
-        assert [g.tokens for g in got] == [a.tokens for a in alone]
+        for p, g, a in zip(PROMPTS, got, alone):
+            _same_or_near_tie(llm, p, a.tokens, g.tokens, 2e-3 if llm.exact else 0.6)
         assert eng.metrics.batch_rows > eng.metrics.steps          # steps did run several rows
+        ref = [llm.generate(p, max_tokens=24, sampling=G) for p in PROMPTS]
+        assert [a.tokens for a in alone] == [r.tokens for r in ref]
+        assert [a.text for a in alone] == [r.text for r in ref]
+        # every step batched: a row's result does not depend on the rows beside it (to the bit on
+        # int8), so the texts are the same whatever the load
+        eng.close()
+        eng = BatchEngine(llm, parallel=3, n_ctx=3 * 256, batch_invariant=True)
+        alone = [eng.generate(p, max_tokens=24, sampling=G) for p in PROMPTS]
+        ts = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(300)
         if llm.exact:
-            ref = [llm.generate(p, max_tokens=24, sampling=G) for p in PROMPTS]
-            assert [a.tokens for a in alone] == [r.tokens for r in ref]
-            assert [a.text for a in alone] == [r.text for r in ref]
+            for p, g, a in zip(PROMPTS, got, alone):
+                _same_or_near_tie(llm, p, a.tokens, g.tokens, 2e-3)
+        else:
+            assert [g.tokens for g in got] == [a.tokens for a in alone]
     finally:
         eng.close()
 

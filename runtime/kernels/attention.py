@@ -138,15 +138,15 @@ def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out, window):
 
 
 @njit(cache=True, fastmath=FM, parallel=True)
-def attend_batch(q, kp, vp, seq, qpos, kpos, n_filled, scale, scores, out, window):
+def attend_batch(q, kp, vp, li, seq, qpos, kpos, n_filled, scale, scores, out, window):
     """Batched decode: row t's query (q[t], at position qpos[t]) against the first n_filled[t] slots
-    of sequence seq[t]'s cache in one layer of a KV pool, kp, vp (n_seq, n_kv, cap, head_dim),
-    kpos (n_seq, cap), into out (n, n_heads*head_dim). Every sequence's rows in one parallel
-    region over (row, head) pairs, with attend_rows' masks (a wrapped ring's hidden slots, a
-    sliding window > 0) and loops."""
-    hd = kp.shape[3]
+    of sequence seq[t]'s cache in layer li of a KV pool, kp, vp (n_seq, n_layers, n_kv, cap,
+    head_dim), kpos (n_seq, cap), into out (n, n_heads*head_dim). Every sequence's rows in one
+    parallel region over (row, head) pairs, with attend_rows' masks (a wrapped ring's hidden
+    slots, a sliding window > 0) and loops."""
+    hd = kp.shape[4]
     n, n_heads = out.shape[0], out.shape[1] // hd
-    group = n_heads // kp.shape[1]
+    group = n_heads // kp.shape[2]
     nw = scores.shape[0]
     total = n * n_heads
     for w in prange(nw):
@@ -155,5 +155,5 @@ def attend_batch(q, kp, vp, seq, qpos, kpos, n_filled, scale, scores, out, windo
             t = task // n_heads
             h = task - t * n_heads
             si = seq[t]
-            _head(q[t, h * hd:(h + 1) * hd], kp[si, h // group], vp[si, h // group], kpos[si], n_filled[t],
+            _head(q[t, h * hd:(h + 1) * hd], kp[si, li, h // group], vp[si, li, h // group], kpos[si], n_filled[t],
                   qpos[t], window, scale, sc, out[t, h * hd:(h + 1) * hd])

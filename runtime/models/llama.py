@@ -448,11 +448,11 @@ class LlamaModel:
         scores = s.ascores.reshape(-1)[:nw * pool.cap].reshape(nw, pool.cap)
 
         def store(li, k, v):
-            pool.k[li][seq, :, slots] = k
-            pool.v[li][seq, :, slots] = v
+            pool.k[seq, li, :, slots] = k
+            pool.v[seq, li, :, slots] = v
 
         def attend(li, qkv, att):
-            attend_batch(qkv, pool.k[li], pool.v[li], seq, qpos, pool.kpos, n_filled, self.attn_scale,
+            attend_batch(qkv, pool.k, pool.v, li, seq, qpos, pool.kpos, n_filled, self.attn_scale,
                          scores, att, int(self.windows[li]))
 
         self._layers(s, x, qpos, store, attend, 0)

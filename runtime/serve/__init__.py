@@ -10,7 +10,8 @@ log = logging.getLogger("infer.serve")
 
 def build(path, parallel: int = 4, n_ctx: int | None = None, n_threads: int | None = None,
           api_key: str | None = None, max_queue: int = 64, prefix_cache_mb: float = 256,
-          context_policy: str = "stop", int8_activations: bool = True, warm: bool = True):
+          context_policy: str = "stop", int8_activations: bool = True, warm: bool = True,
+          batch_invariant: bool = False):
     """Open the model, start the engine (kernels compiled before the first request when warm)
     and return (server, engine, llm)."""
     from ..api import LLM
@@ -21,10 +22,12 @@ def build(path, parallel: int = 4, n_ctx: int | None = None, n_threads: int | No
               int8_activations=int8_activations)
     try:
         eng = BatchEngine(llm, parallel=parallel, n_ctx=total, policy=context_policy, max_queue=max_queue,
-                          prefix_cache_mb=prefix_cache_mb)
-        if warm:        # compile (or load) every kernel a request runs: prompt chunk, batched step
-            eng.generate([llm.tokenizer.bos_id if llm.tokenizer.bos_id is not None and llm.tokenizer.bos_id >= 0
-                          else 0] * 2, max_tokens=2)
+                          prefix_cache_mb=prefix_cache_mb, batch_invariant=batch_invariant)
+        if warm:        # compile (or load) every kernel a request runs: prompt chunk, batched and lone steps
+            bos = llm.tokenizer.bos_id if llm.tokenizer.bos_id is not None and llm.tokenizer.bos_id >= 0 else 0
+            for fused in (False, not batch_invariant):
+                eng.fused_single = fused
+                eng.generate([bos] * 2, max_tokens=2)
     except BaseException:
         llm.close()
         raise
@@ -53,7 +56,8 @@ def _uvicorn_class():
 
 def run(path, host: str = "127.0.0.1", port: int = 8080, parallel: int = 4, n_ctx: int | None = None,
         n_threads: int | None = None, api_key: str | None = None, max_queue: int = 64,
-        prefix_cache_mb: float = 256, context_policy: str = "stop", graceful_s: float = 5.0, on_ready=None):
+        prefix_cache_mb: float = 256, context_policy: str = "stop", graceful_s: float = 5.0, on_ready=None,
+        batch_invariant: bool = False):
     import socket
 
     import uvicorn
@@ -65,12 +69,14 @@ def run(path, host: str = "127.0.0.1", port: int = 8080, parallel: int = 4, n_ct
     except OSError as e:
         raise InferError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     _Uvicorn = _uvicorn_class()
-    server, eng, llm = build(path, parallel, n_ctx, n_threads, api_key, max_queue, prefix_cache_mb, context_policy)
+    server, eng, llm = build(path, parallel, n_ctx, n_threads, api_key, max_queue, prefix_cache_mb, context_policy,
+                             batch_invariant=batch_invariant)
     if on_ready is not None:
         on_ready()
     print(f"infer serve: {path} | {parallel} sequences x {eng.seq_ctx} tokens, KV pool "
           f"{eng.kv_bytes / 2**20:.0f} MiB, prefix cache up to {prefix_cache_mb:.0f} MiB | {llm.n_threads} threads | "
-          f"http://{host}:{port}/v1" + (" | API key required" if api_key else ""), file=sys.stderr, flush=True)
+          + ("batch-invariant | " if batch_invariant else "") + f"http://{host}:{port}/v1"
+          + (" | API key required" if api_key else ""), file=sys.stderr, flush=True)
     config = uvicorn.Config(server, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=graceful_s, lifespan="off")
     srv = _Uvicorn(config)
