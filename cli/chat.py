@@ -112,7 +112,8 @@ class Chat:
             s = last.stats
             print(f"[prefill {s.prefill_tokens} new + {s.cached_tokens} cached tokens in {s.prefill_s * 1000:.0f} ms"
                   f" | TTFT {s.ttft_s * 1000:.0f} ms | {s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s"
-                  f" | {reason} | context {self.llm.n_tokens}/{self.llm.n_ctx}]", file=self.err, flush=True)
+                  f" | {reason} | context {self.llm.n_tokens}/{self.llm.n_ctx}{common.spec_stats(s)}]",
+                  file=self.err, flush=True)
 
     # --- commands -------------------------------------------------------------------------------
     def handle(self, line: str) -> bool:
@@ -321,6 +322,9 @@ def register(app: typer.Typer):
         load: Optional[Path] = typer.Option(None, "--load", help="Start from a session saved with /save."),
         verbose: bool = typer.Option(False, "-v", "--verbose",
                                      help="After each reply: prefill tokens (new/cached), TTFT, tokens/s."),
+        draft: Optional[Path] = common.Draft,
+        draft_max: int = common.DraftMax,
+        lookup: int = common.Lookup,
     ):
         """Chat with a model (type /? for commands). Reads one message per line when stdin is not a terminal."""
         from infer.api import LLM
@@ -332,7 +336,7 @@ def register(app: typer.Typer):
         params = common.sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
         interactive = sys.stdin.isatty() and sys.stdout.isatty()
         with LLM(model, n_ctx=ctx, n_threads=threads, context_policy=policy, n_keep=keep,
-                 sampling=params) as llm:
+                 sampling=params, draft=draft, lookup=lookup, draft_max=draft_max) as llm:
             chat = Chat(llm, system, max_tokens, verbose, interactive=interactive)
             chat.notice = notice
             if load is not None:

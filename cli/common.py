@@ -13,6 +13,18 @@ TopP = typer.Option(0.95, "--top-p", help="Top-p (1: off).")
 MinP = typer.Option(0.05, "--min-p", help="Min-p (0: off).")
 RepeatPenalty = typer.Option(1.0, "--repeat-penalty", help="Repeat penalty (1: off).")
 Seed = typer.Option(None, "--seed", envvar="INFER_SEED", help="Random seed (same seed, same text).")
+Draft = typer.Option(None, "--draft", help="Speculative decoding: a smaller model with the same vocabulary "
+                                          "drafts tokens that MODEL checks in one pass (same text).")
+DraftMax = typer.Option(8, "--draft-max", help="Tokens drafted per round at most (speculative decoding).")
+Lookup = typer.Option(0, "--lookup", help="Speculative decoding from the text itself: draft what followed the "
+                                          "last N tokens where they occurred before (0: off; try 3).")
+
+
+def spec_stats(s) -> str:
+    """The --verbose part on speculative decoding ("" without it)."""
+    if not s.drafted_tokens:
+        return ""
+    return f" | drafted {s.drafted_tokens}, accepted {s.accepted_tokens} ({100 * s.acceptance:.0f} %)"
 
 
 def sampling(temp, top_k, top_p, min_p, repeat_penalty, seed: Optional[int]):

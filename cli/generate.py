@@ -27,6 +27,9 @@ def register(app: typer.Typer):
         seed: Optional[int] = common.Seed,
         special: bool = typer.Option(False, "--special", help="Parse special tokens (<|im_start|>...) in the prompt."),
         verbose: bool = typer.Option(False, "-v", "--verbose", help="Print timings and memory to stderr."),
+        draft: Optional[Path] = common.Draft,
+        draft_max: int = common.DraftMax,
+        lookup: int = common.Lookup,
     ):
         """Generate text from a prompt, streamed to stdout."""
         import time
@@ -47,7 +50,7 @@ def register(app: typer.Typer):
         notice = common.CompileNotice()
         from infer.api import LLM, peak_rss_bytes
         params = common.sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
-        with LLM(model, n_ctx=ctx, n_threads=threads) as llm:
+        with LLM(model, n_ctx=ctx, n_threads=threads, draft=draft, lookup=lookup, draft_max=draft_max) as llm:
             t_load = time.perf_counter() - t_start
             out = sys.stdout
             chunk = None
@@ -68,6 +71,7 @@ def register(app: typer.Typer):
                       f"prompt tokens: {s.prompt_tokens} (cached {s.cached_tokens}) | "
                       f"prefill: {s.prefill_tokens} tok in {s.prefill_s:.3f} s = {s.prefill_tps:.1f} tok/s\n"
                       f"TTFT: {s.ttft_s * 1000:.0f} ms | decode: {s.generated_tokens} tok, {s.decode_tps:.1f} tok/s | "
-                      f"finish: {chunk.finish_reason} | peak RSS: {peak_rss_bytes() / 2**20:.0f} MiB",
+                      f"finish: {chunk.finish_reason} | peak RSS: {peak_rss_bytes() / 2**20:.0f} MiB"
+                      + common.spec_stats(s),
                       file=sys.stderr)
             notice.finishing(llm)

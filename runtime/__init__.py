@@ -67,10 +67,11 @@ _LAZY = {
     "calibrate": ("infer.calibrate", "calibrate"),
     "ImportanceMatrix": ("infer.quant.imatrix", "ImportanceMatrix"),
     "BatchEngine": ("infer.batch", "BatchEngine"),
+    "SpeculativeConfig": ("infer.speculative", "SpeculativeConfig"),
 }
 __all__ = ["LLM", "Completion", "Chunk", "Stats", "SamplingParams", "Tokenizer", "StreamingDetokenizer",
            "ModelConfig", "convert", "perplexity", "calibrate", "ImportanceMatrix", "BatchEngine", "InferError",
-           "__version__"]
+           "SpeculativeConfig", "__version__"]
 
 
 def __getattr__(name):

@@ -81,7 +81,8 @@ class LLM:
     def __init__(self, path, n_ctx: int | None = None, n_threads: int | None = None,
                  n_batch: int = 512, seed: int | None = None, context_policy: str = "stop",
                  n_keep: int = 4, sampling: SamplingParams | None = None,
-                 int8_activations: bool = True):
+                 int8_activations: bool = True, draft=None, lookup: int = 0, draft_max: int = 8,
+                 speculative=None):
         """n_ctx: context length in tokens (default: the model's, at most 4096).
         context_policy: what happens when the context is full. "stop" (default): generation ends
         with finish_reason "context" and a prompt longer than the context is refused. "shift":
@@ -94,7 +95,11 @@ class LLM:
         int8_activations: the quantized matmuls quantize the activations to int8 (a scale per 4
         values; the prompt's last token in two int8 parts), as llama.cpp does with one scale per
         32 (AVX2 hosts; faster; the top token of float activations at >= 97 %); False keeps
-        float32 activations (results equal a float reference up to rounding)."""
+        float32 activations (results equal a float reference up to rounding).
+        draft / lookup / draft_max, or speculative (a SpeculativeConfig): speculative decoding
+        (infer.speculative): drafts from a smaller model with the same vocabulary (a path or an
+        open LLM) and/or looked up in the text (n-grams of up to `lookup` tokens), at most
+        draft_max a round, checked in one pass; the text is the model's own."""
         from .gguf_file import GGUFFile
 
         self.path = os.fspath(path)
@@ -119,6 +124,15 @@ class LLM:
                                  context_policy, n_keep, int8_activations)
             self._set_threads()
             self._start_compile(int8_activations)
+            self.metadata = self._gf.metadata
+            self._drafters, self.speculative = [], None
+            if speculative is None and (draft is not None or lookup):
+                from .speculative import SpeculativeConfig
+                speculative = SpeculativeConfig(draft=draft, lookup=lookup, draft_max=draft_max)
+            if speculative is not None:
+                from .speculative import open_drafters
+                self._drafters = open_drafters(speculative, self)
+                self.speculative = speculative
         except BaseException:
             self._gf.close()
             raise
@@ -231,7 +245,13 @@ class LLM:
         stats = Stats()
         out = TextOut(self.tokenizer, stop)
         stop_ids = frozenset(self.tokenizer.eot_ids)
-        for tok, reason in generate_tokens(self.engine, ids, sampler, max(1, max_tokens), stop_ids, stats):
+        if self._drafters:
+            from .speculative import speculative_tokens
+            steps = speculative_tokens(self.engine, ids, sampler, max(1, max_tokens), stop_ids, stats,
+                                       self._drafters, self.speculative)
+        else:
+            steps = generate_tokens(self.engine, ids, sampler, max(1, max_tokens), stop_ids, stats)
+        for tok, reason in steps:
             if self.cold_start and stats.generated_tokens >= 2:
                 self._compiled()
             text, stopped = out.add(tok, reason)
@@ -330,6 +350,9 @@ class LLM:
                 if bg.wait():
                     self._compiled()
             bg.close()
+        for d in getattr(self, "_drafters", []):
+            d.close()
+        self._drafters = []
         gf, self._gf = getattr(self, "_gf", None), None
         eng = getattr(self, "engine", None)
         if eng is not None:

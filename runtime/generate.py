@@ -23,6 +23,12 @@ class Stats:
     ttft_s: float = 0.0           # request start to first generated token
     generated_tokens: int = 0
     decode_s: float = 0.0
+    drafted_tokens: int = 0       # speculative decoding: tokens proposed, and of those accepted
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def prefill_tps(self) -> float:
@@ -166,6 +172,35 @@ class Engine:
             self.reset()
             raise
         return logits
+
+    def verify(self, tokens):
+        """Run `tokens` after what the context holds and return the logits of every one of them
+        (len(tokens), n_vocab): speculative decoding's check of drafted tokens in one pass."""
+        out, i = [], 0
+        try:
+            while i < len(tokens):
+                chunk = tokens[i:i + self.chunk_len()]
+                out.append(self.model.prefill(self.scratch, self.kv, chunk, all_logits=True))
+                self.tokens.extend(int(t) for t in chunk)
+                i += len(chunk)
+        except BaseException:
+            self.reset()
+            raise
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def rollback(self, n: int):
+        """Forget the newest n tokens (rejected drafts). A ring that evicted what it would need
+        (it cannot here: the drafts are its newest tokens) refills from the tokens it holds."""
+        if n <= 0:
+            return
+        keep = len(self.tokens) - n
+        kept = self.kv.trim(keep)
+        if kept < keep:
+            toks = self.tokens[:keep]
+            del self.tokens[kept:]
+            self.prefill(toks)
+        else:
+            del self.tokens[keep:]
 
     # --- sessions -------------------------------------------------------------------------------
     def get_state(self) -> tuple[dict, dict]:

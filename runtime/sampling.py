@@ -58,6 +58,16 @@ class Sampler:
         self.rng = rng
 
     def __call__(self, logits: np.ndarray, history) -> int:
+        d = self.dist(logits, history)
+        if isinstance(d, int):
+            return d
+        idx, pr = d
+        return int(idx[self.rng.choice(len(pr), p=pr)])
+
+    def dist(self, logits: np.ndarray, history):
+        """What this sampler draws from for `logits` after `history`: the token itself (int) when
+        greedy, else (token ids, their probabilities) after penalties, top-k, top-p, min-p and
+        temperature (speculative decoding's acceptance rule needs them)."""
         p = self.params
         if p.repeat_penalty != 1.0 and p.repeat_last_n > 0:
             logits = logits.copy()
@@ -86,7 +96,7 @@ class Sampler:
         lg = lg[:keep] / p.temperature
         pr = np.exp(lg - lg[0])
         pr /= pr.sum()
-        return int(idx[self.rng.choice(keep, p=pr)])
+        return idx[:keep], pr
 
     def get_state(self) -> dict:
         return {"params": self.params.__dict__.copy(), "rng": self.rng.bit_generator.state}

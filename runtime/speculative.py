@@ -1,0 +1,284 @@
+"""Speculative decoding: cheap guesses of the next tokens, checked by the model in one pass.
+
+Decode reads every weight once per token; running k + 1 tokens through the prompt path costs far
+less than k + 1 decode steps, so each drafted token the model agrees with is nearly free. Drafts
+come from a smaller model with the same vocabulary (ModelDrafter) or from the text itself
+(LookupDrafter: the tokens that followed the latest earlier occurrence of the last n tokens, for
+edits, rewrites, code and quoting).
+
+The model's output does not change: greedy decoding keeps the longest drafted prefix the model's
+own choice agrees with, then the model's token where they part; sampling accepts a drafted token d
+with the model's probability p(d) (drafts are deterministic, a point mass) and otherwise samples
+from p with d taken out, which leaves each token's distribution the model's. Rejected drafts'
+keys and values are dropped from the cache (Engine.rollback; ring caches too).
+
+The draft length adapts: it grows while every draft is accepted and shrinks to what was accepted
+otherwise; and speculation turns itself off for a while when a round's time per produced token is
+above a plain decode step's (measured in the same run), then tries again.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InferError
+
+OFF_TOKENS = 32        # tokens decoded plainly after speculation did not pay, before trying again
+
+
+@dataclass
+class SpeculativeConfig:
+    """draft: a GGUF path (or an open LLM) with the model's vocabulary; lookup: n-gram length for
+    drafts looked up in the prompt and the text so far (0: off; with a draft model, lookup is
+    tried first); draft_max: most tokens drafted per round; adaptive: draft length and on/off
+    follow the acceptance rate and the measured speed."""
+    draft: Any = None
+    lookup: int = 0
+    draft_max: int = 8
+    adaptive: bool = True
+
+    def __post_init__(self):
+        if self.draft is None and not self.lookup:
+            raise InferError("speculative decoding needs a draft model or --lookup N (an n-gram length >= 1)")
+        if self.lookup < 0 or not 1 <= self.draft_max <= 32:
+            raise InferError(f"--lookup must be >= 0 and --draft-max in 1..32 (got {self.lookup}, {self.draft_max})")
+
+
+class LookupDrafter:
+    """Prompt lookup: for the longest n <= N whose last n tokens occurred before, the tokens that
+    followed their latest earlier occurrence (a table per n, updated as the text grows)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.tables = [dict() for _ in range(n + 1)]
+        self.seen: list[int] = []
+
+    def _sync(self, hist):
+        s = self.seen
+        if len(hist) < len(s) or hist[:len(s)] != s:        # another text: start over
+            self.tables = [dict() for _ in range(self.n + 1)]
+            s = self.seen = []
+        for i in range(len(s), len(hist)):
+            # n-grams ending just before token i, whose continuation (token i) is now known
+            for n in range(1, self.n + 1):
+                if i - n >= 0:
+                    self.tables[n][tuple(hist[i - n:i])] = i
+            s.append(hist[i])
+
+    def propose(self, hist, k):
+        self._sync(hist)
+        lo = 2 if self.n >= 2 else 1          # single-token matches draft noise
+        for n in range(min(self.n, len(hist) - 1), lo - 1, -1):
+            pos = self.tables[n].get(tuple(hist[-n:]))
+            if pos is not None:
+                return list(hist[pos:pos + k])
+        return []
+
+    def close(self):
+        pass
+
+
+class ModelDrafter:
+    """A smaller model's greedy continuation, its context kept in step with the text (its engine's
+    prefix reuse runs only the tokens it has not seen)."""
+
+    def __init__(self, llm, own: bool):
+        self.llm, self.own = llm, own
+        self.engine = llm.engine
+
+    def propose(self, hist, k):
+        e = self.engine
+        if e.policy == "stop" and len(hist) + k > e.n_ctx:
+            k = e.n_ctx - len(hist)
+            if k <= 0:
+                return []
+        logits = e.prefill(hist)
+        out = []
+        for i in range(k):
+            t = int(np.argmax(logits))
+            out.append(t)
+            if i < k - 1:
+                logits = e.decode(t)
+        return out
+
+    def close(self):
+        if self.own:
+            self.llm.close()
+
+
+def open_drafters(cfg: SpeculativeConfig, target) -> list:
+    """The drafters of cfg for the LLM `target`; a draft model must share its vocabulary."""
+    out = []
+    if cfg.lookup:
+        out.append(LookupDrafter(int(cfg.lookup)))
+    if cfg.draft is not None:
+        own = isinstance(cfg.draft, (str, os.PathLike))
+        if own:
+            from .api import LLM
+            d = LLM(cfg.draft, n_ctx=target.n_ctx, n_threads=target.n_threads,
+                    context_policy=target.context_policy, n_keep=target.n_keep,
+                    int8_activations=target.engine.scratch.use_i8)
+        else:
+            d = cfg.draft
+        try:
+            check_vocab(target, d)
+        except BaseException:
+            if own:
+                d.close()
+            raise
+        out.append(ModelDrafter(d, own))
+    return out
+
+
+def check_vocab(target, draft):
+    a, b = target.tokenizer, draft.tokenizer
+    ta, tb = target.metadata.get("tokenizer.ggml.tokens"), draft.metadata.get("tokenizer.ggml.tokens")
+    same = ta is not None and tb is not None and len(ta) == len(tb) and \
+        all(ta[i] == tb[i] for i in range(0, len(ta), max(1, len(ta) // 4096)))
+    if not same or a.eot_ids != b.eot_ids:
+        raise InferError(f"{draft.path}: the draft model's vocabulary differs from {target.path}'s "
+                         f"({len(tb) if tb is not None else 0} vs {len(ta) if ta is not None else 0} tokens); "
+                         f"a draft must share the model's tokenizer")
+    if draft.config.n_vocab < target.config.n_vocab and draft.config.n_vocab != len(tb):
+        raise InferError(f"{draft.path}: the draft model's output has {draft.config.n_vocab} tokens, "
+                         f"{target.path}'s {target.config.n_vocab}")
+
+
+class _Pace:
+    """Draft length and on/off from what rounds cost: time per produced token of speculative
+    rounds against plain decode steps (exponential averages)."""
+
+    def __init__(self, draft_max, adaptive):
+        self.k = min(4, draft_max) if adaptive else draft_max
+        self.kmax, self.adaptive = draft_max, adaptive
+        self.t_plain = None
+        self.n_plain = 0
+        self.t_spec = None
+        self.off = 0
+
+    def plain(self, dt):
+        # the first step after a prompt may still load kernels: the average starts at the second
+        self.n_plain += 1
+        if self.n_plain >= 2:
+            self.t_plain = dt if self.t_plain is None else 0.7 * self.t_plain + 0.3 * dt
+        self.off = max(0, self.off - 1)
+
+    def want(self):
+        return self.off == 0 and (self.t_plain is not None or not self.adaptive)
+
+    def round(self, n_drafted, n_accepted, dt):
+        if not self.adaptive:
+            return
+        self.k = min(self.kmax, self.k + 2) if n_accepted == n_drafted else max(1, n_accepted + 1)
+        per = dt / (n_accepted + 1)
+        self.t_spec = per if self.t_spec is None else 0.6 * self.t_spec + 0.4 * per
+        if self.t_plain is not None and self.t_spec > self.t_plain:
+            self.off, self.t_spec = OFF_TOKENS, None
+
+
+def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, drafters, cfg):
+    """generate_tokens with drafts checked in batches: yields (token, finish_reason) pairs, the same
+    tokens as generate_tokens for greedy decoding (up to the rounding of a batched pass against a
+    decode step), the same distribution when sampling."""
+    t0 = time.perf_counter()
+    stats.prompt_tokens = len(prompt)
+    logits = engine.prefill(prompt)
+    stats.cached_tokens = engine.cached
+    stats.prefill_tokens = len(prompt) - engine.cached
+    stats.prefill_s = time.perf_counter() - t0
+    history = list(prompt)
+    pace = _Pace(cfg.draft_max, cfg.adaptive)
+    n = 0
+    t_dec = time.perf_counter()
+    pending = None          # a token already drawn (a rejected draft's replacement)
+    while True:
+        tok = pending if pending is not None else sampler(logits, history)
+        pending = None
+        n += 1
+        stats.generated_tokens = n
+        if n == 1:
+            stats.ttft_s = time.perf_counter() - t0
+            t_dec = time.perf_counter()
+        if tok in stop_ids:
+            yield tok, "stop"
+            return
+        if n >= max_tokens:
+            yield tok, "length"
+            return
+        if engine.full:
+            yield tok, "context"
+            return
+        yield tok, None
+        history.append(tok)
+        k = min(pace.k, max_tokens - n)
+        if engine.policy == "stop":
+            k = min(k, engine.n_ctx - engine.kv.offset - 1)
+        drafts = []
+        if k > 0 and pace.want():
+            for d in drafters:
+                drafts = d.propose(history, k)
+                if drafts:
+                    break
+        if not drafts:
+            ts = time.perf_counter()
+            logits = engine.decode(tok)
+            pace.plain(time.perf_counter() - ts)
+            stats.decode_s = time.perf_counter() - t_dec
+            continue
+        ts = time.perf_counter()
+        lg = engine.verify([tok] + drafts)
+        accepted = []
+        for i, d in enumerate(drafts):
+            got = _check(sampler, lg[i], history + accepted, d)
+            if got is None:
+                accepted.append(d)
+                if d in stop_ids:
+                    break
+            else:
+                pending = got
+                break
+        m = len(accepted)
+        engine.rollback(len(drafts) - m)
+        pace.round(len(drafts), m, time.perf_counter() - ts)
+        stats.drafted_tokens += len(drafts)
+        stats.accepted_tokens += m
+        if pending is None and m == len(drafts):
+            logits = lg[m]
+        # the accepted drafts are generated tokens: the same checks as any
+        # (the cache may hold a token past a finish: engine.tokens says what it holds)
+        for d in accepted:
+            n += 1
+            stats.generated_tokens = n
+            if d in stop_ids:
+                yield d, "stop"
+                return
+            if n >= max_tokens:
+                yield d, "length"
+                return
+            yield d, None
+            history.append(d)
+        stats.decode_s = time.perf_counter() - t_dec
+
+
+def _check(sampler, logits, history, d):
+    """None if draft token d is accepted at this position, else the token to emit instead."""
+    dist = sampler.dist(logits, history)
+    if isinstance(dist, int):
+        return None if dist == d else dist
+    idx, pr = dist
+    hit = np.nonzero(idx == d)[0]
+    p_d = float(pr[hit[0]]) if len(hit) else 0.0
+    if p_d > 0 and sampler.rng.random() < p_d:
+        return None
+    if len(hit):        # the residual: p without d, renormalised
+        pr = pr.copy()
+        pr[hit[0]] = 0.0
+        s = pr.sum()
+        if s <= 0:
+            return d
+        pr /= s
+    return int(idx[sampler.rng.choice(len(pr), p=pr)])
