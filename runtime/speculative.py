@@ -148,6 +148,17 @@ def check_vocab(target, draft):
                          f"{target.path}'s {target.config.n_vocab}")
 
 
+def pass_fit(k: int, kmax: int) -> int:
+    """The draft length to use for a wanted k: the int8 prompt kernels run tokens in groups of
+    MAXT (8), so a pass of k + 1 tokens costs as much as one filling its last group: k grows to
+    that (a lookup's drafts cost nothing more), within kmax."""
+    from .kernels.simd import MAXT
+    full = -(-(k + 1) // MAXT) * MAXT - 1
+    if full <= kmax:
+        return full
+    return (kmax + 1) // MAXT * MAXT - 1 if kmax + 1 >= MAXT else kmax
+
+
 class _Pace:
     """Draft length and on/off from what rounds cost: time per produced token of speculative
     rounds against plain decode steps (exponential averages)."""
@@ -220,7 +231,12 @@ def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, dra
         drafts = []
         if k > 0 and pace.want():
             for d in drafters:
-                drafts = d.propose(history, k)
+                # a lookup's drafts are free: as many as the pass holds; a draft model's cost a
+                # decode step of its own each
+                kd = min(pass_fit(k, cfg.draft_max), max_tokens - n) if isinstance(d, LookupDrafter) else k
+                if engine.policy == "stop":
+                    kd = min(kd, engine.n_ctx - engine.kv.offset - 1)
+                drafts = d.propose(history, kd)
                 if drafts:
                     break
         if not drafts:
