@@ -3,6 +3,7 @@ draft sources (prompt lookup, a draft model), the model's own distribution when 
 the exact distribution computed from its logits), context shift, chat prefix reuse, and refusals."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,16 +67,18 @@ def plain_default(smollm2_path):
 
 @pytest.mark.parametrize("source", ["lookup", "draft"])
 def test_greedy_text_is_the_models_own_exact_path(exact, smollm2_path, source):
-    """20 prompts x 128 tokens: speculative greedy == plain greedy (float activations; a draft
-    model that disagrees now and then: the same file on int8 activations, one thread)."""
-    want = [exact.generate(p, max_tokens=128, sampling=G).tokens for p in PROMPTS]
+    """20 prompts x 128 tokens (INFER_SPEC_FULL=1; 7 of them by default: the exact path's batched
+    passes dequantize every weight): speculative greedy == plain greedy (float activations; a
+    draft model that disagrees now and then: the same file on int8 activations, one thread)."""
+    prompts = PROMPTS if os.environ.get("INFER_SPEC_FULL") else PROMPTS[::3]     # CI: 7 of the 20
+    want = [exact.generate(p, max_tokens=128, sampling=G).tokens for p in prompts]
     draft = infer.LLM(smollm2_path, n_ctx=1024, n_threads=1) if source == "draft" else None
     kw = {"lookup": 3} if source == "lookup" else {"draft": draft}
     try:
         with infer.LLM(smollm2_path, n_ctx=1024, n_threads=2, int8_activations=False,
                        speculative=SpeculativeConfig(adaptive=False, **kw)) as spec:
             drafted = accepted = 0
-            for p, w in zip(PROMPTS, want):
+            for p, w in zip(prompts, want):
                 r = spec.generate(p, max_tokens=128, sampling=G)
                 _same_or_near_tie(exact, p, w, r.tokens, 2e-3)
                 drafted += r.stats.drafted_tokens
@@ -83,7 +86,7 @@ def test_greedy_text_is_the_models_own_exact_path(exact, smollm2_path, source):
     finally:
         if draft is not None:
             draft.close()
-    assert drafted > 500 and 0 < accepted < drafted, (drafted, accepted)     # both outcomes ran
+    assert drafted > 25 * len(prompts) and 0 < accepted < drafted, (drafted, accepted)     # both outcomes ran
 
 
 def test_greedy_text_default_path_equal_or_near_tie(plain_default, smollm2_path):
@@ -206,16 +209,19 @@ def test_sampling_keeps_the_models_distribution():
 
 
 def test_context_shift_runs_past_the_context(smollm2_path):
+    """A ring of 96 tokens, 200 generated with drafts every round (not adaptive: timing-free):
+    rejected drafts leave the ring, the text before the first shift is the plain one's."""
+    spec = SpeculativeConfig(lookup=3, adaptive=False)
     with infer.LLM(smollm2_path, n_ctx=96, n_threads=2, int8_activations=False, context_policy="shift") as plain, \
             infer.LLM(smollm2_path, n_ctx=96, n_threads=2, int8_activations=False, context_policy="shift",
-                      lookup=3) as spec:
-        p = "1, 2, 3, 4, 5, 6, 7, 8,"
+                      speculative=spec) as sp:
+        p = "red green blue red green blue red green blue red green"
         a = plain.generate(p, max_tokens=200, sampling=G)
-        b = spec.generate(p, max_tokens=200, sampling=G)
+        b = sp.generate(p, max_tokens=200, sampling=G)
         assert b.finish_reason == "length" and len(b.tokens) == 200
-        n_before = 96 - len(plain.tokenize(p)) - 1      # tokens generated before the first shift
+        n_before = 96 - len(plain.tokenize(p)) - 8      # tokens generated before the first shift
         assert b.tokens[:n_before] == a.tokens[:n_before]
-        assert b.stats.accepted_tokens > 50
+        assert b.stats.drafted_tokens > 0 and b.stats.accepted_tokens > 0
 
 
 def test_chat_prefix_reuse_with_speculation(exact, smollm2_path):
