@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -223,36 +222,20 @@ class Engine:
         self.cached = 0
 
 
+def finish_reason(engine: Engine, tok: int, n: int, max_tokens: int, stop_ids: frozenset):
+    """Why generation ends at the n-th token `tok` ("stop", "length", "context"), or None."""
+    if tok in stop_ids:
+        return "stop"
+    if n >= max_tokens:
+        return "length"
+    if engine.full:
+        return "context"
+    return None
+
+
 def generate_tokens(engine: Engine, prompt: list[int], sampler: Sampler, max_tokens: int,
                     stop_ids: frozenset, stats: Stats):
     """Yields (token, finish_reason) pairs: every sampled token, finish_reason set on the last.
     The final token of a "stop" finish is the end-of-generation token itself."""
-    t0 = time.perf_counter()
-    stats.prompt_tokens = len(prompt)
-    logits = engine.prefill(prompt)
-    stats.cached_tokens = engine.cached
-    stats.prefill_tokens = len(prompt) - engine.cached
-    stats.prefill_s = time.perf_counter() - t0
-    history = list(prompt)
-    n = 0
-    t_dec = time.perf_counter()
-    while True:
-        tok = sampler(logits, history)
-        n += 1
-        stats.generated_tokens = n
-        if n == 1:
-            stats.ttft_s = time.perf_counter() - t0
-            t_dec = time.perf_counter()
-        if tok in stop_ids:
-            yield tok, "stop"
-            return
-        if n >= max_tokens:
-            yield tok, "length"
-            return
-        if engine.full:
-            yield tok, "context"
-            return
-        yield tok, None
-        history.append(tok)
-        logits = engine.decode(tok)
-        stats.decode_s = time.perf_counter() - t_dec
+    from .speculative import speculative_tokens          # the one decode loop (no drafters: plain)
+    yield from speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats)

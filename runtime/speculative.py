@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InferError
+from .generate import finish_reason
 
 OFF_TOKENS = 32        # tokens decoded plainly after speculation did not pay, before trying again
 
@@ -191,10 +192,10 @@ class _Pace:
             self.off, self.t_spec = OFF_TOKENS, None
 
 
-def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, drafters, cfg):
-    """generate_tokens with drafts checked in batches: yields (token, finish_reason) pairs, the same
-    tokens as generate_tokens for greedy decoding (up to the rounding of a batched pass against a
-    decode step), the same distribution when sampling."""
+def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, drafters=(), cfg=None):
+    """The decode loop (generate_tokens is this without drafters): yields (token, finish_reason)
+    pairs. With drafters, drafts are checked in batches: the same tokens for greedy decoding (up to
+    the rounding of a batched pass against a decode step), the same distribution when sampling."""
     t0 = time.perf_counter()
     stats.prompt_tokens = len(prompt)
     logits = engine.prefill(prompt)
@@ -202,7 +203,7 @@ def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, dra
     stats.prefill_tokens = len(prompt) - engine.cached
     stats.prefill_s = time.perf_counter() - t0
     history = list(prompt)
-    pace = _Pace(cfg.draft_max, cfg.adaptive)
+    pace = _Pace(cfg.draft_max, cfg.adaptive) if drafters else None
     n = 0
     t_dec = time.perf_counter()
     pending = None          # a token already drawn (a rejected draft's replacement)
@@ -214,21 +215,19 @@ def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, dra
         if n == 1:
             stats.ttft_s = time.perf_counter() - t0
             t_dec = time.perf_counter()
-        if tok in stop_ids:
-            yield tok, "stop"
+        reason = finish_reason(engine, tok, n, max_tokens, stop_ids)
+        yield tok, reason
+        if reason is not None:
             return
-        if n >= max_tokens:
-            yield tok, "length"
-            return
-        if engine.full:
-            yield tok, "context"
-            return
-        yield tok, None
         history.append(tok)
+        drafts = []
+        if not drafters:
+            logits = engine.decode(tok)
+            stats.decode_s = time.perf_counter() - t_dec
+            continue
         k = min(pace.k, max_tokens - n)
         if engine.policy == "stop":
             k = min(k, engine.n_ctx - engine.kv.offset - 1)
-        drafts = []
         if k > 0 and pace.want():
             for d in drafters:
                 # a lookup's drafts are free: as many as the pass holds; a draft model's cost a
@@ -269,13 +268,10 @@ def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, dra
         for d in accepted:
             n += 1
             stats.generated_tokens = n
-            if d in stop_ids:
-                yield d, "stop"
+            reason = finish_reason(engine, d, n, max_tokens, stop_ids)
+            yield d, reason
+            if reason is not None:
                 return
-            if n >= max_tokens:
-                yield d, "length"
-                return
-            yield d, None
             history.append(d)
         stats.decode_s = time.perf_counter() - t_dec
 
