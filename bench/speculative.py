@@ -112,12 +112,12 @@ def main():
             if case == "code":
                 peer, note = llama_run(lb / "llama-speculative", ["-m", str(target), "-md", str(q05), "-p", prompt,
                                                                   "-n", str(a.n), "-t", str(th), "-td", str(th),
-                                                                  "--temp", "0", "-c", "4096", "--draft-max", "8",
+                                                                  "--temp", "0", "-c", "4096", "--spec-draft-n-max", "8",
                                                                   "-ngl", "0", "-ngld", "0"])
             else:
                 peer, note = llama_run(lb / "llama-lookup", ["-m", str(target), "-p", prompt, "-n", str(a.n),
                                                              "-t", str(th), "--temp", "0", "-c", "4096",
-                                                             "--draft-max", "8", "-ngl", "0"])
+                                                             "--spec-draft-n-max", "8", "-ngl", "0"])
             ps = f"{peer:.1f} ({note})" if peer is not None else f"- ({note})"
             print(f"| {case} | {th} | {plain:.1f} | {fast:.1f} | {fast / plain:.2f}x | "
                   f"{st.accepted_tokens}/{st.drafted_tokens}, {same} | {ps} |", flush=True)
