@@ -31,9 +31,13 @@ def register(app: typer.Typer):
                                              help="Run every step on the batched kernels, a lone sequence's too: a "
                                                   "stream's text then never depends on the load (one stream decodes "
                                                   "slower)."),
+        draft: Optional[Path] = common.Draft,
+        draft_max: int = common.DraftMax,
+        lookup: int = common.Lookup,
     ):
         """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models,
-        /health, /metrics)."""
+        /health, /metrics). With --draft or --lookup, a sequence running alone is decoded
+        speculatively (the same text, sooner)."""
         from infer.errors import InferError
         if parallel < 1 or queue < 0 or not 0 < port < 65536:
             raise InferError("--parallel must be >= 1, --queue >= 0 and --port in 1..65535")
@@ -42,6 +46,7 @@ def register(app: typer.Typer):
         from infer import serve as srv
         try:
             srv.run(model, host, port, parallel, ctx, threads, api_key, queue, prefix_cache_mb, context_policy,
-                    on_ready=notice.done, batch_invariant=batch_invariant)
+                    on_ready=notice.done, batch_invariant=batch_invariant, draft=draft, lookup=lookup,
+                    draft_max=draft_max)
         finally:
             notice.done()

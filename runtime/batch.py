@@ -153,6 +153,8 @@ class EngineMetrics:
     batch_rows: int = 0
     ttft: list = field(default_factory=list)             # seconds, the last 10000
     tps: list = field(default_factory=list)              # decode tokens/s per request
+    drafted: int = 0                                     # speculative decoding (a lone sequence)
+    accepted: int = 0
 
 
 class BatchEngine:
@@ -166,7 +168,7 @@ class BatchEngine:
 
     def __init__(self, llm, parallel: int = 4, n_ctx: int | None = None, policy: str = "stop",
                  n_keep: int = 4, chunk: int = 256, prefix_cache_mb: float = 256, max_queue: int = 64,
-                 int8_activations: bool | None = None, batch_invariant: bool = False):
+                 int8_activations: bool | None = None, batch_invariant: bool = False, speculative=None):
         """n_ctx: tokens of KV for all sequences together (default llm.n_ctx * parallel), split
         evenly: each sequence's context is n_ctx // parallel. chunk: prompt tokens run between two
         decode steps. max_queue: waiting requests beyond it are refused (QueueFullError).
@@ -174,7 +176,10 @@ class BatchEngine:
         kernels, a lone sequence too, so a sequence's tokens do not depend on what else runs (to
         the bit on int8 activations); by default a lone sequence runs the fused one-token step,
         LLM.generate's (~1.7x faster on SmolLM2), whose rounding differs from the batched step's,
-        so a greedy text may differ from its text under load where two tokens nearly tie."""
+        so a greedy text may differ from its text under load where two tokens nearly tie.
+        speculative: a SpeculativeConfig (default: llm's own, if it was opened with draft= or
+        lookup=): while one sequence runs alone its tokens are drafted and checked in one pass, as
+        LLM.generate does (same text); with several, the batched step serves them all."""
         if policy not in POLICIES:
             raise ContextError(f"context policy must be one of {', '.join(POLICIES)} (got {policy!r})")
         if parallel < 1:
@@ -213,6 +218,13 @@ class BatchEngine:
         self._closing = False
         self._error: BaseException | None = None
         self._prefill_turn = 0
+        self.spec, self.drafters, self._own_drafters = None, [], False
+        if speculative is not None:
+            from .speculative import open_drafters
+            self.drafters = open_drafters(speculative, llm)
+            self.spec, self._own_drafters = speculative, True
+        elif getattr(llm, "speculative", None) is not None:
+            self.spec, self.drafters = llm.speculative, llm._drafters
         self._thread = threading.Thread(target=self._run, name="infer-batch", daemon=True)
         self._thread.start()
 
@@ -316,6 +328,10 @@ class BatchEngine:
             self._closing = True
             self._cv.notify()
         self._thread.join(timeout)
+        if self._own_drafters:
+            for d in self.drafters:
+                d.close()
+            self.drafters = []
 
     def __enter__(self):
         return self
@@ -388,6 +404,9 @@ class BatchEngine:
                 best.kv.reset()
             del best.tokens[keep:]
         best.start(req, keep, self.tokenizer)
+        if self.spec is not None:
+            from .speculative import _Pace
+            best.pace = _Pace(self.spec.draft_max, self.spec.adaptive)
         return best
 
     def _step(self):
@@ -404,10 +423,16 @@ class BatchEngine:
         dec = [s for s in self.slots if s.req is not None and not s.todo and s.next_tok is not None]
         if dec:
             toks = [s.next_tok for s in dec]
+            lone = len(dec) == 1 and not pre and not self._queue
+            if lone and self.drafters and self._speculate(dec[0]):
+                return
             if len(dec) == 1 and self.fused_single:
                 # a lone sequence: the fused one-token step (one parallel region a token), as
                 # LLM.generate; several: one pass over the weights for all of them
+                ts = time.perf_counter()
                 lg = self.model.decode(self.scratch, dec[0].kv, toks[0]).reshape(1, -1)
+                if lone and self.drafters:
+                    dec[0].pace.plain(time.perf_counter() - ts)
             else:
                 lg = self.model.decode_batch(self.scratch, self.pool, [s.idx for s in dec], [s.kv for s in dec],
                                              toks, self.logits)
@@ -418,6 +443,68 @@ class BatchEngine:
                 s.history.append(toks[i])
                 s.next_tok = None
                 self._sample(s, lg[i])
+
+    def _speculate(self, s: _Slot) -> bool:
+        """One speculative round for the lone sequence s: drafts of the text so far run after
+        s.next_tok in one pass, the agreeing prefix kept (speculative_tokens' rule, the same text).
+        False when there is nothing worth drafting (the caller runs a plain step)."""
+        from .speculative import LookupDrafter, _check, pass_fit
+        pace, kv, req = s.pace, s.kv, s.req
+        if not pace.want():
+            return False
+        tok = s.next_tok
+        hist = s.history + [tok]
+        # room: drafts must fit the context with a token to spare (stop: the accepted ones then never
+        # end the text early), or the ring without evicting (shift: a rollback then only moves the
+        # write position back), and one pass
+        room = (self.seq_ctx - kv.offset - 2) if self.policy == "stop" else kv.room - 1
+        k = min(pace.k, req.max_tokens - s.n_gen, room, self.chunk - 1)
+        if k <= 0:
+            return False
+        drafts = []
+        for d in self.drafters:
+            kd = min(pass_fit(k, self.spec.draft_max), req.max_tokens - s.n_gen, room, self.chunk - 1) \
+                if isinstance(d, LookupDrafter) else k
+            drafts = d.propose(hist, kd)
+            if drafts:
+                break
+        if not drafts:
+            return False
+        ts = time.perf_counter()
+        lg = self.model.prefill(self.scratch, kv, [tok] + drafts, all_logits=True)
+        accepted, pending = [], None
+        for i, d in enumerate(drafts):
+            got = _check(s.sampler, lg[i], hist + accepted, d)
+            if got is None:
+                accepted.append(d)
+                if d in self.stop_ids:
+                    break
+            else:
+                pending = got
+                break
+        m = len(accepted)
+        kv.trim(len(s.tokens) + 1 + m)
+        pace.round(len(drafts), m, time.perf_counter() - ts)
+        st = req.stats
+        st.drafted_tokens += len(drafts)
+        st.accepted_tokens += m
+        self.metrics.steps += 1
+        self.metrics.batch_rows += 1
+        self.metrics.drafted += len(drafts)
+        self.metrics.accepted += m
+        s.next_tok = None
+        s.tokens.append(tok)
+        s.history.append(tok)
+        for d in accepted:      # generated tokens already in the cache
+            s.tokens.append(d)
+            s.history.append(d)
+            if not self._take(s, d, cached=True):
+                return True
+        if pending is not None:
+            self._take(s, pending)
+        else:
+            self._sample(s, lg[m])
+        return True
 
     def _prefill_chunk(self, s: _Slot):
         kv = s.kv
@@ -434,8 +521,12 @@ class BatchEngine:
             self._sample(s, logits)
 
     def _sample(self, s: _Slot, logits):
+        self._take(s, s.sampler(logits, s.history))
+
+    def _take(self, s: _Slot, tok: int, cached: bool = False) -> bool:
+        """tok is s's next generated token: emit it, or finish; False when s finished. cached:
+        tok is already in s's cache (an accepted draft), else it runs at the next step."""
         req = s.req
-        tok = s.sampler(logits, s.history)
         s.n_gen += 1
         st = req.stats
         st.generated_tokens = s.n_gen
@@ -455,11 +546,14 @@ class BatchEngine:
         if stopped:
             reason = "stop"
         if reason is None:
-            s.next_tok = tok
+            if not cached:
+                s.next_tok = tok
             if not self._emit(req, Chunk(text, tok, None, None)):
                 self._finish(s, "cancelled")
-            return
+                return False
+            return True
         self._finish(s, reason, text=text, tok=tok)
+        return False
 
     def _finish(self, s: _Slot, reason: str, err: BaseException | None = None, text: str = "", tok=None):
         req, s.req = s.req, None

@@ -250,3 +250,44 @@ def test_refusals(smollm2_path):
     assert r.returncode == 1 and r.stdout == ""
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "vocabulary differs" in lines[0], r.stderr
+
+
+def test_serve_engine_speculates_for_a_lone_sequence(exact, smollm2_path):
+    """BatchEngine (infer serve) with lookup drafts: a lone sequence's greedy text is the plain
+    one's (exact path), max_tokens and the per-sequence context end it where a plain run ends;
+    two sequences at once run batched steps with no drafts."""
+    spec = SpeculativeConfig(lookup=3, adaptive=False)
+    llm = infer.LLM(smollm2_path, n_ctx=512, n_threads=2, int8_activations=False)
+    engines = []
+    try:
+        eng = infer.BatchEngine(llm, parallel=2, n_ctx=1024, speculative=spec)
+        engines.append(eng)
+        for p in (PROMPTS[0], PROMPTS[2], PROMPTS[13]):
+            want = exact.generate(p, max_tokens=64, sampling=G).tokens
+            got = eng.generate(p, max_tokens=64, sampling=G)
+            assert len(got.tokens) == len(want)
+            _same_or_near_tie(exact, p, want, got.tokens, 2e-3)
+        assert eng.metrics.accepted > 20 and eng.metrics.drafted > eng.metrics.accepted
+        r = eng.generate(PROMPTS[1], max_tokens=7, sampling=G)
+        assert len(r.tokens) == 7 and r.finish_reason == "length" and r.stats.drafted_tokens > 0
+        # two at once: no drafts while both run
+        d0 = eng.metrics.drafted
+        streams = [eng.stream(p, max_tokens=24, sampling=G) for p in (PROMPTS[3], PROMPTS[4])]
+        firsts = [next(s) for s in streams]
+        assert all(c.finish_reason is None for c in firsts)
+        outs = [[c.token for c in s if c.token is not None] for s in streams]
+        assert all(len(o) == 23 for o in outs)
+        assert eng.metrics.drafted - d0 < 24        # only a survivor's tail, alone, may draft
+        # the context of one sequence, both policies: where and how a plain engine ends
+        for policy, n_tok in (("stop", 200), ("shift", 120)):
+            pl = infer.BatchEngine(llm, parallel=1, n_ctx=64, policy=policy)
+            sp = infer.BatchEngine(llm, parallel=1, n_ctx=64, policy=policy, speculative=spec)
+            engines += [pl, sp]
+            p = "red green blue red green blue red green blue"
+            a, b = pl.generate(p, max_tokens=n_tok, sampling=G), sp.generate(p, max_tokens=n_tok, sampling=G)
+            assert (b.finish_reason, len(b.tokens)) == (a.finish_reason, len(a.tokens)), policy
+            assert b.tokens == a.tokens and b.stats.accepted_tokens > 0, policy
+    finally:
+        for e in engines:
+            e.close()
+        llm.close()
