@@ -150,14 +150,15 @@ def check_vocab(target, draft):
 
 
 def pass_fit(k: int, kmax: int) -> int:
-    """The draft length to use for a wanted k: the int8 prompt kernels run tokens in groups of
-    MAXT (8), so a pass of k + 1 tokens costs as much as one filling its last group: k grows to
-    that (a lookup's drafts cost nothing more), within kmax."""
+    """The draft length to use for a wanted k: the int8 prompt kernels run a group's tokens in
+    spans of 2, 2 and 4 (blockir._SPANS) and groups of MAXT (8), so a pass of k + 1 tokens costs as
+    much as one filling its last span: k grows to that (a lookup's drafts cost nothing more),
+    within kmax."""
+    from .kernels.blockir import _SPANS
     from .kernels.simd import MAXT
-    full = -(-(k + 1) // MAXT) * MAXT - 1
-    if full <= kmax:
-        return full
-    return (kmax + 1) // MAXT * MAXT - 1 if kmax + 1 >= MAXT else kmax
+    n = k + 1
+    full = -(-n // MAXT) * MAXT if n > MAXT else next(b for _, b, _ in _SPANS if n <= b)
+    return max(k, min(full, kmax + 1) - 1) if k <= kmax else kmax
 
 
 class _Pace:

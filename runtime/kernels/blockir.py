@@ -531,6 +531,28 @@ def _cg_mv_i8(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xdp, xsp, outp, 
 
 # --- prefill: MAXT tokens at a time on int8 activations -----------------------------------------
 
+# the token spans of a prompt kernel's body: tokens 0-1 always, 2-3 when there are more than 2,
+# 4-7 when more than 4 (a short pass, a verify of 1-3 drafts or a step of 2-4 sequences, pays for
+# its own tokens, not the group's 8; one body for every count: compile time); the branches go the
+# same way for every group of a call
+_SPANS = ((0, 2, 0), (2, 4, 2), (4, MAXT, 4))
+
+
+def _spans(builder, ntok):
+    return [(a, b, None if k == 0 else builder.icmp_signed(">", ntok, _c(k))) for a, b, k in _SPANS]
+
+
+def _by_spans(builder, spans, fn):
+    for a, b, cond in spans:
+        if cond is None:
+            for t in range(a, b):
+                fn(t)
+        else:
+            with builder.if_then(cond, likely=True):
+                for t in range(a, b):
+                    fn(t)
+
+
 def _cg_mm_i8(fmt, builder, w_p, woff, nb, b0, nbk, xqp, xgp, g_, ntok, outp, ocols, orow, ocol):
     """Blocks b0..b0+nbk of the row at byte woff (nb blocks) times tokens MAXT g .. + ntok, added
     to out[orow + t, ocol] (stored for b0 == 0)."""
@@ -552,6 +574,7 @@ def _cg_mm_i8(fmt, builder, w_p, woff, nb, b0, nbk, xqp, xgp, g_, ntok, outp, oc
     for t in range(MAXT):
         builder.store(ZERO8, accs[t])
     builder.store(ZERO8, offs)
+    spans = _spans(builder, ntok)
     with cgutils.for_range(builder, nbk) as loop:
         b = builder.add(b0, loop.index)
         boff = builder.add(woff, builder.mul(b, _c(fmt.size)))
@@ -565,11 +588,13 @@ def _cg_mm_i8(fmt, builder, w_p, woff, nb, b0, nbk, xqp, xgp, g_, ntok, outp, oc
                                   [g.q, ir.Constant(ir.IntType(1), 0)])
             sv = _lanes(builder, g.s)
             xg0 = builder.mul(builder.add(gg, gidx), _c(32 * MAXT))
-            for t in range(MAXT):
+
+            def tok(t):
                 xv = _vload(builder, xqp, builder.add(xg0, _c(32 * t)), V32B)
                 dot = _dot_u8s8(builder, aw, _psign(builder, xv, g.q)) if fmt.signed else _dot_u8s8(builder, g.q, xv)
                 st = builder.fmul(sv, xgv(XG_L + t, gidx))
                 builder.store(_vfma(builder, st, builder.sitofp(dot, V8F), builder.load(accs[t])), accs[t])
+            _by_spans(builder, spans, tok)
             o = builder.load(offs)
             if k:
                 kc = ir.Constant(F32, -float(k))
@@ -601,9 +626,11 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
     scales and an int32 add; per block and token the offset and min terms on the tokens' integer
     sums per 16, one conversion and one fma with d times the token's scale."""
     accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXT)]
+    iaccs = [cgutils.alloca_once_value(builder, ir.Constant(V8I, [0] * 8)) for _ in range(MAXT)]
     V16H = ir.VectorType(I16, 16)
     for t in range(MAXT):
         builder.store(ZERO8, accs[t])
+    spans = _spans(builder, ntok)
     with cgutils.for_range(builder, nbk) as loop:
         b = builder.add(b0, loop.index)
         boff = builder.add(woff, builder.mul(b, _c(fmt.size)))
@@ -616,24 +643,28 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
         x0 = builder.mul(cell, _c(MAXT * 256))
         f0 = builder.mul(cell, _c(KF_CELL))
         dups = [_lane_dup(builder, ks.sc, h) for h in range(2)]
-        acc = [ir.Constant(V8I, [0] * 8)] * MAXT
+        for t in range(MAXT):
+            builder.store(ir.Constant(V8I, [0] * 8), iaccs[t])
         for j, g in enumerate(groups):
             jj = j % 4
             scj = builder.shuffle_vector(dups[j // 4], dups[j // 4],
                                          ir.Constant(ir.VectorType(I32, 16), [2 * jj] * 8 + [8 + 2 * jj + 1] * 8))
             if fmt.signed:
                 aw = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]), [g.q, ir.Constant(ir.IntType(1), 0)])
-            for t in range(MAXT):
+
+            def tok(t):
                 xv = _vload(builder, xkp, builder.add(x0, _c(256 * t + 32 * j)), V32B)
                 p = _pmaddubsw(builder, aw, _psign(builder, xv, g.q)) if fmt.signed else _pmaddubsw(builder, g.q, xv)
-                acc[t] = builder.add(acc[t], _pmaddwd(builder, p, scj))
+                builder.store(builder.add(builder.load(iaccs[t]), _pmaddwd(builder, p, scj)), iaccs[t])
+            _by_spans(builder, spans, tok)
         dk = _xvec(builder, xkfp, f0)                               # the 8 tokens' scales
         dd = builder.fmul(_bcast(builder, ks.d), dk)
         dm = builder.fmul(_bcast(builder, ks.dm), dk) if ks.m is not None else None
         bsp = builder.bitcast(builder.gep(xkfp, [builder.add(f0, _c(MAXT))]), I8.as_pointer())
-        for t in range(MAXT):
+
+        def fin(t):
             bs = _vload(builder, bsp, _c(32 * t), V16H)
-            a = acc[t]
+            a = builder.load(iaccs[t])
             if fmt.offset:
                 a = builder.sub(a, builder.shl(_pmaddwd(builder, ks.sc, bs), ir.Constant(V8I, [_shift_of(fmt.offset)] * 8)))
             sel = ir.Constant(V8I, [t] * 8)
@@ -641,6 +672,7 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
             if dm is not None:
                 f = _vfma(builder, builder.shuffle_vector(dm, dm, sel), builder.sitofp(_pmaddwd(builder, ks.m, bs), V8F), f)
             builder.store(f, accs[t])
+        _by_spans(builder, spans, fin)
     res = _hsum8(builder, [builder.load(a) for a in accs])
     first = builder.icmp_signed("==", b0, _c(0))
     for t in range(MAXT):
