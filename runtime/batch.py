@@ -448,7 +448,7 @@ class BatchEngine:
         """One speculative round for the lone sequence s: drafts of the text so far run after
         s.next_tok in one pass, the agreeing prefix kept (speculative_tokens' rule, the same text).
         False when there is nothing worth drafting (the caller runs a plain step)."""
-        from .speculative import LookupDrafter, _check, pass_fit
+        from .speculative import LookupDrafter, _check, fit_down, pass_fit
         pace, kv, req = s.pace, s.kv, s.req
         if not pace.want():
             return False
@@ -464,7 +464,7 @@ class BatchEngine:
         drafts = []
         for d in self.drafters:
             kd = min(pass_fit(k, self.spec.draft_max), req.max_tokens - s.n_gen, room, self.chunk - 1) \
-                if isinstance(d, LookupDrafter) else k
+                if isinstance(d, LookupDrafter) else fit_down(k)
             drafts = d.propose(hist, kd)
             if drafts:
                 break

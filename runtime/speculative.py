@@ -18,6 +18,7 @@ above a plain decode step's (measured in the same run), then tries again.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from dataclasses import dataclass
@@ -50,34 +51,65 @@ class SpeculativeConfig:
 
 
 class LookupDrafter:
-    """Prompt lookup: for the longest n <= N whose last n tokens occurred before, the tokens that
-    followed their latest earlier occurrence (a table per n, updated as the text grows)."""
+    """Prompt lookup: drafts copied from earlier in the text. While the model is copying (each
+    draft it accepted, or the token it chose, equals what follows the source), the drafts keep
+    following that source; otherwise the longest n <= N whose last n tokens occurred before picks
+    a new one: of their occurrences, the first at or after where the last source left off (a
+    rewrite copies its original in order, and a recent occurrence of a repeated line, such as the
+    model's own copy of an earlier line, would draft the wrong continuation), else the latest."""
 
     def __init__(self, n: int):
         self.n = n
-        self.tables = [dict() for _ in range(n + 1)]
+        self.tables = [dict() for _ in range(n + 1)]        # n-gram -> positions that follow it, ascending
         self.seen: list[int] = []
+        self.src = None         # position of the token expected next while copying
+        self.upto = 0           # the text length src is aligned with
+        self.last_src = 0       # where the last source left off
 
     def _sync(self, hist):
         s = self.seen
         if len(hist) < len(s) or hist[:len(s)] != s:        # another text: start over
             self.tables = [dict() for _ in range(self.n + 1)]
             s = self.seen = []
+            self.src, self.upto, self.last_src = None, 0, 0
         for i in range(len(s), len(hist)):
             # n-grams ending just before token i, whose continuation (token i) is now known
             for n in range(1, self.n + 1):
                 if i - n >= 0:
-                    self.tables[n][tuple(hist[i - n:i])] = i
+                    self.tables[n].setdefault(tuple(hist[i - n:i]), []).append(i)
             s.append(hist[i])
+
+    def _follow(self, hist):
+        """Advance the copy source over the tokens the text gained; None once they differ."""
+        src = self.src
+        while src is not None and self.upto < len(hist):
+            if src >= self.upto or hist[src] != hist[self.upto]:
+                self.last_src = src
+                src = None
+                break
+            src += 1
+            self.upto += 1
+        self.src = src
 
     def propose(self, hist, k):
         self._sync(hist)
-        lo = 2 if self.n >= 2 else 1          # single-token matches draft noise
-        for n in range(min(self.n, len(hist) - 1), lo - 1, -1):
-            pos = self.tables[n].get(tuple(hist[-n:]))
-            if pos is not None:
-                return list(hist[pos:pos + k])
-        return []
+        self._follow(hist)
+        L = len(hist)
+        if self.src is None:
+            lo = 2 if self.n >= 2 else 1          # single-token matches draft noise
+            for n in range(min(self.n, L - 1), lo - 1, -1):
+                at = self.tables[n].get(tuple(hist[-n:]))
+                if at:
+                    i = bisect.bisect_left(at, self.last_src)
+                    self.src = at[i] if i < len(at) and at[i] < L else at[-1]
+                    break
+            if self.src is None:
+                return []
+            self.upto = L
+        if self.src >= L:
+            self.src = None
+            return []
+        return list(hist[self.src:self.src + k])
 
     def close(self):
         pass
@@ -149,16 +181,27 @@ def check_vocab(target, draft):
                          f"{target.path}'s {target.config.n_vocab}")
 
 
+def _boundaries():
+    from .kernels.blockir import _SPANS
+    from .kernels.simd import MAXT
+    return sorted({b for _, b, _ in _SPANS} | {MAXT * i for i in range(1, 5)})
+
+
 def pass_fit(k: int, kmax: int) -> int:
     """The draft length to use for a wanted k: the int8 prompt kernels run a group's tokens in
     spans of 2, 2 and 4 (blockir._SPANS) and groups of MAXT (8), so a pass of k + 1 tokens costs as
     much as one filling its last span: k grows to that (a lookup's drafts cost nothing more),
-    within kmax."""
-    from .kernels.blockir import _SPANS
-    from .kernels.simd import MAXT
-    n = k + 1
-    full = -(-n // MAXT) * MAXT if n > MAXT else next(b for _, b, _ in _SPANS if n <= b)
-    return max(k, min(full, kmax + 1) - 1) if k <= kmax else kmax
+    within kmax; past the last boundary within kmax + 1 it shrinks to it (a pass of 9 tokens
+    costs what 16 do)."""
+    ok = [b for b in _boundaries() if b <= kmax + 1]
+    up = [b for b in ok if b >= k + 1]
+    return (up[0] if up else ok[-1]) - 1 if ok else min(k, kmax)
+
+
+def fit_down(k: int) -> int:
+    """A draft model's length k, cut to the last span boundary at or below k + 1 (its drafts cost
+    a step each: no padding up, but no pass that opens a span for one token either)."""
+    return max(1, max(b for b in _boundaries() if b <= k + 1) - 1) if k >= 1 else k
 
 
 class _Pace:
@@ -171,6 +214,7 @@ class _Pace:
         self.t_plain = None
         self.n_plain = 0
         self.t_spec = None
+        self.s_t = self.s_n = 0.0
         self.off = 0
 
     def plain(self, dt):
@@ -187,10 +231,13 @@ class _Pace:
         if not self.adaptive:
             return
         self.k = min(self.kmax, self.k + 2) if n_accepted == n_drafted else max(1, n_accepted + 1)
-        per = dt / (n_accepted + 1)
-        self.t_spec = per if self.t_spec is None else 0.6 * self.t_spec + 0.4 * per
+        # time per produced token over the recent rounds (decaying sums: one unlucky round among
+        # good ones does not turn speculation off)
+        self.s_t = dt + 0.7 * self.s_t
+        self.s_n = n_accepted + 1 + 0.7 * self.s_n
+        self.t_spec = self.s_t / self.s_n
         if self.t_plain is not None and self.t_spec > self.t_plain:
-            self.off, self.t_spec = OFF_TOKENS, None
+            self.off, self.t_spec, self.s_t, self.s_n = OFF_TOKENS, None, 0.0, 0.0
 
 
 def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, drafters=(), cfg=None):
@@ -233,7 +280,7 @@ def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, dra
             for d in drafters:
                 # a lookup's drafts are free: as many as the pass holds; a draft model's cost a
                 # decode step of its own each
-                kd = min(pass_fit(k, cfg.draft_max), max_tokens - n) if isinstance(d, LookupDrafter) else k
+                kd = min(pass_fit(k, cfg.draft_max), max_tokens - n) if isinstance(d, LookupDrafter) else fit_down(k)
                 if engine.policy == "stop":
                     kd = min(kd, engine.n_ctx - engine.kv.offset - 1)
                 drafts = d.propose(history, kd)

@@ -291,3 +291,22 @@ def test_serve_engine_speculates_for_a_lone_sequence(exact, smollm2_path):
         for e in engines:
             e.close()
         llm.close()
+
+
+def test_lookup_follows_the_copied_source():
+    """A rewrite copies its original in order: the drafts follow the source being copied, and
+    after the model departs from it they resume from where the source left off (not from the
+    latest occurrence of a repeated n-gram, such as the model's own copy of an earlier line)."""
+    from infer.speculative import LookupDrafter, pass_fit
+    d = LookupDrafter(3)
+    src = [1, 2, 3, 9, 4, 5, 6, 1, 2, 3, 8, 4, 5, 6, 1, 2, 3, 7]     # three "lines" that differ in one token
+    h = src + [50, 1, 2, 3]
+    assert d.propose(h, 4) == [9, 4, 5, 6]           # the first line, where the copy starts
+    h += [9, 4]
+    assert d.propose(h, 4) == [5, 6, 1, 2]           # still copying: the source goes on
+    h += [5, 6, 1, 2, 3, 8]
+    assert d.propose(h, 3) == [4, 5, 6]              # the second line's own 8, then on
+    h += [4, 99, 1, 2, 3]                             # the model departs, then writes "1 2 3" again
+    assert d.propose(h, 2) == [7, 50]                 # the third line: after where the copy left off
+    assert d.propose([5, 6, 5, 6, 5], 2) == [6, 5]    # another text: its own tables
+    assert [pass_fit(k, 8) for k in range(1, 9)] == [1, 3, 3, 7, 7, 7, 7, 7]
