@@ -173,24 +173,26 @@ def test_kernels(name, rows, per_row):
     # and near the float result: the int8 rounding of x is the whole difference
     assert (np.abs(out - ref @ x) <= (4e-2 if f.kscales is not None else 2e-2) * scale).all()
 
-    # the prompt's matmul, 19 tokens (groups of 8, 8, 3), against the one-token expectation
-    n = 19
-    h = rng.standard_normal((n, cols)).astype(np.float32)
-    h[:, 5] = 9.0
-    hq, xg, xk, xkf = prompt_buffers(n, cols)
-    blockir.quantize_rows(h, hq, xg, False)
-    if f.kscales is not None:
-        blockir.quantize_rows_k(h, xk, xkf, False)
-    mm = np.full((n, rows), np.nan, np.float32)
-    k.matmul_i8(buf, tab.reshape(1, -1), hq, xg, xk, xkf, mm, 2, np.zeros(2, np.int64))
-    for t in range(n):
+    # the prompt's matmul against the one-token expectation: 19 tokens (groups of 8, 8, 3: column
+    # slices on the long rows), and passes of 1, 2, 4 and 5 (whole rows up to blockir.SHORT_PASS;
+    # the token spans 0-1, 2-3, 4-7 of blockir._SPANS each run or skipped)
+    for n in (19, 1, 2, 4, 5):
+        h = rng.standard_normal((n, cols)).astype(np.float32)
+        h[:, 5] = 9.0
+        hq, xg, xk, xkf = prompt_buffers(n, cols)
+        blockir.quantize_rows(h, hq, xg, False)
         if f.kscales is not None:
-            want = k_expected(f, raw, *k_token(xk, xkf, t, cols), h[t])
-        else:
-            xdt = xg[t // 8, :, blockir.XG_L + t % 8].reshape(-1)     # token t's lane scales
-            want = i8_expected(f, raw, hq[t // 8, :, t % 8].reshape(-1), xdt, h[t])
-        sc = np.abs(ref) @ np.abs(h[t].astype(np.float64)) + 1e-30
-        assert (np.abs(mm[t] - want) <= 1e-5 * sc).all(), t
+            blockir.quantize_rows_k(h, xk, xkf, False)
+        mm = np.full((n, rows), np.nan, np.float32)
+        k.matmul_i8(buf, tab.reshape(1, -1), hq, xg, xk, xkf, mm, 2, np.zeros(2, np.int64))
+        for t in range(n):
+            if f.kscales is not None:
+                want = k_expected(f, raw, *k_token(xk, xkf, t, cols), h[t])
+            else:
+                xdt = xg[t // 8, :, blockir.XG_L + t % 8].reshape(-1)     # token t's lane scales
+                want = i8_expected(f, raw, hq[t // 8, :, t % 8].reshape(-1), xdt, h[t])
+            sc = np.abs(ref) @ np.abs(h[t].astype(np.float64)) + 1e-30
+            assert (np.abs(mm[t] - want) <= 1e-5 * sc).all(), (n, t)
 
 
 def test_mixed_formats_in_one_group():

@@ -1067,11 +1067,23 @@ MM_ROW_BYTES = 128 * 1024
 MM_COLS = 2048
 
 
+# a pass of at most SHORT_PASS tokens reads whole rows: its few tokens' activations stay in L1
+# anyway, and column slices made it read each row in pieces at the row stride (a cold line chain
+# per piece that a light pass cannot hide: the down projection of a 2-token pass ran at 4.4 GB/s)
+SHORT_PASS = 4
+
+
 @njit(fastmath=False, cache=True)
-def mm_rows_per_task(rows, cols, t, n_threads):
+def mm_slice_blocks(nb, t, n):
+    """Blocks per column slice of mm_rows for a pass of n tokens (rows of out)."""
+    return nb if n <= SHORT_PASS else max(1, min(nb, MM_COLS // BLOCK[t]))
+
+
+@njit(fastmath=False, cache=True)
+def mm_rows_per_task(rows, cols, t, n_threads, n):
     """Rows per task of qmatmul.matmul_i8_group: about 8 tasks per thread, the task's rows of one
     column slice within MM_ROW_BYTES, a multiple of 16 (tasks write whole 64-byte lines of out)."""
-    kb = max(1, min(cols, MM_COLS) // BLOCK[t])
+    kb = mm_slice_blocks(cols // BLOCK[t], t, n)
     per_thread = (rows + 8 * n_threads - 1) // (8 * n_threads)
     return max(16, min(64, MM_ROW_BYTES // (kb * BSIZE[t]), per_thread) // 16 * 16)
 
@@ -1083,7 +1095,7 @@ def mm_rows(mask, t, wu8, off, cols, xq, xg, xk, xkf, out, ocol, r0, r1):
     nb = cols // BLOCK[t]
     n = out.shape[0]
     rs = nb * BSIZE[t]
-    kb = max(1, min(nb, MM_COLS // BLOCK[t]))
+    kb = mm_slice_blocks(nb, t, n)
     for b0 in range(0, nb, kb):
         nbk = min(kb, nb - b0)
         for g in range((n + MAXT - 1) // MAXT):

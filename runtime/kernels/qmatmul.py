@@ -210,7 +210,7 @@ def matmul_i8_group(mask, wu8, tabs, xq, xg, xk, xkf, out, n_threads, starts):
     k = tabs.shape[0]
     starts[0] = 0
     for j in range(k):
-        rt = blockir.mm_rows_per_task(tabs[j, TAB_ROWS], tabs[j, TAB_COLS], tabs[j, TAB_TYPE], n_threads)
+        rt = blockir.mm_rows_per_task(tabs[j, TAB_ROWS], tabs[j, TAB_COLS], tabs[j, TAB_TYPE], n_threads, out.shape[0])
         starts[j + 1] = starts[j] + (tabs[j, TAB_ROWS] + rt - 1) // rt
     for task in prange(starts[k]):
         j = 0
@@ -219,7 +219,7 @@ def matmul_i8_group(mask, wu8, tabs, xq, xg, xk, xkf, out, n_threads, starts):
             ocol += tabs[j, TAB_ROWS]
             j += 1
         rows, cols, t = tabs[j, TAB_ROWS], tabs[j, TAB_COLS], tabs[j, TAB_TYPE]
-        rt = blockir.mm_rows_per_task(rows, cols, t, n_threads)
+        rt = blockir.mm_rows_per_task(rows, cols, t, n_threads, out.shape[0])
         r0 = (task - starts[j]) * rt
         blockir.mm_rows(mask, t, wu8, tabs[j, TAB_OFF], cols, xq, xg, xk, xkf, out, ocol, r0, min(rows, r0 + rt))
 
