@@ -448,7 +448,7 @@ class BatchEngine:
         """One speculative round for the lone sequence s: drafts of the text so far run after
         s.next_tok in one pass, the agreeing prefix kept (speculative_tokens' rule, the same text).
         False when there is nothing worth drafting (the caller runs a plain step)."""
-        from .speculative import LookupDrafter, _check, fit_down, pass_fit
+        from .speculative import accept, propose
         pace, kv, req = s.pace, s.kv, s.req
         if not pace.want():
             return False
@@ -461,27 +461,13 @@ class BatchEngine:
         k = min(pace.k, req.max_tokens - s.n_gen, room, self.chunk - 1)
         if k <= 0:
             return False
-        drafts = []
-        for d in self.drafters:
-            kd = min(pass_fit(k, self.spec.draft_max), req.max_tokens - s.n_gen, room, self.chunk - 1) \
-                if isinstance(d, LookupDrafter) else fit_down(k)
-            drafts = d.propose(hist, kd)
-            if drafts:
-                break
+        drafts = propose(self.drafters, hist, k, self.spec.draft_max,
+                         min(req.max_tokens - s.n_gen, room, self.chunk - 1))
         if not drafts:
             return False
         ts = time.perf_counter()
         lg = self.model.prefill(self.scratch, kv, [tok] + drafts, all_logits=True)
-        accepted, pending = [], None
-        for i, d in enumerate(drafts):
-            got = _check(s.sampler, lg[i], hist + accepted, d)
-            if got is None:
-                accepted.append(d)
-                if d in self.stop_ids:
-                    break
-            else:
-                pending = got
-                break
+        accepted, pending = accept(s.sampler, lg, hist, drafts, self.stop_ids)
         m = len(accepted)
         kv.trim(len(s.tokens) + 1 + m)
         pace.round(len(drafts), m, time.perf_counter() - ts)

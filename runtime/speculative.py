@@ -277,15 +277,8 @@ def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, dra
         if engine.policy == "stop":
             k = min(k, engine.n_ctx - engine.kv.offset - 1)
         if k > 0 and pace.want():
-            for d in drafters:
-                # a lookup's drafts are free: as many as the pass holds; a draft model's cost a
-                # decode step of its own each
-                kd = min(pass_fit(k, cfg.draft_max), max_tokens - n) if isinstance(d, LookupDrafter) else fit_down(k)
-                if engine.policy == "stop":
-                    kd = min(kd, engine.n_ctx - engine.kv.offset - 1)
-                drafts = d.propose(history, kd)
-                if drafts:
-                    break
+            room = engine.n_ctx - engine.kv.offset - 1 if engine.policy == "stop" else max_tokens
+            drafts = propose(drafters, history, k, cfg.draft_max, min(max_tokens - n, room))
         if not drafts:
             ts = time.perf_counter()
             logits = engine.decode(tok)
@@ -294,16 +287,7 @@ def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, dra
             continue
         ts = time.perf_counter()
         lg = engine.verify([tok] + drafts)
-        accepted = []
-        for i, d in enumerate(drafts):
-            got = _check(sampler, lg[i], history + accepted, d)
-            if got is None:
-                accepted.append(d)
-                if d in stop_ids:
-                    break
-            else:
-                pending = got
-                break
+        accepted, pending = accept(sampler, lg, history, drafts, stop_ids)
         m = len(accepted)
         engine.rollback(len(drafts) - m)
         pace.round(len(drafts), m, time.perf_counter() - ts)
@@ -322,6 +306,32 @@ def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, dra
                 return
             history.append(d)
         stats.decode_s = time.perf_counter() - t_dec
+
+
+def propose(drafters, hist, k, draft_max, limit):
+    """The first drafter's drafts for the text hist: a lookup's are free, as many as the pass
+    holds (pass_fit); a draft model's cost a decode step of its own each (fit_down); at most
+    limit tokens."""
+    for d in drafters:
+        kd = pass_fit(k, draft_max) if isinstance(d, LookupDrafter) else fit_down(k)
+        drafts = d.propose(hist, min(kd, limit))
+        if drafts:
+            return drafts
+    return []
+
+
+def accept(sampler, lg, history, drafts, stop_ids):
+    """(accepted drafts, the model's replacement token or None): drafts checked in order against
+    the verify pass's logits lg (row i: the position of drafts[i]); an accepted stop token ends it."""
+    accepted = []
+    for i, d in enumerate(drafts):
+        got = _check(sampler, lg[i], history + accepted, d)
+        if got is not None:
+            return accepted, got
+        accepted.append(d)
+        if d in stop_ids:
+            break
+    return accepted, None
 
 
 def _check(sampler, logits, history, d):
