@@ -143,6 +143,23 @@ def test_hadd_generic_equals_x86():
         np.testing.assert_array_equal(x86.view(np.uint32), ref.view(np.uint32))
 
 
+def test_hadd_i_generic_equals_x86():
+    """vphaddd (the prompt kernels' per-block token sums, simd._hsum8_i) and its generic form
+    wrap alike at the int32 limits."""
+    rng = np.random.default_rng(5)
+    lim = np.iinfo(np.int32)
+    a, b = _edge_rows([lim.min, lim.min + 1, -1, 0, 1, lim.max], [lim.min, -1, 0, 1, lim.max - 1, lim.max],
+                      8, rng, 3000, np.int32, np.int32)
+    ref = np.empty_like(a)
+    for k, (src, j) in enumerate([(a, 0), (a, 2), (b, 0), (b, 2), (a, 4), (a, 6), (b, 4), (b, 6)]):
+        ref[:, k] = ((src[:, j].astype(np.int64) + src[:, j + 1] + 2**31) % 2**32 - 2**31).astype(np.int32)
+    assert (ref == lim.min).any() and (ref == lim.max).any()
+    gen, x86 = _both(simd._hadd_i, V8I, V8I, a, b, np.int32, 8)
+    np.testing.assert_array_equal(gen, ref)
+    if x86 is not None:
+        np.testing.assert_array_equal(x86, ref)
+
+
 def _f16_kernel(native):
     @intrinsic
     def load(typingctx, w, off):

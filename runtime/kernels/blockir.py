@@ -36,7 +36,7 @@ from infer.quant.formats.base import Lane
 from . import simd
 from .isa import FM
 from .simd import (F32, I8, I16, I32, I64, MAXR, MAXT, PF_DIST, SHORT_ROW, V8F, V8I, V16S, V32B, ZERO8,
-                   _bcast, _blk_f16, _decl, _dot_u8s8, _hsum, _hsum2, _hsum8, _pmaddubsw, _pmaddwd, _prefetch, _psign,
+                   _bcast, _blk_f16, _decl, _dot_u8s8, _hsum, _hsum2, _hsum8, _hsum8_i, _pmaddubsw, _pmaddwd, _prefetch, _psign,
                    _row_switch, _vfma, _vload, _xvec)
 
 TARGET = simd.TARGET
@@ -623,14 +623,18 @@ def _cg_mm_i8(fmt, builder, w_p, woff, nb, b0, nbk, xqp, xgp, g_, ntok, outp, oc
 def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp, ocols, orow, ocol):
     """The prompt matmul of a 256-value format as Q8_K dot products (quantize_rows_k): per block
     and group the group's q and half scales once, then per token vpmaddubsw, vpmaddwd with the
-    scales and an int32 add; per block and token the offset and min terms on the tokens' integer
-    sums per 16, one conversion and one fma with d times the token's scale."""
-    accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(MAXT)]
+    scales and an int32 add; per block the offset term on the tokens' integer sums per 16 (one
+    vpmaddwd per token, subtracted as an integer), the tokens' eight int32 lanes summed into one
+    vector over the tokens (six vphaddd), the mins' the same way, one conversion and one fma each
+    with d (dm) times the tokens' scales: a single float accumulator whose lanes are the tokens.
+    (A float accumulator per token took 8 of the 16 vector registers and 3-4 shuffles, converts
+    and fmas per token and block: half the instructions of a block beside the dot products.)"""
     iaccs = [cgutils.alloca_once_value(builder, ir.Constant(V8I, [0] * 8)) for _ in range(MAXT)]
+    maccs = [cgutils.alloca_once_value(builder, ir.Constant(V8I, [0] * 8)) for _ in range(MAXT)]
+    acc = cgutils.alloca_once_value(builder, ZERO8)
     V16H = ir.VectorType(I16, 16)
-    for t in range(MAXT):
-        builder.store(ZERO8, accs[t])
     spans = _spans(builder, ntok)
+    has_m = None
     with cgutils.for_range(builder, nbk) as loop:
         b = builder.add(b0, loop.index)
         boff = builder.add(woff, builder.mul(b, _c(fmt.size)))
@@ -639,12 +643,15 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
         e = Emit(builder, w_p, boff, fmt.size)
         groups = fmt.unpack(e)
         ks = fmt.kscales(e)
+        has_m = ks.m is not None
         cell = builder.add(builder.mul(g_, nb), b)                  # (token group, block)
         x0 = builder.mul(cell, _c(MAXT * 256))
         f0 = builder.mul(cell, _c(KF_CELL))
         dups = [_lane_dup(builder, ks.sc, h) for h in range(2)]
         for t in range(MAXT):
             builder.store(ir.Constant(V8I, [0] * 8), iaccs[t])
+            if has_m:
+                builder.store(ir.Constant(V8I, [0] * 8), maccs[t])
         for j, g in enumerate(groups):
             jj = j % 4
             scj = builder.shuffle_vector(dups[j // 4], dups[j // 4],
@@ -658,22 +665,25 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
                 builder.store(builder.add(builder.load(iaccs[t]), _pmaddwd(builder, p, scj)), iaccs[t])
             _by_spans(builder, spans, tok)
         dk = _xvec(builder, xkfp, f0)                               # the 8 tokens' scales
-        dd = builder.fmul(_bcast(builder, ks.d), dk)
-        dm = builder.fmul(_bcast(builder, ks.dm), dk) if ks.m is not None else None
         bsp = builder.bitcast(builder.gep(xkfp, [builder.add(f0, _c(MAXT))]), I8.as_pointer())
 
         def fin(t):
             bs = _vload(builder, bsp, _c(32 * t), V16H)
-            a = builder.load(iaccs[t])
             if fmt.offset:
+                a = builder.load(iaccs[t])
                 a = builder.sub(a, builder.shl(_pmaddwd(builder, ks.sc, bs), ir.Constant(V8I, [_shift_of(fmt.offset)] * 8)))
-            sel = ir.Constant(V8I, [t] * 8)
-            f = _vfma(builder, builder.shuffle_vector(dd, dd, sel), builder.sitofp(a, V8F), builder.load(accs[t]))
-            if dm is not None:
-                f = _vfma(builder, builder.shuffle_vector(dm, dm, sel), builder.sitofp(_pmaddwd(builder, ks.m, bs), V8F), f)
-            builder.store(f, accs[t])
-        _by_spans(builder, spans, fin)
-    res = _hsum8(builder, [builder.load(a) for a in accs])
+                builder.store(a, iaccs[t])
+            if has_m:
+                builder.store(_pmaddwd(builder, ks.m, bs), maccs[t])
+        if fmt.offset or has_m:
+            _by_spans(builder, spans, fin)
+        tot = builder.sitofp(_hsum8_i(builder, [builder.load(a) for a in iaccs]), V8F)
+        f = _vfma(builder, builder.fmul(_bcast(builder, ks.d), dk), tot, builder.load(acc))
+        if has_m:
+            mt = builder.sitofp(_hsum8_i(builder, [builder.load(a) for a in maccs]), V8F)
+            f = _vfma(builder, builder.fmul(_bcast(builder, ks.dm), dk), mt, f)
+        builder.store(f, acc)
+    res = builder.load(acc)
     first = builder.icmp_signed("==", b0, _c(0))
     for t in range(MAXT):
         with builder.if_then(builder.icmp_signed("<", _c(t), ntok)):

@@ -338,6 +338,28 @@ def _hadd(builder, a, b, native=None):
                         builder.shuffle_vector(a, b, ir.Constant(i32x8, [1, 3, 9, 11, 5, 7, 13, 15])))
 
 
+def _hadd_i(builder, a, b, native=None):
+    """vphaddd of two <8 x i32> (the lanes of _hadd, wrapping adds); the intrinsic when compiling
+    for AVX2 (native: force either way), else the same adds."""
+    if TARGET.avx2 if native is None else native:
+        return builder.call(_decl(builder, "llvm.x86.avx2.phadd.d", V8I, [V8I, V8I]), [a, b])
+    i32x8 = ir.VectorType(I32, 8)
+    return builder.add(builder.shuffle_vector(a, b, ir.Constant(i32x8, [0, 2, 8, 10, 4, 6, 12, 14])),
+                       builder.shuffle_vector(a, b, ir.Constant(i32x8, [1, 3, 9, 11, 5, 7, 13, 15])))
+
+
+def _hsum8_i(builder, vs):
+    """[sum(vs[0]), ..., sum(vs[7])] for eight <8 x i32> (wrapping): six vphaddd, two lane
+    permutes, an add."""
+    h = [_hadd_i(builder, vs[i], vs[i + 1]) for i in range(0, 8, 2)]
+    a = _hadd_i(builder, h[0], h[1])
+    b = _hadd_i(builder, h[2], h[3])
+    i32x8 = ir.VectorType(I32, 8)
+    lo = builder.shuffle_vector(a, b, ir.Constant(i32x8, [0, 1, 2, 3, 8, 9, 10, 11]))
+    hi = builder.shuffle_vector(a, b, ir.Constant(i32x8, [4, 5, 6, 7, 12, 13, 14, 15]))
+    return builder.add(lo, hi)
+
+
 def _hsum2(builder, a, b):
     """(sum(a), sum(b)) of two <8 x float>: vhaddps, one 128-bit add, two shuffles and an add."""
     h = _hadd(builder, a, b)                # [a01 a23 b01 b23 | a45 a67 b45 b67]
