@@ -3,7 +3,7 @@
 `llama-speculative` / `llama-lookup` on the same files and prompts beside it (issue 17).
 
     python bench/speculative.py [--models /work/models] [--smollm2 FILE] [-t 1,2] [-n 128]
-        [--llama-bin /work/llamacpp/bin] [--only lookup|draft|miss]
+        [--llama-bin /work/llamacpp/bin] [--only rewrite|code|miss] [--rounds 3]
 
 Cases (greedy; a chat-formatted prompt, rendered by the target's template and given to both tools
 as the same text):
@@ -12,13 +12,14 @@ as the same text):
   code     the 0.5B as a draft (--draft) for the 1.5B, completing code
   miss     prompt lookup on a story: drafts mostly rejected (speculation must switch itself off)
 Each infer figure is the generation's own decode tokens/s (Stats.decode_tps), plain then
-speculative in the same process; llama.cpp's is the "decoded N tokens in T s" of its tool.
+speculative in the same process, medians of --rounds alternating runs; llama.cpp's is the "decoded N tokens in T s" of its tool.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -53,17 +54,32 @@ CASES = {
 }
 
 
-def infer_run(target, prompt_text, n, threads, **spec):
-    with infer.LLM(target, n_ctx=4096, n_threads=threads, **spec) as llm:
-        ids = llm.tokenizer.encode(prompt_text, add_bos=None, special=True)
-        # load (or compile) every kernel the timed run uses, a verify pass's too (a repetitive
-        # text makes the lookup draft)
-        llm.generate(ids[:8], max_tokens=4, sampling=infer.SamplingParams.greedy())
-        if spec:
-            llm.generate("one two three one two three one two three one two", max_tokens=12,
-                         sampling=infer.SamplingParams.greedy())
-        r = llm.generate(ids, max_tokens=n, sampling=infer.SamplingParams.greedy())
-        return r.stats.decode_tps, r.stats, r.tokens
+def _warm(llm, ids, spec):
+    # load (or compile) every kernel the timed run uses, a verify pass's too (a repetitive text
+    # makes the lookup draft)
+    llm.generate(ids[:8], max_tokens=4, sampling=infer.SamplingParams.greedy())
+    if spec:
+        llm.generate("one two three one two three one two three one two", max_tokens=12,
+                     sampling=infer.SamplingParams.greedy())
+
+
+def infer_pair(target, prompt_text, n, threads, rounds, **spec):
+    """Plain and speculative decode tokens/s, medians of `rounds` alternating runs (plain, spec,
+    plain, ...) of two contexts in one process: a shared machine's speed drifts within minutes,
+    and each ratio compares runs seconds apart. Returns (plain, spec, stats, same_text)."""
+    with infer.LLM(target, n_ctx=4096, n_threads=threads) as plain, \
+            infer.LLM(target, n_ctx=4096, n_threads=threads, **spec) as fast:
+        ids = plain.tokenizer.encode(prompt_text, add_bos=None, special=True)
+        _warm(plain, ids, False)
+        _warm(fast, ids, True)
+        a, b, st, same = [], [], None, True
+        for _ in range(rounds):
+            ra = plain.generate(ids, max_tokens=n, sampling=infer.SamplingParams.greedy())
+            rb = fast.generate(ids, max_tokens=n, sampling=infer.SamplingParams.greedy())
+            a.append(ra.stats.decode_tps)
+            b.append(rb.stats.decode_tps)
+            st, same = rb.stats, same and ra.tokens == rb.tokens
+        return statistics.median(a), statistics.median(b), st, same
 
 
 def llama_run(binary, args, timeout=1800):
@@ -88,6 +104,7 @@ def main():
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--llama-bin", default="/work/llamacpp/bin")
     ap.add_argument("--only", default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating plain/speculative runs (medians)")
     a = ap.parse_args()
     models = Path(a.models)
     q15, q05 = models / QWEN15, models / QWEN05
@@ -111,9 +128,8 @@ def main():
             prompt = t.chat_template.render([{"role": "user", "content": text}], add_generation_prompt=True)
         spec = {"draft": str(q05)} if case == "code" else {"lookup": 3}
         for th in (int(x) for x in a.threads.split(",")):
-            plain, _, toks_a = infer_run(target, prompt, a.n, th)
-            fast, st, toks_b = infer_run(target, prompt, a.n, th, **spec)
-            same = "same text" if toks_a == toks_b else "text differs"
+            plain, fast, st, same = infer_pair(target, prompt, a.n, th, a.rounds, **spec)
+            same = "same text" if same else "text differs"
             if case == "code":
                 peer, note = llama_run(lb / "llama-speculative", ["-m", str(target), "-md", str(q05), "-p", prompt,
                                                                   "-n", str(a.n), "-t", str(th), "-td", str(th),

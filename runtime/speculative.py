@@ -30,6 +30,7 @@ from .errors import InferError
 from .generate import finish_reason
 
 OFF_TOKENS = 32        # tokens decoded plainly after speculation did not pay, before trying again
+OFF_MAX = 256          # ... doubled each time it still does not pay, up to this
 
 
 @dataclass
@@ -216,6 +217,7 @@ class _Pace:
         self.t_spec = None
         self.s_t = self.s_n = 0.0
         self.off = 0
+        self.backoff = OFF_TOKENS
 
     def plain(self, dt):
         # the first step after a prompt may still load kernels: the average starts at the second
@@ -237,7 +239,12 @@ class _Pace:
         self.s_n = n_accepted + 1 + 0.7 * self.s_n
         self.t_spec = self.s_t / self.s_n
         if self.t_plain is not None and self.t_spec > self.t_plain:
-            self.off, self.t_spec, self.s_t, self.s_n = OFF_TOKENS, None, 0.0, 0.0
+            # off for a while, longer each time in a row (a text where drafts keep failing pays
+            # for a probe every OFF_MAX tokens, not every OFF_TOKENS)
+            self.off, self.t_spec, self.s_t, self.s_n = self.backoff, None, 0.0, 0.0
+            self.backoff = min(OFF_MAX, 2 * self.backoff)
+        elif n_accepted:
+            self.backoff = OFF_TOKENS
 
 
 def speculative_tokens(engine, prompt, sampler, max_tokens, stop_ids, stats, drafters=(), cfg=None):

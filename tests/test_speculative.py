@@ -310,3 +310,30 @@ def test_lookup_follows_the_copied_source():
     assert d.propose(h, 2) == [7, 50]                 # the third line: after where the copy left off
     assert d.propose([5, 6, 5, 6, 5], 2) == [6, 5]    # another text: its own tables
     assert [pass_fit(k, 8) for k in range(1, 9)] == [1, 3, 3, 7, 7, 7, 7, 7]
+
+
+def test_pace_backs_off_while_drafts_keep_failing():
+    """Speculation that does not pay turns itself off for OFF_TOKENS plain tokens, twice as long
+    each time in a row (up to OFF_MAX), and back to OFF_TOKENS after a round that pays."""
+    from infer.speculative import OFF_MAX, OFF_TOKENS, _Pace
+    p = _Pace(8, True)
+    for _ in range(3):
+        p.plain(0.010)                  # a plain step: 10 ms
+    assert p.want()
+
+    def off_after_failing_round():
+        for _ in range(10):             # decaying sums: a failing round after good ones may not turn it off yet
+            p.round(4, 0, 0.030)        # 30 ms for one token: worse than plain
+            if not p.want():
+                break
+        n = 0
+        while not p.want():
+            p.plain(0.010)
+            n += 1
+        return n
+
+    offs = [off_after_failing_round() for _ in range(6)]
+    assert offs == [min(OFF_MAX, OFF_TOKENS * 2 ** i) for i in range(6)], offs
+    p.round(4, 4, 0.015)                # 5 tokens in 15 ms: pays
+    assert p.want() and p.k == 3            # 1 after the failures, + 2 on full acceptance
+    assert off_after_failing_round() == OFF_TOKENS
