@@ -144,7 +144,7 @@ def test_hadd_generic_equals_x86():
 
 
 def test_hadd_i_generic_equals_x86():
-    """vphaddd (the prompt kernels' per-block token sums, simd._hsum8_i) and its generic form
+    """vphaddd (the prompt kernels' per-block token sums, simd._hsum8 on integers) and its generic form
     wrap alike at the int32 limits."""
     rng = np.random.default_rng(5)
     lim = np.iinfo(np.int32)
@@ -154,7 +154,7 @@ def test_hadd_i_generic_equals_x86():
     for k, (src, j) in enumerate([(a, 0), (a, 2), (b, 0), (b, 2), (a, 4), (a, 6), (b, 4), (b, 6)]):
         ref[:, k] = ((src[:, j].astype(np.int64) + src[:, j + 1] + 2**31) % 2**32 - 2**31).astype(np.int32)
     assert (ref == lim.min).any() and (ref == lim.max).any()
-    gen, x86 = _both(simd._hadd_i, V8I, V8I, a, b, np.int32, 8)
+    gen, x86 = _both(simd._hadd, V8I, V8I, a, b, np.int32, 8)
     np.testing.assert_array_equal(gen, ref)
     if x86 is not None:
         np.testing.assert_array_equal(x86, ref)

@@ -36,7 +36,7 @@ from infer.quant.formats.base import Lane
 from . import simd
 from .isa import FM
 from .simd import (F32, I8, I16, I32, I64, MAXR, MAXT, PF_DIST, SHORT_ROW, V8F, V8I, V16S, V32B, ZERO8,
-                   _bcast, _blk_f16, _decl, _dot_u8s8, _hsum, _hsum2, _hsum8, _hsum8_i, _pmaddubsw, _pmaddwd, _prefetch, _psign,
+                   _bcast, _blk_f16, _decl, _dot_u8s8, _hsum, _hsum2, _hsum8, _pmaddubsw, _pmaddwd, _prefetch, _psign,
                    _row_switch, _vfma, _vload, _xvec)
 
 TARGET = simd.TARGET
@@ -625,7 +625,7 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
     and group the group's q and half scales once, then per token vpmaddubsw, vpmaddwd with the
     scales and an int32 add; per block the offset term on the tokens' integer sums per 16 (one
     vpmaddwd per token, subtracted as an integer), the tokens' eight int32 lanes summed into one
-    vector over the tokens (six vphaddd), the mins' the same way, one conversion and one fma each
+    vector over the tokens (six vphaddd, simd._hsum8), the mins' the same way, one conversion and one fma each
     with d (dm) times the tokens' scales: a single float accumulator whose lanes are the tokens.
     (A float accumulator per token took 8 of the 16 vector registers and 3-4 shuffles, converts
     and fmas per token and block: half the instructions of a block beside the dot products.)"""
@@ -634,7 +634,6 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
     acc = cgutils.alloca_once_value(builder, ZERO8)
     V16H = ir.VectorType(I16, 16)
     spans = _spans(builder, ntok)
-    has_m = None
     with cgutils.for_range(builder, nbk) as loop:
         b = builder.add(b0, loop.index)
         boff = builder.add(woff, builder.mul(b, _c(fmt.size)))
@@ -677,10 +676,10 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
                 builder.store(_pmaddwd(builder, ks.m, bs), maccs[t])
         if fmt.offset or has_m:
             _by_spans(builder, spans, fin)
-        tot = builder.sitofp(_hsum8_i(builder, [builder.load(a) for a in iaccs]), V8F)
+        tot = builder.sitofp(_hsum8(builder, [builder.load(a) for a in iaccs]), V8F)
         f = _vfma(builder, builder.fmul(_bcast(builder, ks.d), dk), tot, builder.load(acc))
         if has_m:
-            mt = builder.sitofp(_hsum8_i(builder, [builder.load(a) for a in maccs]), V8F)
+            mt = builder.sitofp(_hsum8(builder, [builder.load(a) for a in maccs]), V8F)
             f = _vfma(builder, builder.fmul(_bcast(builder, ks.dm), dk), mt, f)
         builder.store(f, acc)
     res = builder.load(acc)

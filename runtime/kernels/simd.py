@@ -329,35 +329,17 @@ def _dot_u8s8(builder, u, s):
 
 
 def _hadd(builder, a, b, native=None):
-    """vhaddps of two <8 x float>: [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7];
-    the intrinsic when compiling for AVX (native: force either way), else the same adds."""
-    if TARGET.avx if native is None else native:
-        return builder.call(_decl(builder, "llvm.x86.avx.hadd.ps.256", V8F, [V8F, V8F]), [a, b])
+    """vhaddps / vphaddd of two <8 x float> / <8 x i32>: [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7,
+    b4+b5, b6+b7] (integers wrap); the intrinsic when compiling for AVX (floats) or AVX2 (integers)
+    (native: force either way), else the same adds."""
+    ints = a.type == V8I
+    if (TARGET.avx2 if ints else TARGET.avx) if native is None else native:
+        name, ty = ("llvm.x86.avx2.phadd.d", V8I) if ints else ("llvm.x86.avx.hadd.ps.256", V8F)
+        return builder.call(_decl(builder, name, ty, [ty, ty]), [a, b])
     i32x8 = ir.VectorType(I32, 8)
-    return builder.fadd(builder.shuffle_vector(a, b, ir.Constant(i32x8, [0, 2, 8, 10, 4, 6, 12, 14])),
-                        builder.shuffle_vector(a, b, ir.Constant(i32x8, [1, 3, 9, 11, 5, 7, 13, 15])))
-
-
-def _hadd_i(builder, a, b, native=None):
-    """vphaddd of two <8 x i32> (the lanes of _hadd, wrapping adds); the intrinsic when compiling
-    for AVX2 (native: force either way), else the same adds."""
-    if TARGET.avx2 if native is None else native:
-        return builder.call(_decl(builder, "llvm.x86.avx2.phadd.d", V8I, [V8I, V8I]), [a, b])
-    i32x8 = ir.VectorType(I32, 8)
-    return builder.add(builder.shuffle_vector(a, b, ir.Constant(i32x8, [0, 2, 8, 10, 4, 6, 12, 14])),
-                       builder.shuffle_vector(a, b, ir.Constant(i32x8, [1, 3, 9, 11, 5, 7, 13, 15])))
-
-
-def _hsum8_i(builder, vs):
-    """[sum(vs[0]), ..., sum(vs[7])] for eight <8 x i32> (wrapping): six vphaddd, two lane
-    permutes, an add."""
-    h = [_hadd_i(builder, vs[i], vs[i + 1]) for i in range(0, 8, 2)]
-    a = _hadd_i(builder, h[0], h[1])
-    b = _hadd_i(builder, h[2], h[3])
-    i32x8 = ir.VectorType(I32, 8)
-    lo = builder.shuffle_vector(a, b, ir.Constant(i32x8, [0, 1, 2, 3, 8, 9, 10, 11]))
-    hi = builder.shuffle_vector(a, b, ir.Constant(i32x8, [4, 5, 6, 7, 12, 13, 14, 15]))
-    return builder.add(lo, hi)
+    return (builder.add if ints else builder.fadd)(
+        builder.shuffle_vector(a, b, ir.Constant(i32x8, [0, 2, 8, 10, 4, 6, 12, 14])),
+        builder.shuffle_vector(a, b, ir.Constant(i32x8, [1, 3, 9, 11, 5, 7, 13, 15])))
 
 
 def _hsum2(builder, a, b):
@@ -386,13 +368,14 @@ def _psign(builder, x, w, native=None):
 
 
 def _hsum8(builder, vs):
-    """[sum(vs[0]), ..., sum(vs[7])] for eight <8 x float>: six vhaddps, two lane permutes, an add."""
+    """[sum(vs[0]), ..., sum(vs[7])] for eight <8 x float> or <8 x i32> (wrapping): six vhaddps /
+    vphaddd, two lane permutes, an add."""
     h = [_hadd(builder, vs[i], vs[i + 1]) for i in range(0, 8, 2)]
     a = _hadd(builder, h[0], h[1])           # [s0lo s1lo s2lo s3lo | s0hi s1hi s2hi s3hi]
     b = _hadd(builder, h[2], h[3])           # the same for vs[4:8]
     i32x8 = ir.VectorType(I32, 8)
     lo = builder.shuffle_vector(a, b, ir.Constant(i32x8, [0, 1, 2, 3, 8, 9, 10, 11]))
     hi = builder.shuffle_vector(a, b, ir.Constant(i32x8, [4, 5, 6, 7, 12, 13, 14, 15]))
-    return builder.fadd(lo, hi)
+    return (builder.add if lo.type == V8I else builder.fadd)(lo, hi)
 
 
