@@ -36,7 +36,7 @@ from infer.quant.formats.base import Lane
 from . import simd
 from .isa import FM
 from .simd import (F32, I8, I16, I32, I64, MAXR, MAXT, PF_DIST, SHORT_ROW, V8F, V8I, V16S, V32B, ZERO8,
-                   _bcast, _blk_f16, _decl, _dot_u8s8, _hsum, _hsum2, _hsum8, _pmaddubsw, _pmaddwd, _prefetch, _psign,
+                   _bcast, _blk_f16, _decl, _dot_u8s8, _dpwssd, _hsum, _hsum2, _hsum8, _pmaddubsw, _pmaddwd, _prefetch, _psign,
                    _row_switch, _vfma, _vload, _xvec)
 
 TARGET = simd.TARGET
@@ -449,7 +449,7 @@ def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0)
             jj = j % 4
             scj = builder.shuffle_vector(dups[j // 4], dups[j // 4],
                                          ir.Constant(ir.VectorType(I32, 16), [2 * jj] * 8 + [8 + 2 * jj + 1] * 8))
-            acc = builder.add(acc, _pmaddwd(builder, p, scj))
+            acc = _dpwssd(builder, acc, p, scj)
         bs = _vload(builder, bsp, builder.mul(b, _c(32)), V16H)
         if fmt.offset:
             off = _pmaddwd(builder, ks.sc, bs)
@@ -661,7 +661,7 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
             def tok(t):
                 xv = _vload(builder, xkp, builder.add(x0, _c(256 * t + 32 * j)), V32B)
                 p = _pmaddubsw(builder, aw, _psign(builder, xv, g.q)) if fmt.signed else _pmaddubsw(builder, g.q, xv)
-                builder.store(builder.add(builder.load(iaccs[t]), _pmaddwd(builder, p, scj)), iaccs[t])
+                builder.store(_dpwssd(builder, builder.load(iaccs[t]), p, scj), iaccs[t])
             _by_spans(builder, spans, tok)
         dk = _xvec(builder, xkfp, f0)                               # the 8 tokens' scales
         bsp = builder.bitcast(builder.gep(xkfp, [builder.add(f0, _c(MAXT))]), I8.as_pointer())

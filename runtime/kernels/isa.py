@@ -35,6 +35,10 @@ _NEEDS = {
     "avx2": ("avx",), "avxvnni": ("avx2",), "avx512f": ("avx2", "f16c", "fma"),
 }
 _TRACKED = ("avx", "avx2", "f16c", "fma")
+# int8 dot products with accumulation on 256-bit vectors (vpdpbusd, vpdpwssd): AVX-512 VNNI with
+# AVX-512 VL (the EVEX form of the ymm instructions), or AVX-VNNI (the VEX form); LLVM lowers the
+# same intrinsics to either
+_VNNI_PARTS = ("avx512vnni", "avx512vl", "avxvnni")
 
 # LLVM x86 CPU models and what they enable of _TRACKED, for a NUMBA_CPU_FEATURES that leaves a
 # feature unsaid (e.g. empty); a model not listed here enables none of them.
@@ -47,8 +51,16 @@ _AVX2 = ("haswell core-avx2 broadwell skylake alderlake raptorlake meteorlake ar
 _FMA = "bdver2 bdver3".split()                   # AVX, FMA3, F16C, no AVX2
 _F16C = "ivybridge core-avx-i btver2".split()
 _AVX = "sandybridge corei7-avx bdver1".split()
+_VNNI512 = ("cascadelake cooperlake icelake-client icelake-server rocketlake tigerlake sapphirerapids "
+            "graniterapids graniterapids-d emeraldrapids diamondrapids znver4 znver5").split()
+_AVXVNNI = ("alderlake raptorlake meteorlake arrowlake arrowlake-s arrowlake_s lunarlake pantherlake gracemont "
+            "sierraforest grandridge clearwaterforest").split()
 _CPU_FEATURES = {**{c: ("avx512f",) for c in _AVX512}, **{c: ("avx2", "f16c", "fma") for c in _AVX2},
                  **{c: ("f16c", "fma") for c in _FMA}, **{c: ("f16c",) for c in _F16C}, **{c: ("avx",) for c in _AVX}}
+for _c in _VNNI512:
+    _CPU_FEATURES[_c] = _CPU_FEATURES[_c] + ("avx512vnni", "avx512vl")
+for _c in _AVXVNNI:
+    _CPU_FEATURES[_c] = _CPU_FEATURES[_c] + ("avxvnni",)
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class Target:
     avx2: bool           # 256-bit integer ops: llvm.x86.avx2.* intrinsics
     f16c: bool           # x86's f16 -> f32 conversion (vcvtph2ps)
     fma: bool            # fused multiply-add in hardware: FMA3 on x86, every AArch64 CPU
+    vnni: bool           # x86 vpdpbusd / vpdpwssd on ymm registers (AVX-512 VNNI + VL, or AVX-VNNI)
     fp16: bool           # f16 -> f32 in hardware: F16C on x86, every AArch64 CPU; otherwise LLVM
                          # would call __extendhfsf2, which Numba's JIT does not link (simd converts
                          # the bits itself then)
@@ -80,7 +93,7 @@ def _needs(f):
 
 
 def x86_features(cpu: str, features: str) -> dict:
-    """{avx, avx2, f16c, fma: bool} that LLVM enables for CPU model `cpu` with feature string
+    """{avx, avx2, f16c, fma, vnni: bool} that LLVM enables for CPU model `cpu` with feature string
     `features` (applied in order after the model's own, as LLVM does)."""
     on: set = set()
 
@@ -102,13 +115,15 @@ def x86_features(cpu: str, features: str) -> dict:
         tok = tok.strip()
         if len(tok) > 1 and tok[0] in "+-":
             (enable if tok[0] == "+" else disable)(tok[1:])
-    return {f: f in on for f in _TRACKED}
+    out = {f: f in on for f in _TRACKED}
+    out["vnni"] = {"avx512vnni", "avx512vl"} <= on or "avxvnni" in on
+    return out
 
 
 def make_target(triple: str, cpu: str, features: str) -> Target:
     arch = triple.split("-", 1)[0].lower()
     x86 = arch in ("x86_64", "amd64", "i386", "i486", "i586", "i686")
-    fs = x86_features(cpu, features) if x86 else dict.fromkeys(_TRACKED, False)
+    fs = x86_features(cpu, features) if x86 else dict.fromkeys(_TRACKED + ("vnni",), False)
     arm64 = arch in ("aarch64", "arm64", "aarch64_be")
     if not x86:
         fs["fma"] = arm64

@@ -323,8 +323,36 @@ def _pmaddwd(builder, a, b, native=None):
     return builder.add(*prod)
 
 
+_QUAD = [ir.Constant(ir.VectorType(I32, 8), list(range(k, 32, 4))) for k in range(4)]
+
+
+def _dpbusd(builder, acc, u, s, native=None):
+    """<8 x i32>: acc[i] + u[4i] * s[4i] + ... + u[4i+3] * s[4i+3] (u unsigned, s signed bytes,
+    <32 x i8>; no saturation, the sum wraps like vpdpbusd). vpdpbusd when compiling for a CPU with
+    VNNI on ymm (native: force either way), else the same in i32 arithmetic."""
+    if TARGET.vnni if native is None else native:
+        f = _decl(builder, "llvm.x86.avx512.vpdpbusd.256", V8I, [V8I, V8I, V8I])
+        return builder.call(f, [acc, builder.bitcast(u, V8I), builder.bitcast(s, V8I)])
+    q = [builder.mul(builder.zext(builder.shuffle_vector(u, u, k), V8I),
+                     builder.sext(builder.shuffle_vector(s, s, k), V8I)) for k in _QUAD]
+    return builder.add(acc, builder.add(builder.add(q[0], q[1]), builder.add(q[2], q[3])))
+
+
+def _dpwssd(builder, acc, a, b, native=None):
+    """<8 x i32>: acc + vpmaddwd(a, b) (a, b <16 x i16>; wraps): one vpdpwssd on a CPU with VNNI
+    on ymm (native: force either way), else vpmaddwd + vpaddd (or their generic IR)."""
+    if TARGET.vnni if native is None else native:
+        f = _decl(builder, "llvm.x86.avx512.vpdpwssd.256", V8I, [V8I, V8I, V8I])
+        return builder.call(f, [acc, builder.bitcast(a, V8I), builder.bitcast(b, V8I)])
+    return builder.add(acc, _pmaddwd(builder, a, b, native=False if native is False else None))
+
+
 def _dot_u8s8(builder, u, s):
-    """<8 x i32> pairwise sums of u (unsigned bytes) * s (signed bytes), as vpmaddubsw + vpmaddwd."""
+    """<8 x i32> sums of 4 products of u (unsigned bytes) * s (signed bytes): one vpdpbusd with
+    VNNI, else vpmaddubsw + vpmaddwd, which equal it while no pair of products leaves int16
+    (every format's |q| * 127 * 2 <= 32512)."""
+    if TARGET.vnni:
+        return _dpbusd(builder, ir.Constant(V8I, [0] * 8), u, s)
     return _pmaddwd(builder, _pmaddubsw(builder, u, s), ir.Constant(V16S, [1] * 16))
 
 
