@@ -67,7 +67,7 @@ def _machine_line():
         pass
     from infer.kernels import isa
     t = isa.target()
-    flags = ",".join(k for k in ("avx", "avx2", "fma", "f16c") if getattr(t, k))
+    flags = ",".join(k for k in ("avx", "avx2", "fma", "f16c", "vnni") if getattr(t, k))
     try:
         with open("/proc/cpuinfo") as f:
             txt = f.read()

@@ -64,11 +64,11 @@ V32B, V16S, V8I, V8F = simd.V32B, simd.V16S, simd.V8I, simd.V8F
 I8, I16 = np.iinfo(np.int8), np.iinfo(np.int16)
 
 
-def _both(fn, tin, tout, a, b, out_dtype, width):
-    """(generic, x86 or None) results of fn on the rows of a and b."""
+def _both(fn, tin, tout, a, b, out_dtype, width, have=T.avx2):
+    """(generic, x86 or None) results of fn on the rows of a and b (x86: where the host `have`s it)."""
     res = []
     for native in (False, True):
-        if native and not T.avx2:
+        if native and not have:
             res.append(None)
             continue
         out = np.zeros((a.shape[0], width), out_dtype)
@@ -195,6 +195,40 @@ def _half_vec_kernel(hw):
     return f
 
 
+_ACC = [2**31 - 5, -2**31, -1, 0, 1, 7, -2**31 + 3, 123456]     # a fixed accumulator, with wraps
+
+
+def _with_acc(fn):
+    def f(builder, a, b, native=None):
+        return fn(builder, ir.Constant(V8I, _ACC), a, b, native=native)
+    return f
+
+
+def test_dpbusd_generic_equals_x86():
+    """vpdpbusd (VNNI: the int8 dot products of the 32-value formats where the CPU has it) and its
+    generic form: acc + four u8 x s8 products per lane, no saturation, wrapping."""
+    rng = np.random.default_rng(6)
+    u, s = _edge_rows([0, 1, 127, 128, 255], [-128, -127, -1, 0, 1, 127], 32, rng, 3000, np.uint8, np.int8)
+    p = (u.astype(np.int64) * s.astype(np.int64)).reshape(-1, 8, 4).sum(2) + np.array(_ACC)
+    ref = ((p + 2**31) % 2**32 - 2**31).astype(np.int32)
+    gen, x86 = _both(_with_acc(simd._dpbusd), V32B, V8I, u, s, np.int32, 8, have=T.vnni)
+    np.testing.assert_array_equal(gen, ref)
+    if x86 is not None:
+        np.testing.assert_array_equal(x86, ref)
+
+
+def test_dpwssd_generic_equals_x86():
+    """vpdpwssd (VNNI: the 256-value formats' scaled sums) and its generic form, vpmaddwd + add."""
+    rng = np.random.default_rng(7)
+    a, b = _edge_rows([-32768, -32767, -1, 0, 1, 32767], [-32768, -1, 0, 1, 32767], 16, rng, 3000, np.int16, np.int16)
+    p = (a.astype(np.int64) * b.astype(np.int64)).reshape(-1, 8, 2).sum(2) + np.array(_ACC)
+    ref = ((p + 2**31) % 2**32 - 2**31).astype(np.int32)
+    gen, x86 = _both(_with_acc(simd._dpwssd), V16S, V8I, a, b, np.int32, 8, have=T.vnni)
+    np.testing.assert_array_equal(gen, ref)
+    if x86 is not None:
+        np.testing.assert_array_equal(x86, ref)
+
+
 def test_f16_loads_equal_numpy_on_every_half():
     """Every one of the 65536 halves: the plain load + integer conversion (off x86 / without F16C),
     the vector conversion of F16 weights, and on x86 with F16C the asm load, == numpy's cast."""
@@ -243,15 +277,19 @@ def test_host_target_still_emits_the_avx2_instructions():
 # --- the target, as Numba reads it; the cache per target ----------------------------------------
 
 def test_feature_strings():
-    assert isa.x86_features("haswell", "") == {"avx": True, "avx2": True, "f16c": True, "fma": True}
-    assert isa.x86_features("x86-64", "") == {"avx": False, "avx2": False, "f16c": False, "fma": False}
+    assert isa.x86_features("haswell", "") == {"avx": True, "avx2": True, "f16c": True, "fma": True, "vnni": False}
+    assert isa.x86_features("x86-64", "") == {"avx": False, "avx2": False, "f16c": False, "fma": False, "vnni": False}
     assert isa.x86_features("x86-64", "+avx2")["avx2"] and isa.x86_features("x86-64", "+avx2")["avx"]
-    assert isa.x86_features("x86-64", "+avx512f") == {"avx": True, "avx2": True, "f16c": True, "fma": True}
+    assert isa.x86_features("x86-64", "+avx512f") == {"avx": True, "avx2": True, "f16c": True, "fma": True, "vnni": False}
+    assert isa.x86_features("znver4", "")["vnni"] and isa.x86_features("alderlake", "")["vnni"]
+    assert isa.x86_features("x86-64", "+avx512vnni,+avx512vl")["vnni"]
+    assert not isa.x86_features("znver4", "-avx512vl")["vnni"]             # the ymm forms need VL
+    assert not isa.x86_features("cascadelake", "-avx2")["vnni"]            # what VNNI needs, switched off
     assert not isa.x86_features("znver4", "-avx")["avx2"]            # what AVX2 needs, switched off
     assert not isa.x86_features("skylake", "-sse4.2,+fma")["avx2"]   # +fma brings AVX back, not AVX2
     assert isa.x86_features("skylake", "-sse4.2,+fma")["avx"]
     assert isa.x86_features("haswell", "-avx2,+avx2")["avx2"]        # in order, as LLVM applies them
-    assert isa.x86_features("ivybridge", "") == {"avx": True, "avx2": False, "f16c": True, "fma": False}
+    assert isa.x86_features("ivybridge", "") == {"avx": True, "avx2": False, "f16c": True, "fma": False, "vnni": False}
     assert isa.x86_features("bdver2", "")["fma"] and not isa.x86_features("bdver2", "")["avx2"]
     arm = isa.make_target("aarch64-unknown-linux-gnu", "generic", "+neon")
     assert not (arm.x86 or arm.avx or arm.avx2) and arm.fp16 and arm.fma

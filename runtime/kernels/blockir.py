@@ -411,6 +411,21 @@ def _lane_dup(builder, v16, h):
     return d
 
 
+# int32 accumulator chains per block (decode) or per token (prompt) in the 256-value formats'
+# kernels: vpdpwssd (VNNI) adds into its accumulator with ~4 cycles of latency, so one chain
+# through a block's 8 groups cost 32 cycles a block (decode ran at 0.88x the vpmaddwd + vpaddd
+# code); vpaddd's 1 cycle needs no split
+K_CHAINS = 4 if TARGET.vnni else 1
+K_CHAINS_MM = 2 if TARGET.vnni else 1
+
+
+def _tree_add(builder, vs):
+    """The sum of a list of integer vectors, as a balanced tree of adds."""
+    while len(vs) > 1:
+        vs = [builder.add(vs[i], vs[i + 1]) if i + 1 < len(vs) else vs[i] for i in range(0, len(vs), 2)]
+    return vs[0]
+
+
 def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0):
     """The int8 decode kernel of a 256-value format as llama.cpp's Q8_K dot products: x quantized
     with one scale per 256 values (quantize_xk), each group's u8 x s8 products paired by vpmaddubsw
@@ -434,7 +449,7 @@ def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0)
             _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST + line)))
         groups = fmt.unpack(e)
         ks = fmt.kscales(e)
-        acc = ir.Constant(V8I, [0] * 8)
+        iacc = [ir.Constant(V8I, [0] * 8)] * K_CHAINS
         xb = builder.mul(b, _c(256))
         dups = [_lane_dup(builder, ks.sc, h) for h in range(2)]
         for j, g in enumerate(groups):
@@ -449,7 +464,8 @@ def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0)
             jj = j % 4
             scj = builder.shuffle_vector(dups[j // 4], dups[j // 4],
                                          ir.Constant(ir.VectorType(I32, 16), [2 * jj] * 8 + [8 + 2 * jj + 1] * 8))
-            acc = _dpwssd(builder, acc, p, scj)
+            iacc[j % K_CHAINS] = _dpwssd(builder, iacc[j % K_CHAINS], p, scj)
+        acc = _tree_add(builder, iacc)
         bs = _vload(builder, bsp, builder.mul(b, _c(32)), V16H)
         if fmt.offset:
             off = _pmaddwd(builder, ks.sc, bs)
@@ -629,7 +645,7 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
     with d (dm) times the tokens' scales: a single float accumulator whose lanes are the tokens.
     (A float accumulator per token took 8 of the 16 vector registers and 3-4 shuffles, converts
     and fmas per token and block: half the instructions of a block beside the dot products.)"""
-    iaccs = [cgutils.alloca_once_value(builder, ir.Constant(V8I, [0] * 8)) for _ in range(MAXT)]
+    iaccs = [cgutils.alloca_once_value(builder, ir.Constant(V8I, [0] * 8)) for _ in range(MAXT * K_CHAINS_MM)]
     maccs = [cgutils.alloca_once_value(builder, ir.Constant(V8I, [0] * 8)) for _ in range(MAXT)]
     acc = cgutils.alloca_once_value(builder, ZERO8)
     V16H = ir.VectorType(I16, 16)
@@ -647,8 +663,9 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
         x0 = builder.mul(cell, _c(MAXT * 256))
         f0 = builder.mul(cell, _c(KF_CELL))
         dups = [_lane_dup(builder, ks.sc, h) for h in range(2)]
-        for t in range(MAXT):
+        for t in range(MAXT * K_CHAINS_MM):
             builder.store(ir.Constant(V8I, [0] * 8), iaccs[t])
+        for t in range(MAXT):
             if has_m:
                 builder.store(ir.Constant(V8I, [0] * 8), maccs[t])
         for j, g in enumerate(groups):
@@ -661,8 +678,14 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
             def tok(t):
                 xv = _vload(builder, xkp, builder.add(x0, _c(256 * t + 32 * j)), V32B)
                 p = _pmaddubsw(builder, aw, _psign(builder, xv, g.q)) if fmt.signed else _pmaddubsw(builder, g.q, xv)
-                builder.store(_dpwssd(builder, builder.load(iaccs[t]), p, scj), iaccs[t])
+                ia = iaccs[MAXT * (j % K_CHAINS_MM) + t]
+                builder.store(_dpwssd(builder, builder.load(ia), p, scj), ia)
             _by_spans(builder, spans, tok)
+        if K_CHAINS_MM > 1:
+            def fold(t):
+                parts = [builder.load(iaccs[MAXT * c + t]) for c in range(K_CHAINS_MM)]
+                builder.store(_tree_add(builder, parts), iaccs[t])
+            _by_spans(builder, spans, fold)
         dk = _xvec(builder, xkfp, f0)                               # the 8 tokens' scales
         bsp = builder.bitcast(builder.gep(xkfp, [builder.add(f0, _c(MAXT))]), I8.as_pointer())
 
@@ -676,7 +699,7 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
                 builder.store(_pmaddwd(builder, ks.m, bs), maccs[t])
         if fmt.offset or has_m:
             _by_spans(builder, spans, fin)
-        tot = builder.sitofp(_hsum8(builder, [builder.load(a) for a in iaccs]), V8F)
+        tot = builder.sitofp(_hsum8(builder, [builder.load(a) for a in iaccs[:MAXT]]), V8F)
         f = _vfma(builder, builder.fmul(_bcast(builder, ks.d), dk), tot, builder.load(acc))
         if has_m:
             mt = builder.sitofp(_hsum8(builder, [builder.load(a) for a in maccs]), V8F)
