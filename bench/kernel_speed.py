@@ -56,7 +56,7 @@ def matmul_speed(f, rows, cols, n, threads, rng):
     xg = np.zeros((g, cols // 32, blockir.XG_FIELDS, 8), np.float32)
     xk = np.zeros(g * 8 * cols, np.int8)
     xkf = np.zeros(g * max(1, cols // 256) * blockir.KF_CELL, np.float32)
-    blockir.quantize_rows(h, hq, xg, False)
+    blockir.quantize_prompt(h, hq, xg, False)
     if f.kscales is not None:
         blockir.quantize_rows_k(h, xk, xkf, False)
     out = np.zeros((n, rows), np.float32)

@@ -123,6 +123,23 @@ def k_token(xk, xkf, t, cols):
     return np.concatenate([np.zeros(cols, np.int8), q]), xs
 
 
+def prompt_token(hq, xg, t, n):
+    """Token t's int8 values (column order) and scales per column quad (8 per group of 32) from the
+    32-value formats' prompt buffers of an n-row pass: quantize_rows's layout (a scale per quad), or
+    quantize_rows_tl's where blockir.token_lanes(n) (VNNI: a scale per blockir.TL_SUB values, the
+    tokens in the lanes)."""
+    g, tl = t // 8, t % 8
+    if blockir.token_lanes(n):
+        ng, nb = hq.shape[0], hq.shape[1]
+        xt = hq.reshape(ng, nb, 8, 8, 4)
+        xf = xg.reshape(-1)[:ng * nb * blockir.TL_FIELDS * 8].reshape(ng, nb, blockir.TL_FIELDS, 8)
+        q = xt[g, :, :, tl, :].reshape(-1)
+        sh = xf.view(np.int32)[g, :, blockir.TL_S0:blockir.TL_S0 + 8, tl]
+        d = (xf[g, :, blockir.TL_D, tl][:, None] * np.exp2(sh).astype(np.float32)).reshape(-1)
+        return q, d
+    return hq[g, :, tl].reshape(-1), xg[g, :, blockir.XG_L + tl].reshape(-1)
+
+
 def layout(raw, rows, pad=64):
     buf = np.zeros(pad + raw.nbytes + 64, np.uint8)
     buf[pad:pad + raw.nbytes] = raw.ravel()
@@ -180,7 +197,7 @@ def test_kernels(name, rows, per_row):
         h = rng.standard_normal((n, cols)).astype(np.float32)
         h[:, 5] = 9.0
         hq, xg, xk, xkf = prompt_buffers(n, cols)
-        blockir.quantize_rows(h, hq, xg, False)
+        blockir.quantize_prompt(h, hq, xg, False)
         if f.kscales is not None:
             blockir.quantize_rows_k(h, xk, xkf, False)
         mm = np.full((n, rows), np.nan, np.float32)
@@ -189,8 +206,8 @@ def test_kernels(name, rows, per_row):
             if f.kscales is not None:
                 want = k_expected(f, raw, *k_token(xk, xkf, t, cols), h[t])
             else:
-                xdt = xg[t // 8, :, blockir.XG_L + t % 8].reshape(-1)     # token t's lane scales
-                want = i8_expected(f, raw, hq[t // 8, :, t % 8].reshape(-1), xdt, h[t])
+                qt, xdt = prompt_token(hq, xg, t, n)
+                want = i8_expected(f, raw, qt, xdt, h[t])
             sc = np.abs(ref) @ np.abs(h[t].astype(np.float64)) + 1e-30
             assert (np.abs(mm[t] - want) <= 1e-5 * sc).all(), (n, t)
 
@@ -225,7 +242,7 @@ def test_mixed_formats_in_one_group():
     n = 10
     h = rng.standard_normal((n, cols)).astype(np.float32)
     hq, xg, xk, xkf = prompt_buffers(n, cols)
-    blockir.quantize_rows(h, hq, xg, False)
+    blockir.quantize_prompt(h, hq, xg, False)
     blockir.quantize_rows_k(h, xk, xkf, False)
     mm = np.zeros((n, ref.shape[0]), np.float32)
     k.matmul_i8(buf, tabs, hq, xg, xk, xkf, mm, 2, np.zeros(len(names) + 1, np.int64))

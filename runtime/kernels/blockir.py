@@ -12,6 +12,8 @@ kernels here are written once over that description:
              multiply by the group's scale and the lanes' x scales, one fma; mins on x's exact
              per-lane sums (a vector fma).
   mm_i8      prefill: a row's blocks unpacked once and multiplied with up to MAXT tokens.
+  mm_i8_tl   prefill of the 32-value formats on VNNI CPUs (passes of more than SHORT_PASS tokens):
+             the MAXT tokens in the vector lanes, TL_ROWS rows per pass, a scale per TL_SUB values.
   dequant    rows to float32 (BLAS tiles, embeddings).
 
 Each sits behind a dispatcher on the GGUF type id (`*_any`): a `switch` whose cases are the
@@ -36,7 +38,7 @@ from infer.quant.formats.base import Lane
 from . import simd
 from .isa import FM
 from .simd import (F32, I8, I16, I32, I64, MAXR, MAXT, PF_DIST, SHORT_ROW, V8F, V8I, V16S, V32B, ZERO8,
-                   _bcast, _blk_f16, _decl, _dot_u8s8, _dpwssd, _hsum, _hsum2, _hsum8, _pmaddubsw, _pmaddwd, _prefetch, _psign,
+                   _bcast, _blk_f16, _decl, _dot_u8s8, _dpbusd, _dpwssd, _hsum, _hsum2, _hsum8, _pmaddubsw, _pmaddwd, _prefetch, _psign,
                    _row_switch, _vfma, _vload, _xvec)
 
 TARGET = simd.TARGET
@@ -636,6 +638,89 @@ def _cg_mm_i8(fmt, builder, w_p, woff, nb, b0, nbk, xqp, xgp, g_, ntok, outp, oc
             builder.store(builder.select(first, v, builder.fadd(builder.load(op), v)), op)
 
 
+# --- prefill on VNNI: the tokens in the vector lanes ----------------------------------------------
+# With vpdpbusd the k-lane kernel above (8 lanes = 8 column quads of one token, a scale per quad)
+# pays a convert, a multiply and an fma per 32 weights and token. Here the lanes are the MAXT
+# tokens of a pass (quantize_rows_tl lays each group of 32 columns out as 8 column quads x 8
+# tokens), a scale per TL_SUB activation values: per group and row the 8 quads of the row's q are
+# broadcast in turn (vpbroadcastd from a stack slot, a load) and multiplied with the 8 tokens'
+# quads (vpdpbusd: one instruction, 8 tokens x 4 values), summed per TL_SUB values in int32,
+# converted once per TL_SUB. TL_ROWS rows share each load of the tokens' quads. Signed formats' q is made unsigned
+# (q + 128, one xor per group and row) and 128 times the tokens' sums of xhat taken back; unsigned
+# ones subtract their offset (or centre) times those sums the same way (one fma per group and row).
+TL_ROWS = 4
+# activation scales: per column quad, as llama2.c-style per-4 precision needs (a scale per 8 or 16
+# values flipped the chat test's near tie, "L'Étoile"), but each a power of two times the group's:
+# quad k's scale is d * 2^s_k (d = amax/127/128 of the group, s_k in 0..7 the largest that keeps
+# its values within int8), so a row's 8 quad products are shifted (vpsllvd) and summed as int32
+# and converted once per group
+TL_S0 = 0                     # per (token group, group of 32): fields of MAXT values: the 8 quads'
+TL_D = 8                      # shifts s_k (int32 bits), d, the sum of the values the int8 stand for
+TL_SH = 9                     # (xhat), the exact sum of x
+TL_X = 10
+TL_FIELDS = 11
+TOKEN_LANES = TARGET.vnni      # the 32-value formats' prompt passes of > SHORT_PASS tokens run this
+
+
+def _cg_mm_i8_tl(fmt, nr, builder, w_p, woff, rstride, nb, b0, nbk, xtp, xfp, g_, ntok, outp, ocols, orow, ocol):
+    """Rows woff, woff + rstride, ... (nr of them) x tokens MAXT g .. + ntok, blocks b0..b0+nbk, into
+    out[orow + t, ocol + r] (stored for b0 == 0, else added); xtp / xfp from quantize_rows_tl."""
+    G = fmt.groups
+    ngr = builder.mul(nb, _c(G))
+    accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(nr)]
+    slots = [cgutils.alloca_once(builder, V32B) for _ in range(nr)]
+    off = 128 if fmt.signed else _ioff(fmt)
+    with cgutils.for_range(builder, nbk) as loop:
+        b = builder.add(b0, loop.index)
+        rgroups = []
+        for r in range(nr):
+            boff = builder.add(builder.add(woff, builder.mul(_c(r), rstride)), builder.mul(b, _c(fmt.size)))
+            _prefetch(builder, w_p, builder.add(boff, _c(PF_DIST)))
+            rgroups.append(fmt.unpack(Emit(builder, w_p, boff, fmt.size)))
+        for gi in range(G):
+            for r in range(nr):
+                q = rgroups[r][gi].q
+                if fmt.signed:
+                    q = builder.xor(q, ir.Constant(V32B, [0x80] * 32))
+                # the slot stays in memory (an empty asm takes its address and clobbers memory): LLVM
+                # would turn the quad loads back into in-register shuffles, which take the shuffle ports
+                builder.store(q, slots[r])
+                builder.asm(ir.FunctionType(ir.VoidType(), [slots[r].type]), "", "r,~{memory}", [slots[r]], side_effect=True)
+            cell = builder.add(builder.mul(g_, ngr), builder.add(builder.mul(b, _c(G)), _c(gi)))
+            xb = builder.mul(cell, _c(32 * MAXT))
+            fb = builder.mul(cell, _c(TL_FIELDS * MAXT))
+            xv = [_vload(builder, xtp, builder.add(xb, _c(32 * k)), V32B) for k in range(8)]
+            xfi = builder.bitcast(xfp, I32.as_pointer())
+            shifts = [builder.load(builder.bitcast(builder.gep(xfi, [builder.add(fb, _c(MAXT * (TL_S0 + k)))]), V8I.as_pointer()), align=4)
+                      for k in range(8)]
+            dv = _xvec(builder, xfp, builder.add(fb, _c(MAXT * TL_D)))
+            sh = _xvec(builder, xfp, builder.add(fb, _c(MAXT * TL_SH))) if off else None
+            for r in range(nr):
+                g = rgroups[r][gi]
+                parts = []
+                for k in range(8):
+                    qp = builder.gep(builder.bitcast(slots[r], I32.as_pointer()), [_c32(k)])
+                    wv = builder.insert_element(ir.Constant(V8I, ir.Undefined), builder.load(qp, align=4), _c32(0))
+                    wv = builder.shuffle_vector(wv, wv, ir.Constant(V8I, [0] * 8))
+                    parts.append(builder.shl(_dpbusd(builder, ir.Constant(V8I, [0] * 8), builder.bitcast(wv, V32B), xv[k]), shifts[k]))
+                u = builder.fmul(builder.sitofp(_tree_add(builder, parts), V8F), dv)
+                if off:
+                    u = _vfma(builder, ir.Constant(V8F, [-float(off)] * 8), sh, u)
+                a = _vfma(builder, _bc(builder, g.s[0]), u, builder.load(accs[r]))
+                mn = _mins(builder, fmt, g)
+                if mn is not None:
+                    a = _vfma(builder, _bc(builder, mn[0]), _xvec(builder, xfp, builder.add(fb, _c(MAXT * TL_X))), a)
+                builder.store(a, accs[r])
+    first = builder.icmp_signed("==", b0, _c(0))
+    for r in range(nr):
+        res = builder.load(accs[r])
+        for t in range(MAXT):
+            with builder.if_then(builder.icmp_signed("<", _c(t), ntok)):
+                v = builder.extract_element(res, _c32(t))
+                op = builder.gep(outp, [builder.add(builder.mul(builder.add(orow, _c(t)), ocols), builder.add(ocol, _c(r)))])
+                builder.store(builder.select(first, v, builder.fadd(builder.load(op), v)), op)
+
+
 def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp, ocols, orow, ocol):
     """The prompt matmul of a 256-value format as Q8_K dot products (quantize_rows_k): per block
     and group the group's q and half scales once, then per token vpmaddubsw, vpmaddwd with the
@@ -835,6 +920,31 @@ def mm_i8_any(typingctx, mask, t, w, woff, nb, b0, nbk, xq, xg, xk, xkf, g, ntok
             _cg_mm_i8(f, builder, wp, woff_, nb_, b0_, nbk_, xqp, xgp, g_, nt_, oa.data, ocols, orow_, ocol_)))
         return context.get_dummy_value()
     return sig, codegen
+
+
+def _make_mm_i8_tl_any(nr):
+    @intrinsic(prefer_literal=True)
+    def mm_i8_tl_any(typingctx, mask, t, w, woff, rstride, nb, b0, nbk, xt, xf, g, ntok, out, orow, ocol):
+        sig = types.void(mask, t, w, woff, rstride, nb, b0, nbk, xt, xf, g, ntok, out, orow, ocol)
+        fmts = tuple(f for f in _formats(mask) if f.kscales is None)
+
+        def codegen(context, builder, signature, args):
+            t_, w_, woff_, rs_, nb_, b0_, nbk_, xt_, xf_, g_, nt_, out_, orow_, ocol_ = args[1:]
+            at = signature.args[1:]
+            wp = _ptr(context, builder, at[1], w_, True)
+            xtp = _ptr(context, builder, at[7], xt_, True)
+            xfp = _ptr(context, builder, at[8], xf_)
+            oa = context.make_array(at[11])(context, builder, out_)
+            ocols = builder.extract_value(oa.shape, 1)
+            _switch(builder, t_, fmts if TOKEN_LANES else (), lambda f: _cg_mm_i8_tl(
+                f, nr, builder, wp, woff_, rs_, nb_, b0_, nbk_, xtp, xfp, g_, nt_, oa.data, ocols, orow_, ocol_))
+            return context.get_dummy_value()
+        return sig, codegen
+    return mm_i8_tl_any
+
+
+mm_i8_tl_1_any = _make_mm_i8_tl_any(1)
+mm_i8_tl_n_any = _make_mm_i8_tl_any(TL_ROWS)
 
 
 @intrinsic(prefer_literal=True)
@@ -1045,6 +1155,74 @@ def quantize_rows(h, xq, xg, resid):
         _quantize_row(r, xq, n, xg, n < 0)
 
 
+@njit(fastmath=False, cache=True)
+def _quantize_row_tl(v, xt, xf, t, exact):
+    """Token t of the token-lane layout (quantize_rows_tl) from v (cols,)."""
+    g, tl = t // MAXT, t % MAXT
+    xfi = xf.view(np.int32)
+    for b in range(v.shape[0] // 32):
+        mg = np.float32(0.0)
+        for i in range(32):
+            mg = max(mg, abs(v[32 * b + i]))
+        d = mg / np.float32(127.0 * 128.0)          # quad k's scale: d * 2^s_k, s_k <= 7
+        sx = np.float32(0.0)
+        sh = np.float32(0.0)
+        for k in range(8):
+            m = np.float32(0.0)
+            for i in range(4):
+                m = max(m, abs(v[32 * b + 4 * k + i]))
+            e = 0                                    # the finest scale that holds the quad: m <= 127 d 2^(7 - e)
+            while e < 7 and m * np.float32(2.0 ** (e + 1)) <= mg:
+                e += 1
+            sk = 7 - e
+            dk = d * np.float32(2.0 ** sk)
+            inv = np.float32(1.0) / dk if dk > 0 else np.float32(0.0)
+            c = 0
+            for i in range(4):
+                x = v[32 * b + 4 * k + i]
+                sx += x
+                q = np.int32(np.rint(x * inv))
+                xt[g, b, k, tl, i] = q
+                c += q
+            xfi[g, b, TL_S0 + k, tl] = sk
+            sh += dk * np.float32(c)
+        xf[g, b, TL_D, tl] = d
+        xf[g, b, TL_SH, tl] = sh
+        xf[g, b, TL_X, tl] = sx if exact else np.float32(0.0)
+
+
+@njit(fastmath=False, cache=True)
+def quantize_rows_tl(h, xt, xf, resid):
+    """Rows of h (n, cols) to int8 with a scale per TL_SUB values, laid out for the token-lane prompt
+    kernel (VNNI): xt (token groups, cols / 32, 8 column quads, MAXT tokens, 4) int8; xf (token
+    groups, cols / 32, TL_FIELDS, MAXT) float32: the tokens' TL_NS scales, their sums of xhat (the
+    values the int8 stand for) and of x per group.
+    resid: also row n, what row n - 1's int8 values miss (as quantize_rows)."""
+    n, cols = h.shape
+    for t in range(n):
+        _quantize_row_tl(h[t], xt, xf, t, t >= 0)
+    if resid:
+        r = np.empty(cols, np.float32)
+        g, tl = (n - 1) // MAXT, (n - 1) % MAXT
+        for i in range(cols):
+            b, j = i // 32, i % 32
+            r[i] = h[n - 1, i] - np.float32(xt[g, b, j // 4, tl, j % 4]) * (xf[g, b, TL_D, tl] * np.float32(2.0 ** xf.view(np.int32)[g, b, TL_S0 + j // 4, tl]))
+        _quantize_row_tl(r, xt, xf, n, n < 0)
+
+
+@njit(fastmath=False, cache=True)
+def quantize_prompt(h, xq, xg, resid):
+    """The 32-value formats' prompt activations for a matmul of h's rows (+ the residual row):
+    quantize_rows_tl's layout where token_lanes, else quantize_rows's (xq, xg: that function's
+    4-d buffers; the token-lane layout fits in them, reshaped)."""
+    if token_lanes(h.shape[0] + (1 if resid else 0)):
+        quantize_rows_tl(h, xq.reshape(xq.shape[0], xq.shape[1], 8, MAXT, 4),
+                         xg.reshape(-1)[:xg.shape[0] * xg.shape[1] * TL_FIELDS * MAXT].reshape(xg.shape[0], xg.shape[1], TL_FIELDS, MAXT),
+                         resid)
+    else:
+        quantize_rows(h, xq, xg, resid)
+
+
 KF_CELL = MAXT + MAXT * 8      # quantize_rows_k's floats per (token group, block): 8 scales, 8 x 16 int16 sums
 
 
@@ -1121,16 +1299,33 @@ def mm_rows_per_task(rows, cols, t, n_threads, n):
 
 
 @njit(fastmath=False, cache=True)
+def token_lanes(n):
+    """Whether a prompt matmul of n rows (tokens, the residual row included) runs its 32-value
+    formats on quantize_rows_tl's layout (VNNI CPUs, passes of more than SHORT_PASS tokens)."""
+    return TOKEN_LANES and n > SHORT_PASS
+
+
+@njit(fastmath=False, cache=True)
 def mm_rows(mask, t, wu8, off, cols, xq, xg, xk, xkf, out, ocol, r0, r1):
     """out[:, ocol + r] = x @ W[r] for rows r0 <= r < r1 of a block-format matrix (one task of
-    qmatmul.matmul_i8_group): column slices of about MM_COLS, within a slice MAXT tokens at a time."""
+    qmatmul.matmul_i8_group): column slices of about MM_COLS, within a slice MAXT tokens at a time
+    (TL_ROWS rows at a time where token_lanes: xq, xg then hold quantize_rows_tl's layout)."""
     nb = cols // BLOCK[t]
     n = out.shape[0]
     rs = nb * BSIZE[t]
     kb = mm_slice_blocks(nb, t, n)
+    tl = token_lanes(n) and BLOCK[t] == 32
     for b0 in range(0, nb, kb):
         nbk = min(kb, nb - b0)
         for g in range((n + MAXT - 1) // MAXT):
             nt = min(MAXT, n - g * MAXT)
-            for r in range(r0, r1):
-                mm_i8_any(mask, t, wu8, off + r * rs, nb, b0, nbk, xq, xg, xk, xkf, g, nt, out, g * MAXT, ocol + r)
+            if tl:
+                r = r0
+                while r + TL_ROWS <= r1:
+                    mm_i8_tl_n_any(mask, t, wu8, off + r * rs, rs, nb, b0, nbk, xq, xg, g, nt, out, g * MAXT, ocol + r)
+                    r += TL_ROWS
+                for r in range(r, r1):
+                    mm_i8_tl_1_any(mask, t, wu8, off + r * rs, rs, nb, b0, nbk, xq, xg, g, nt, out, g * MAXT, ocol + r)
+            else:
+                for r in range(r0, r1):
+                    mm_i8_any(mask, t, wu8, off + r * rs, nb, b0, nbk, xq, xg, xk, xkf, g, nt, out, g * MAXT, ocol + r)

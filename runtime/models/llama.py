@@ -291,7 +291,7 @@ class LlamaModel:
         xg = s.pxg[:ng * blockir.XG_FIELDS * nb * simd.MAXT].reshape(ng, nb, blockir.XG_FIELDS, simd.MAXT)
         kinds = {FORMATS[int(t[qm.TAB_TYPE])].kscales is not None for t in tabs}
         if False in kinds:          # 32-value formats: a scale per 4 values
-            blockir.quantize_rows(h, xq, xg, bool(r))
+            blockir.quantize_prompt(h, xq, xg, bool(r))
         if True in kinds:           # 256-value formats: llama.cpp's Q8_K form
             blockir.quantize_rows_k(h, s.pxk, s.pxkf, bool(r))
         self.k.matmul_i8(self.wu8, tabs, xq, xg, s.pxk, s.pxkf, out[:n + r], s.n_threads, s.starts)
