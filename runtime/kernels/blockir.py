@@ -12,7 +12,7 @@ kernels here are written once over that description:
              multiply by the group's scale and the lanes' x scales, one fma; mins on x's exact
              per-lane sums (a vector fma).
   mm_i8      prefill: a row's blocks unpacked once and multiplied with up to MAXT tokens.
-  mm_i8_tl   prefill of the 32-value formats on VNNI CPUs (passes of more than SHORT_PASS tokens):
+  mm_i8_tl   prefill of the 32-value formats on VNNI CPUs (blockir.token_lanes):
              the MAXT tokens in the vector lanes, TL_ROWS rows per pass, a scale per TL_SUB values.
   dequant    rows to float32 (BLAS tiles, embeddings).
 
@@ -659,7 +659,7 @@ TL_D = 8                      # shifts s_k (int32 bits), d, the sum of the value
 TL_SH = 9                     # (xhat), the exact sum of x
 TL_X = 10
 TL_FIELDS = 11
-TOKEN_LANES = TARGET.vnni      # the 32-value formats' prompt passes of > SHORT_PASS tokens run this
+TOKEN_LANES = TARGET.vnni      # the 32-value formats' prompt passes run this (token_lanes)
 
 
 def _cg_mm_i8_tl(fmt, nr, builder, w_p, woff, rstride, nb, b0, nbk, xtp, xfp, g_, ntok, outp, ocols, orow, ocol):
@@ -1301,8 +1301,11 @@ def mm_rows_per_task(rows, cols, t, n_threads, n):
 @njit(fastmath=False, cache=True)
 def token_lanes(n):
     """Whether a prompt matmul of n rows (tokens, the residual row included) runs its 32-value
-    formats on quantize_rows_tl's layout (VNNI CPUs, passes of more than SHORT_PASS tokens)."""
-    return TOKEN_LANES and n > SHORT_PASS
+    formats on quantize_rows_tl's layout: on VNNI CPUs every pass does, however few its tokens (a
+    token's result then does not depend on how a prompt is split into passes: a prefix from the
+    cache and its rest give the bits of the whole prompt in one pass; shorter passes pay for 8
+    lanes)."""
+    return TOKEN_LANES and n > 0
 
 
 @njit(fastmath=False, cache=True)
