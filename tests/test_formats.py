@@ -135,7 +135,7 @@ def prompt_token(hq, xg, t, n):
         xf = xg.reshape(-1)[:ng * nb * blockir.TL_FIELDS * 8].reshape(ng, nb, blockir.TL_FIELDS, 8)
         q = xt[g, :, :, tl, :].reshape(-1)
         sh = xf.view(np.int32)[g, :, blockir.TL_S0:blockir.TL_S0 + 8, tl]
-        d = (xf[g, :, blockir.TL_D, tl][:, None] * np.exp2(sh).astype(np.float32)).reshape(-1)
+        d = (xf[g, :, blockir.TL_D, tl][:, None] * sh.astype(np.float32)).reshape(-1)
         return q, d
     return hq[g, :, tl].reshape(-1), xg[g, :, blockir.XG_L + tl].reshape(-1)
 

@@ -649,14 +649,14 @@ def _cg_mm_i8(fmt, builder, w_p, woff, nb, b0, nbk, xqp, xgp, g_, ntok, outp, oc
 # (q + 128, one xor per group and row) and 128 times the tokens' sums of xhat taken back; unsigned
 # ones subtract their offset (or centre) times those sums the same way (one fma per group and row).
 TL_ROWS = 4
-# activation scales: per column quad, as llama2.c-style per-4 precision needs (a scale per 8 or 16
-# values flipped the chat test's near tie, "L'Étoile"), but each a power of two times the group's:
-# quad k's scale is d * 2^s_k (d = amax/127/128 of the group, s_k in 0..7 the largest that keeps
-# its values within int8), so a row's 8 quad products are shifted (vpsllvd) and summed as int32
-# and converted once per group
+# activation scales: per column quad, as the k-lane kernel's (a scale per 8 or 16 values flipped
+# the chat test's near tie, "L'Étoile"), but each an integer multiple of the group's: quad k's scale
+# is d * m_k (d = amax/127/128 of the group, m_k = ceil(128 amax_k / amax) in 1..128), so a row's 8
+# quad products are multiplied by m_k (vpmulld) and summed as int32 (at most 8 * 4 * 255 * 127 *
+# 128 < 2^31) and converted once per group. (Powers of two for m_k: Gemma 3's KL 0.0050 > 0.005.)
 TL_S0 = 0                     # per (token group, group of 32): fields of MAXT values: the 8 quads'
-TL_D = 8                      # shifts s_k (int32 bits), d, the sum of the values the int8 stand for
-TL_SH = 9                     # (xhat), the exact sum of x
+TL_D = 8                      # multipliers m_k (int32 bits), d, the sum of the values the int8 stand
+TL_SH = 9                     # for (xhat), the exact sum of x
 TL_X = 10
 TL_FIELDS = 11
 TOKEN_LANES = TARGET.vnni      # the 32-value formats' prompt passes run this (token_lanes)
@@ -702,7 +702,7 @@ def _cg_mm_i8_tl(fmt, nr, builder, w_p, woff, rstride, nb, b0, nbk, xtp, xfp, g_
                     qp = builder.gep(builder.bitcast(slots[r], I32.as_pointer()), [_c32(k)])
                     wv = builder.insert_element(ir.Constant(V8I, ir.Undefined), builder.load(qp, align=4), _c32(0))
                     wv = builder.shuffle_vector(wv, wv, ir.Constant(V8I, [0] * 8))
-                    parts.append(builder.shl(_dpbusd(builder, ir.Constant(V8I, [0] * 8), builder.bitcast(wv, V32B), xv[k]), shifts[k]))
+                    parts.append(builder.mul(_dpbusd(builder, ir.Constant(V8I, [0] * 8), builder.bitcast(wv, V32B), xv[k]), shifts[k]))
                 u = builder.fmul(builder.sitofp(_tree_add(builder, parts), V8F), dv)
                 if off:
                     u = _vfma(builder, ir.Constant(V8F, [-float(off)] * 8), sh, u)
@@ -1164,18 +1164,15 @@ def _quantize_row_tl(v, xt, xf, t, exact):
         mg = np.float32(0.0)
         for i in range(32):
             mg = max(mg, abs(v[32 * b + i]))
-        d = mg / np.float32(127.0 * 128.0)          # quad k's scale: d * 2^s_k, s_k <= 7
+        d = mg / np.float32(127.0 * 128.0)          # quad k's scale: d * m_k, m_k <= 128
         sx = np.float32(0.0)
         sh = np.float32(0.0)
         for k in range(8):
             m = np.float32(0.0)
             for i in range(4):
                 m = max(m, abs(v[32 * b + 4 * k + i]))
-            e = 0                                    # the finest scale that holds the quad: m <= 127 d 2^(7 - e)
-            while e < 7 and m * np.float32(2.0 ** (e + 1)) <= mg:
-                e += 1
-            sk = 7 - e
-            dk = d * np.float32(2.0 ** sk)
+            sk = max(1, min(128, np.int32(np.ceil(m * np.float32(128.0) / mg)))) if mg > 0 else 1
+            dk = d * np.float32(sk)
             inv = np.float32(1.0) / dk if dk > 0 else np.float32(0.0)
             c = 0
             for i in range(4):
@@ -1206,7 +1203,7 @@ def quantize_rows_tl(h, xt, xf, resid):
         g, tl = (n - 1) // MAXT, (n - 1) % MAXT
         for i in range(cols):
             b, j = i // 32, i % 32
-            r[i] = h[n - 1, i] - np.float32(xt[g, b, j // 4, tl, j % 4]) * (xf[g, b, TL_D, tl] * np.float32(2.0 ** xf.view(np.int32)[g, b, TL_S0 + j // 4, tl]))
+            r[i] = h[n - 1, i] - np.float32(xt[g, b, j // 4, tl, j % 4]) * (xf[g, b, TL_D, tl] * np.float32(xf.view(np.int32)[g, b, TL_S0 + j // 4, tl]))
         _quantize_row_tl(r, xt, xf, n, n < 0)
 
 
