@@ -204,26 +204,21 @@ def _with_acc(fn):
     return f
 
 
-def test_dpbusd_generic_equals_x86():
-    """vpdpbusd (VNNI: the int8 dot products of the 32-value formats where the CPU has it) and its
-    generic form: acc + four u8 x s8 products per lane, no saturation, wrapping."""
+@pytest.mark.parametrize("name", ["dpbusd", "dpwssd"])
+def test_vnni_generic_equals_x86(name):
+    """vpdpbusd (VNNI: the 32-value formats' int8 dot products, acc + four u8 x s8 products per lane,
+    no saturation) and vpdpwssd (the 256-value formats' scaled sums, vpmaddwd + add) against their
+    generic forms, wrapping."""
     rng = np.random.default_rng(6)
-    u, s = _edge_rows([0, 1, 127, 128, 255], [-128, -127, -1, 0, 1, 127], 32, rng, 3000, np.uint8, np.int8)
-    p = (u.astype(np.int64) * s.astype(np.int64)).reshape(-1, 8, 4).sum(2) + np.array(_ACC)
+    if name == "dpbusd":
+        a, b = _edge_rows([0, 1, 127, 128, 255], [-128, -127, -1, 0, 1, 127], 32, rng, 3000, np.uint8, np.int8)
+        per, tin = 4, V32B
+    else:
+        a, b = _edge_rows([-32768, -32767, -1, 0, 1, 32767], [-32768, -1, 0, 1, 32767], 16, rng, 3000, np.int16, np.int16)
+        per, tin = 2, V16S
+    p = (a.astype(np.int64) * b.astype(np.int64)).reshape(-1, 8, per).sum(2) + np.array(_ACC)
     ref = ((p + 2**31) % 2**32 - 2**31).astype(np.int32)
-    gen, x86 = _both(_with_acc(simd._dpbusd), V32B, V8I, u, s, np.int32, 8, have=T.vnni)
-    np.testing.assert_array_equal(gen, ref)
-    if x86 is not None:
-        np.testing.assert_array_equal(x86, ref)
-
-
-def test_dpwssd_generic_equals_x86():
-    """vpdpwssd (VNNI: the 256-value formats' scaled sums) and its generic form, vpmaddwd + add."""
-    rng = np.random.default_rng(7)
-    a, b = _edge_rows([-32768, -32767, -1, 0, 1, 32767], [-32768, -1, 0, 1, 32767], 16, rng, 3000, np.int16, np.int16)
-    p = (a.astype(np.int64) * b.astype(np.int64)).reshape(-1, 8, 2).sum(2) + np.array(_ACC)
-    ref = ((p + 2**31) % 2**32 - 2**31).astype(np.int32)
-    gen, x86 = _both(_with_acc(simd._dpwssd), V16S, V8I, a, b, np.int32, 8, have=T.vnni)
+    gen, x86 = _both(_with_acc(getattr(simd, "_" + name)), tin, V8I, a, b, np.int32, 8, have=T.vnni)
     np.testing.assert_array_equal(gen, ref)
     if x86 is not None:
         np.testing.assert_array_equal(x86, ref)
