@@ -25,8 +25,13 @@ def scales_mins_k4(e, at, d, dmin):
 
 
 def kscales(e):
-    sc, m = scale_min_ints(e, 4)
-    return KScales(e.pairs16(sc), e.f16(0), e.pairs16(m), e.fneg(e.f16(2)))
+    """The same fields with scalar ops on the 12 bytes as three u32 (the integer ALUs; the
+    vector form above cost a quarter of the int8 decode kernel's time), as llama.cpp does."""
+    u0, u1, u2 = e.u32(4), e.u32(8), e.u32(12)
+    sc_lo, m_lo = e.and_(u0, 0x3F3F3F3F), e.and_(u1, 0x3F3F3F3F)
+    sc_hi = e.or_(e.and_(u2, 0x0F0F0F0F), e.and_(e.shr(u0, 2), 0x30303030))
+    m_hi = e.or_(e.and_(e.shr(u2, 4), 0x0F0F0F0F), e.and_(e.shr(u1, 2), 0x30303030))
+    return KScales(e.pairs16_bytes(sc_lo, sc_hi), e.f16(0), e.pairs16_bytes(m_lo, m_hi), e.fneg(e.f16(2)))
 
 
 def unpack(e):
