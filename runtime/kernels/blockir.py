@@ -168,6 +168,11 @@ class Emit:
 
     def bitplane(self, src, idx, mask, val):
         """<32 x i8>: val where src[idx[c]] & mask[c] is set, else 0 (src: <n x i8>)."""
+        if (TARGET.x86 and src.type.count == 4 and list(idx) == [c // 8 for c in range(32)]
+                and list(mask) == [1 << (c % 8) for c in range(32)]):
+            # bit c of a 32-bit word: the word as a mask register (kmovd), one masked move
+            bits = self.b.bitcast(self.b.bitcast(src, I32), ir.VectorType(ir.IntType(1), 32))
+            return self.b.select(bits, self._splat(val), self._splat(0))
         v = src if list(idx) == list(range(32)) else \
             self.b.shuffle_vector(src, src, ir.Constant(ir.VectorType(I32, 32), list(idx)))
         m = ir.Constant(V32B, list(mask))
