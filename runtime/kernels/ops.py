@@ -129,9 +129,12 @@ def silu_mul_par(g, u, out):
 
 @njit(cache=True, fastmath=FM)
 def gelu(v):
-    """GELU, tanh form (transformers' gelu_pytorch_tanh; Gemma's FFN)."""
-    return np.float32(0.5) * v * (np.float32(1.0) + np.tanh(np.float32(0.7978845608028654) *
-                                                          (v + np.float32(0.044715) * v * v * v)))
+    """GELU, tanh form (transformers' gelu_pytorch_tanh; Gemma's FFN): 0.5 v (1 + tanh(y)) with
+    y = sqrt(2/pi) (v + 0.044715 v^3), computed as v / (1 + e^(-2y)) (the same function: 1 + tanh(y)
+    = 2 / (1 + e^(-2y)), no cancellation near tanh = -1) on exp32, so that the loops vectorize (np.tanh
+    is a libm call per element: 19 ns, a fifth of Gemma 3 270M's prefill)."""
+    y = np.float32(-1.5957691216057308) * (v + np.float32(0.044715) * v * v * v)
+    return v / (np.float32(1.0) + exp32(y))
 
 
 @njit(cache=True, fastmath=FM, error_model="numpy")
