@@ -556,11 +556,14 @@ class Scratch:
         # int8 prefill: its matmuls are Numba's parallel work; BLAS (attention only) one thread
         # per worker, attention tasks on n_threads Python threads (LlamaModel._attend)
         self.use_i8 = bool(int8_activations and qm.simd.HAVE_AVX2)
-        # long prompts too, except on one thread with a small model: there BLAS on dequantized
-        # tiles is faster (SmolLM2, dim 576, pp128: 250 vs 210 tok/s; the 1.1B-shaped model, dim
-        # 2048: int8 1.11x llama.cpp, BLAS 0.97x); short prompts always (I8_SHORT)
+        # long prompts too, except on one thread with a small model on a CPU without the
+        # token-lane kernel (VNNI): there BLAS on dequantized tiles is faster (Zen 3: SmolLM2, dim
+        # 576, pp128: 250 vs 210 tok/s; the 1.1B-shaped model, dim 2048: int8 1.11x llama.cpp, BLAS
+        # 0.97x); with token lanes int8 is as fast or faster at every width (Zen 4, 1 thread,
+        # pp128: SmolLM2 285-303 vs 266-303 tok/s, Gemma 3 270M 350-365 vs 228-324, Qwen2.5-0.5B
+        # 118-124 vs 94-98); short prompts always (I8_SHORT)
         i8_prefill = self.use_i8 and int(m.tab[0, K_GATE, qm.TAB_TYPE]) in FORMATS and \
-            (n_threads > 1 or c.dim >= I8_MIN_DIM_1T)
+            (n_threads > 1 or c.dim >= I8_MIN_DIM_1T or blockir.TOKEN_LANES)
         self.i8_prefill = i8_prefill
         # the FFN's gate|up activations, FFN_ROWS tokens at a time on int8 (the weights stream from
         # cache either way; 2 * n_ff floats a token: 6 MiB for SmolLM2's 512, 23 for the 1.1B's);
