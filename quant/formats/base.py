@@ -130,9 +130,8 @@ class NumpyEmit:
     def u32(self, k):
         return np.ascontiguousarray(self.raw[:, k:k + 4]).view(np.uint32)[:, 0].astype(np.int64)
 
-    def pairs16_bytes(self, lo, hi):
-        b = np.stack([(v >> (8 * i)) & 255 for v in (lo, hi) for i in range(4)], 1)
-        return np.repeat(b, 2, axis=1)
+    def words8(self, lo, hi):
+        return np.stack([(v >> (8 * i)) & 255 for v in (lo, hi) for i in range(4)], 1)
 
     def and_(self, a, b):
         return a & b

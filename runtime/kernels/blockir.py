@@ -105,16 +105,12 @@ class Emit:
         p = self.b.bitcast(self.b.gep(self.wp, [self._at(k)]), I32.as_pointer())
         return self.b.load(p, align=1)
 
-    def pairs16_bytes(self, lo, hi):
-        """<16 x i16> [b0, b0, b1, b1, ..., b7, b7] of the 8 bytes of two i32 scalars (lo's
-        first, little-endian): byte fields unpacked with scalar ALU ops, one vector shuffle."""
+    def words8(self, lo, hi):
+        """<8 x i32>: the 8 bytes of two i32 scalars (lo's first, little-endian), zero-extended (byte
+        fields computed four at a time with scalar ops, then one vector shuffle)."""
         v = self.b.insert_element(ir.Constant(V4I, ir.Undefined), lo, _c32(0))
-        v = self.b.insert_element(v, hi, _c32(1))
-        v = self.b.bitcast(v, V16B)
-        z = ir.Constant(V16B, [0] * 16)
-        idx = [k for i in range(8) for k in (i, 16, i, 16)]
-        return self.b.bitcast(self.b.shuffle_vector(v, z, ir.Constant(ir.VectorType(I32, 32), idx)),
-                              ir.VectorType(I16, 16))
+        v = self.b.bitcast(self.b.insert_element(v, hi, _c32(1)), V16B)
+        return self.b.zext(self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), list(range(8)))), V8I)
 
     def _i(self, v):
         return _c32(v) if isinstance(v, int) else v
@@ -461,15 +457,6 @@ def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0)
     bsp = builder.bitcast(builder.gep(xsp, [builder.mul(ngr, _c(7))]), I8.as_pointer())  # int16 per 16
     accs = [cgutils.alloca_once_value(builder, ZERO8) for _ in range(2)]
     V16H = ir.VectorType(I16, 16)
-    # a group's scale pair (formats with one scale per group: [sc_j, sc_j] as two i16) read back
-    # from a stack slot as a broadcast load (a load-port op; a {1to8} operand of vpdpwssd with
-    # AVX-512) in place of an in-lane vpshufb per group; the slot's address passes through an
-    # empty asm so that LLVM cannot forward the store into the loads and rebuild the shuffles
-    bslot = None
-    if fmt.halves == 1 and TARGET.x86 and TARGET.avx2:
-        slot = cgutils.alloca_once(builder, V16H)
-        P8 = I8.as_pointer()
-        bslot = (slot, builder.asm(ir.FunctionType(P8, [P8]), "", "=r,0", [builder.bitcast(slot, P8)], side_effect=False))
 
     def block(b, row, a):
         boff = builder.add(builder.add(woff, builder.mul(_c(row), rstride)), builder.mul(b, _c(fmt.size)))
@@ -482,10 +469,7 @@ def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0)
         ks = fmt.kscales(e)
         iacc = [ir.Constant(V8I, [0] * 8)] * K_CHAINS
         xb = builder.mul(b, _c(256))
-        if bslot is not None:
-            builder.store(ks.sc, bslot[0])
-        else:
-            dups = [_lane_dup(builder, ks.sc, h) for h in range(2)]
+        dups = [_lane_dup(builder, ks.sc, h) for h in range(2)]
         for j, g in enumerate(groups):
             xv = _vload(builder, xkp, builder.add(xb, _c(32 * j)), V32B)
             if fmt.signed:
@@ -495,14 +479,9 @@ def _cg_mv_i8_k(fmt, nrows, builder, w_p, woff, rstride, nb, xqp, xsp, outp, o0)
                 p = _pmaddubsw(builder, g.q, xv)
             # group j's two half scales, 8 x i16 each: an in-lane shuffle (one vpshufb) of the 8
             # scales of its half block, copied into both 128-bit lanes once per 4 groups
-            if bslot is not None:
-                pj = builder.bitcast(builder.gep(bslot[1], [_c(4 * j)]), I32.as_pointer())
-                one = builder.insert_element(ir.Constant(V8I, ir.Undefined), builder.load(pj, align=4), _c32(0))
-                scj = builder.bitcast(builder.shuffle_vector(one, one, ir.Constant(V8I, [0] * 8)), V16H)
-            else:
-                jj = j % 4
-                scj = builder.shuffle_vector(dups[j // 4], dups[j // 4],
-                                             ir.Constant(ir.VectorType(I32, 16), [2 * jj] * 8 + [8 + 2 * jj + 1] * 8))
+            jj = j % 4
+            scj = builder.shuffle_vector(dups[j // 4], dups[j // 4],
+                                         ir.Constant(ir.VectorType(I32, 16), [2 * jj] * 8 + [8 + 2 * jj + 1] * 8))
             iacc[j % K_CHAINS] = _dpwssd(builder, iacc[j % K_CHAINS], p, scj)
         acc = _tree_add(builder, iacc)
         bs = _vload(builder, bsp, builder.mul(b, _c(32)), V16H)
