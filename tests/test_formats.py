@@ -112,15 +112,20 @@ def prompt_buffers(n, cols):
 
 
 def k_token(xk, xkf, t, cols):
-    """Token t's int8 values and scales from quantize_rows_k's buffers, as quantize_xk lays them
-    out for one token (xq[n:] and xs), for k_expected."""
+    """Token t's values and scales from quantize_rows_k's buffers (int8 q with a multiplier m per
+    16 values, one d per block), laid out as quantize_xk's for one token (xq[n:] as q m, and xs),
+    for k_expected."""
     nb = cols // 256
     g, tl = t // 8, t % 8
     cells = g * nb + np.arange(nb)
-    q = xk.reshape(-1, 8, 256)[cells, tl].reshape(-1)
+    cf = xkf.reshape(-1, blockir.KF_CELL)[cells]
+    m = np.zeros((nb, 16), np.int64)
+    m[:, blockir.K_HALF_OF] = cf[:, blockir.KF_M:].view(np.int16).reshape(nb, 8, 16)[:, tl]
+    pos = np.array([blockir._kpos(i) for i in range(256)])
+    q = xk.reshape(-1, 8, 256)[cells, tl][:, pos].astype(np.int64).reshape(nb, 16, 16) * m[:, :, None]
     xs = np.zeros(8 * (cols // 32), np.float32)
-    xs[6 * (cols // 32):6 * (cols // 32) + nb] = xkf.reshape(-1, blockir.KF_CELL)[cells, tl]
-    return np.concatenate([np.zeros(cols, np.int8), q]), xs
+    xs[6 * (cols // 32):6 * (cols // 32) + nb] = cf[:, tl]
+    return np.concatenate([np.zeros(cols, np.int64), q.reshape(-1)]), xs
 
 
 def prompt_token(hq, xg, t, n):
@@ -247,3 +252,40 @@ def test_mixed_formats_in_one_group():
     mm = np.zeros((n, ref.shape[0]), np.float32)
     k.matmul_i8(buf, tabs, hq, xg, xk, xkf, mm, 2, np.zeros(len(names) + 1, np.int64))
     np.testing.assert_allclose(mm, h @ ref.T, rtol=0, atol=4e-2 * np.abs(ref).sum(1).max() * 3)
+
+
+@pytest.mark.parametrize("resid", [False, True])
+def test_k_prompt_activations_scale_per_16(resid):
+    """quantize_rows_k gives each 16 values their own step, d m_h with m_h = ceil(16 amax_h /
+    amax): a heavy-tailed row (an outlier 60x the rest in each block, as the FFN down projection's
+    input has) keeps its small values' precision; llama.cpp's Q8_K (one step amax/127 per 256)
+    rounded them to 0 or 1 step and cost Gemma 3 270M a top-32 KL of 0.004 (tests/test_gemma3_real.py).
+    With resid the last row is also the sum of its two parts."""
+    n, cols = 11, 768
+    rng = np.random.default_rng(7)
+    h = rng.standard_normal((n, cols)).astype(np.float32)
+    h[:, ::256] *= 60.0
+    h[3, 256:512] = 0.0                                 # an all-zero block
+    h[4, :16] = -1e-3                                   # a tiny first half beside the outlier's
+    _, _, xk, xkf = prompt_buffers(n + 1, cols)
+    blockir.quantize_rows_k(h, xk, xkf, resid)
+    nb = cols // 256
+    for t in range(n + (1 if resid else 0)):
+        q, xs = k_token(xk, xkf, t, cols)
+        d = np.repeat(xs[6 * (cols // 32):6 * (cols // 32) + nb].astype(np.float64), 256)
+        xhat = q[cols:] * d
+        src = h[t] if t < n else h[n - 1] - prev
+        blk = np.abs(src.astype(np.float64)).reshape(nb, 16, 16)
+        amax = blk.max((1, 2), keepdims=True)
+        m = np.where(amax > 0, np.clip(np.ceil(16 * blk.max(2, keepdims=True) / np.where(amax > 0, amax, 1)), 1, 16), 1)
+        step = (amax / (127 * 16) * m * np.ones((1, 1, 16))).reshape(-1)
+        assert (np.abs(xhat - src) <= step / 2 * (1 + 1e-5) + 1e-12).all(), t
+        assert np.abs(q[cols:]).max() <= 127 * 16
+        if t == n - 1:
+            prev = xhat
+    if resid:           # the residual row carries what row n - 1 missed: together nearly exact
+        qa, xa = k_token(xk, xkf, n - 1, cols)
+        qb, xb = k_token(xk, xkf, n, cols)
+        both = sum(q[cols:] * np.repeat(x[6 * (cols // 32):6 * (cols // 32) + nb].astype(np.float64), 256)
+                   for q, x in ((qa, xa), (qb, xb)))
+        assert np.abs(both - h[n - 1]).max() <= 1e-4 * np.abs(h[n - 1]).max()

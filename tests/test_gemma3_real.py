@@ -64,8 +64,10 @@ def test_exact_path_matches_transformers(path, ref, n_threads):
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, None])
-def test_default_path_within_llamacpp_distance(path, ref, n_threads):
-    """Default arguments: on one thread Gemma's prompt runs float BLAS tiles (dim 640), on two the
-    int8 prefill (Q8_K activations, as llama.cpp): within llama.cpp's own distance."""
+def test_default_path_within_issue_bound(path, ref, n_threads):
+    """Default arguments (int8 prefill on a VNNI CPU at any thread count, on two threads elsewhere):
+    top-32 KL <= 0.002, under half of llama.cpp's 0.0055 on the same ids. Measured 0.00083 with the
+    256-value formats' activations at a step per 16 values (blockir.quantize_rows_k); llama.cpp's
+    Q8_K form (a step per 256) gave 0.0041: the FFN down projection's heavy-tailed input."""
     kl, top1, diff = _run(path, ref, n_threads=n_threads)
-    assert kl <= 0.005 and top1 >= 0.97, (kl, top1, diff)
+    assert kl <= 0.002 and top1 >= 0.97, (kl, top1, diff)

@@ -35,9 +35,10 @@ class Lane(NamedTuple):
 
 
 class KScales(NamedTuple):
-    """A 256-value block's scales as integers, for the int8 kernels that run as llama.cpp's Q8_K
-    dot products (one activation scale per 256 values, the block's integer sums folded into
-    vpmaddwd): w = d * sc_h * (q - offset) + dm * m_h for the block's 16 halves h of 16 values.
+    """A 256-value block's scales as integers, for the int8 kernels (decode: llama.cpp's Q8_K dot
+    products, one activation scale per 256 values; prompts: a step per 16 values, the token's
+    multipliers times sc; the block's integer sums folded into vpmaddwd): w = d * sc_h * (q -
+    offset) + dm * m_h for the block's 16 halves h of 16 values.
     sc, m: <16 x i16> IR vectors (m None without mins); d, dm: float."""
     sc: Any
     d: Any

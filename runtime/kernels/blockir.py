@@ -429,12 +429,11 @@ def _lane_dup(builder, v16, h):
     return d
 
 
-# int32 accumulator chains per block (decode) or per token (prompt) in the 256-value formats'
-# kernels: vpdpwssd (VNNI) adds into its accumulator with ~4 cycles of latency, so one chain
-# through a block's 8 groups cost 32 cycles a block (decode ran at 0.88x the vpmaddwd + vpaddd
-# code); vpaddd's 1 cycle needs no split
+# int32 accumulator chains per block in the 256-value formats' decode kernel: vpdpwssd (VNNI) adds
+# into its accumulator with ~4 cycles of latency, so one chain through a block's 8 groups cost 32
+# cycles a block (decode ran at 0.88x the vpmaddwd + vpaddd code); vpaddd's 1 cycle needs no
+# split. (The prompt kernel's 8 tokens are 8 chains already.)
 K_CHAINS = 4 if TARGET.vnni else 1
-K_CHAINS_MM = 2 if TARGET.vnni else 1
 
 
 def _tree_add(builder, vs):
@@ -737,19 +736,59 @@ def _cg_mm_i8_tl(fmt, nr, builder, w_p, woff, rstride, nb, b0, nbk, xtp, xfp, g_
                 builder.store(builder.select(first, v, builder.fadd(builder.load(op), v)), op)
 
 
+def _kswap(builder, a, b, width, hi):
+    """vpunpckl/h{wd,dq,qdq} on two 256-bit values seen as <n x i{width}>: per 128-bit lane the low
+    (hi False) or high halves of a and b interleaved."""
+    n = 256 // width
+    ty = ir.VectorType(ir.IntType(width), n)
+    a, b = builder.bitcast(a, ty), builder.bitcast(b, ty)
+    half = n // 4
+    idx = []
+    for lane in range(2):
+        base = lane * (n // 2) + (half if hi else 0)
+        for i in range(half):
+            idx += [base + i, n + base + i]
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, n), idx))
+
+
+def _k_transpose(builder, qs):
+    """The 8 groups' q (<32 x i8> each: half 2j in the low 128-bit lane, 2j + 1 in the high) as
+    quantize_rows_k lays the activations out: vector k, lane L, word p = the bytes 2k, 2k + 1 of
+    half 2p + L (an 8 x 8 transpose of 16-bit words in each lane: 24 unpacks a block and row)."""
+    a = [_kswap(builder, qs[j], qs[j + 1], 16, hi) for j in range(0, 8, 2) for hi in (False, True)]
+    # a[2i + hi]: groups 2i, 2i + 1 interleaved, words 0-3 (hi: 4-7)
+    b = [_kswap(builder, a[2 * i + w], a[2 * i + 2 + w], 32, hi) for i in (0, 2) for w in (0, 1) for hi in (False, True)]
+    # b[4 (i // 2) + 2 w + hi]: groups 2i .. 2i + 3, words 4w + 2hi, + 1
+    out = []
+    for k in range(8):
+        w, r = k // 4, k % 4
+        lo, hi2 = b[2 * w + r // 2], b[4 + 2 * w + r // 2]
+        out.append(builder.bitcast(_kswap(builder, lo, hi2, 64, r % 2 == 1), V32B))
+    return out
+
+
+# word i of a 16-lane scale vector in the transposed layout belongs to half 2 (i % 8) + i // 8
+K_HALF_OF = [2 * (i % 8) + i // 8 for i in range(16)]
+
+
 def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp, ocols, orow, ocol):
-    """The prompt matmul of a 256-value format as Q8_K dot products (quantize_rows_k): per block
-    and group the group's q and half scales once, then per token vpmaddubsw, vpmaddwd with the
-    scales and an int32 add; per block the offset term on the tokens' integer sums per 16 (one
-    vpmaddwd per token, subtracted as an integer), the tokens' eight int32 lanes summed into one
-    vector over the tokens (six vphaddd, simd._hsum8), the mins' the same way, one conversion and one fma each
-    with d (dm) times the tokens' scales: a single float accumulator whose lanes are the tokens.
-    (A float accumulator per token took 8 of the 16 vector registers and 3-4 shuffles, converts
-    and fmas per token and block: half the instructions of a block beside the dot products.)"""
-    iaccs = [cgutils.alloca_once_value(builder, ir.Constant(V8I, [0] * 8)) for _ in range(MAXT * K_CHAINS_MM)]
-    maccs = [cgutils.alloca_once_value(builder, ir.Constant(V8I, [0] * 8)) for _ in range(MAXT)]
-    acc = cgutils.alloca_once_value(builder, ZERO8)
+    """The prompt matmul of a 256-value format on quantize_rows_k's int8 activations: per block the
+    8 groups' q transposed into the activations' layout (_k_transpose: each 32-byte vector then
+    holds two values of each of the 16 halves, so that one vector of half scales serves every
+    vpmaddwd of the block) and the weights' half scales in that order; per token the scales times
+    the token's multipliers (one vpmullw, |sc m| <= 2048); per vector and token vpmaddubsw and
+    vpdpwssd into the token's int32 accumulator; per block the offset term on the tokens' integer
+    sums per 16 (one vpmaddwd per token, subtracted as an integer), the tokens' eight int32 lanes
+    summed into one vector over the tokens (six vphaddd, simd._hsum8), the mins' the same way, one
+    conversion and one fma each with d (dm) times the tokens' d: a single float accumulator whose
+    lanes are the tokens. (A float accumulator per token took 8 of the 16 vector registers and 3-4
+    shuffles, converts and fmas per token and block: half the instructions of a block beside the
+    dot products.)"""
     V16H = ir.VectorType(I16, 16)
+    iaccs = [cgutils.alloca_once_value(builder, ir.Constant(V8I, [0] * 8)) for _ in range(MAXT)]
+    maccs = [cgutils.alloca_once_value(builder, ir.Constant(V8I, [0] * 8)) for _ in range(MAXT)]
+    sslots = [cgutils.alloca_once(builder, V16H) for _ in range(MAXT)]
+    acc = cgutils.alloca_once_value(builder, ZERO8)
     spans = _spans(builder, ntok)
     with cgutils.for_range(builder, nbk) as loop:
         b = builder.add(b0, loop.index)
@@ -763,31 +802,24 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
         cell = builder.add(builder.mul(g_, nb), b)                  # (token group, block)
         x0 = builder.mul(cell, _c(MAXT * 256))
         f0 = builder.mul(cell, _c(KF_CELL))
-        dups = [_lane_dup(builder, ks.sc, h) for h in range(2)]
-        for t in range(MAXT * K_CHAINS_MM):
+        scp = builder.shuffle_vector(ks.sc, ks.sc, ir.Constant(ir.VectorType(I32, 16), K_HALF_OF))
+        msp = builder.bitcast(builder.gep(xkfp, [builder.add(f0, _c(KF_M))]), I8.as_pointer())
+
+        def scales(t):                  # the token's sc_h m_h in the transposed order
+            builder.store(builder.mul(scp, _vload(builder, msp, _c(32 * t), V16H)), sslots[t])
             builder.store(ir.Constant(V8I, [0] * 8), iaccs[t])
-        for t in range(MAXT):
-            if has_m:
-                builder.store(ir.Constant(V8I, [0] * 8), maccs[t])
-        for j, g in enumerate(groups):
-            jj = j % 4
-            scj = builder.shuffle_vector(dups[j // 4], dups[j // 4],
-                                         ir.Constant(ir.VectorType(I32, 16), [2 * jj] * 8 + [8 + 2 * jj + 1] * 8))
+        _by_spans(builder, spans, scales)
+        vs = _k_transpose(builder, [g.q for g in groups])
+        for k, v in enumerate(vs):
             if fmt.signed:
-                aw = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]), [g.q, ir.Constant(ir.IntType(1), 0)])
+                av = builder.call(_decl(builder, "llvm.abs.v32i8", V32B, [V32B, ir.IntType(1)]), [v, ir.Constant(ir.IntType(1), 0)])
 
             def tok(t):
-                xv = _vload(builder, xkp, builder.add(x0, _c(256 * t + 32 * j)), V32B)
-                p = _pmaddubsw(builder, aw, _psign(builder, xv, g.q)) if fmt.signed else _pmaddubsw(builder, g.q, xv)
-                ia = iaccs[MAXT * (j % K_CHAINS_MM) + t]
-                builder.store(_dpwssd(builder, builder.load(ia), p, scj), ia)
+                xv = _vload(builder, xkp, builder.add(x0, _c(256 * t + 32 * k)), V32B)
+                p = _pmaddubsw(builder, av, _psign(builder, xv, v)) if fmt.signed else _pmaddubsw(builder, v, xv)
+                builder.store(_dpwssd(builder, builder.load(iaccs[t]), p, builder.load(sslots[t])), iaccs[t])
             _by_spans(builder, spans, tok)
-        if K_CHAINS_MM > 1:
-            def fold(t):
-                parts = [builder.load(iaccs[MAXT * c + t]) for c in range(K_CHAINS_MM)]
-                builder.store(_tree_add(builder, parts), iaccs[t])
-            _by_spans(builder, spans, fold)
-        dk = _xvec(builder, xkfp, f0)                               # the 8 tokens' scales
+        dk = _xvec(builder, xkfp, f0)                               # the 8 tokens' d
         bsp = builder.bitcast(builder.gep(xkfp, [builder.add(f0, _c(MAXT))]), I8.as_pointer())
 
         def fin(t):
@@ -800,7 +832,7 @@ def _cg_mm_i8_k(fmt, builder, w_p, woff, nb, b0, nbk, xkp, xkfp, g_, ntok, outp,
                 builder.store(_pmaddwd(builder, ks.m, bs), maccs[t])
         if fmt.offset or has_m:
             _by_spans(builder, spans, fin)
-        tot = builder.sitofp(_hsum8(builder, [builder.load(a) for a in iaccs[:MAXT]]), V8F)
+        tot = builder.sitofp(_hsum8(builder, [builder.load(a) for a in iaccs]), V8F)
         f = _vfma(builder, builder.fmul(_bcast(builder, ks.d), dk), tot, builder.load(acc))
         if has_m:
             mt = builder.sitofp(_hsum8(builder, [builder.load(a) for a in maccs]), V8F)
@@ -1236,51 +1268,97 @@ def quantize_prompt(h, xq, xg, resid):
         quantize_rows(h, xq, xg, resid)
 
 
-KF_CELL = MAXT + MAXT * 8      # quantize_rows_k's floats per (token group, block): 8 scales, 8 x 16 int16 sums
+# The 256-value formats' prompt activations. llama.cpp's Q8_K (one scale amax/127 per 256 values)
+# cost Gemma 3 270M's int8 prefill a top-32 KL of 0.0042 against transformers, nearly all of it in
+# the FFN down projection (its input, GELU's gated output, is heavy-tailed: one outlier sets the
+# scale of 255 others); per-16 scales there: 0.00096. So each half h of 16 values has its own
+# scale d m_h: d = amax / 127 / K_SUB of the block, m_h = ceil(K_SUB amax_h / amax) in 1..K_SUB,
+# int8 q_i = rint(x_i / (d m_h)). The kernel multiplies the weights' half scales by the token's
+# m_h (one vpmullw per token and block, _cg_mm_i8_k), so the dot products stay int8 x 4-6 bit.
+# K_SUB = 16 keeps a block's int32 sum exact: |sc m| <= 128 * 16 (Q6_K's int8 scales), |q_w -
+# offset| <= 32, |q| <= 127, 256 values: < 2^31; the sums per 16 of q m fit int16 (32512).
+# Measured on Gemma 3 (every K matrix in this form): KL 0.00075 (K_SUB 8: 0.0008, 64: 0.00067).
+K_SUB = 16
+KF_M = MAXT + MAXT * 8          # the multipliers' offset in a cell (after the d's and the sums)
+KF_CELL = MAXT + MAXT * 8 * 2   # quantize_rows_k's floats per (token group, block): 8 d's, 8 x 16 int16 sums of q m, 8 x 16 int16 m
 
 
 @njit(fastmath=False, cache=True)
-def _quantize_row_k(v, xk, xkf, t):
-    """Token t's K form (quantize_rows_k) from v (cols,)."""
+def _kpos(i):
+    """Where value i of a block sits in quantize_rows_k's layout (_k_transpose's): vector k = (i %
+    16) // 2, 128-bit lane L = h % 2 and word h // 2 for its half h = i // 16, byte i % 2."""
+    h, r = i // 16, i % 16
+    return 32 * (r // 2) + 16 * (h % 2) + 2 * (h // 2) + r % 2
+
+
+@njit(fastmath=False, cache=True)
+def _quantize_row_k(v, xk, xkf, t, qn):
+    """Token t's K form (quantize_rows_k) from v (cols,); qn: int8 scratch of 256 (a block's q in
+    value order, then moved to the layout as 16-bit words)."""
     g, tl = t // MAXT, t % MAXT
     nb = v.shape[0] // 256
+    ah = np.zeros(16, np.float32)
+    inv = np.zeros(16, np.float32)
+    q16 = qn.view(np.int16)
+    x16 = xk.view(np.int16)
     for b in range(nb):
+        vb = v[256 * b:256 * b + 256]
+        for h in range(16):
+            a = np.float32(0.0)
+            for i in range(16):
+                a = max(a, abs(vb[16 * h + i]))
+            ah[h] = a
         m = np.float32(0.0)
-        for i in range(256):
-            m = max(m, abs(v[256 * b + i]))
-        d = m / np.float32(127.0)
-        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        for h in range(16):
+            m = max(m, ah[h])
+        d = m / np.float32(127.0 * K_SUB)
         cell = g * nb + b
         xkf[cell * KF_CELL + tl] = d
-        bs = xkf[cell * KF_CELL + MAXT:(cell + 1) * KF_CELL].view(np.int16)
-        base = cell * MAXT * 256 + tl * 256
+        bs = xkf[cell * KF_CELL + MAXT:cell * KF_CELL + KF_M].view(np.int16)
+        ms = xkf[cell * KF_CELL + KF_M:(cell + 1) * KF_CELL].view(np.int16)
+        for h in range(16):
+            mh = 1
+            if m > 0:
+                mh = min(K_SUB, max(1, int(np.ceil(np.float32(K_SUB) * ah[h] / m))))
+            sc = d * np.float32(mh)
+            inv[h] = np.float32(1.0) / sc if sc > 0 else np.float32(0.0)
+            ms[16 * tl + 8 * (h % 2) + h // 2] = mh
         for h in range(16):
             s = 0
+            iv = inv[h]
             for i in range(16):
-                q = np.int32(np.rint(v[256 * b + 16 * h + i] * inv))
-                xk[base + 16 * h + i] = q
-                s += q
-            bs[16 * tl + h] = s
+                q = min(np.float32(127.0), max(np.float32(-127.0), np.rint(vb[16 * h + i] * iv)))
+                qn[16 * h + i] = np.int8(q)
+                s += np.int32(q)
+            bs[16 * tl + h] = s * ms[16 * tl + 8 * (h % 2) + h // 2]
+        base = (cell * MAXT * 256 + tl * 256) // 2
+        for k in range(8):                          # _kpos as 16-bit words: word j of vector k
+            for j in range(16):                     # = the pair k of half K_HALF_OF[j]
+                x16[base + 16 * k + j] = q16[8 * (2 * (j % 8) + j // 8) + k]
 
 
 @njit(fastmath=False, cache=True)
 def quantize_rows_k(h, xk, xkf, resid):
-    """The prompt's activations for the 256-value formats (mm_i8_k), as quantize_xk per token and
-    laid out by token groups of MAXT and blocks of 256: token t's int8 values of block b at
-    xk[((t // MAXT) nb + b) MAXT 256 + (t % MAXT) 256:][:256], and per (group, block) cell KF_CELL
-    floats of xkf: the MAXT tokens' scales, then their int16 sums per 16 (16 per token).
-    resid: also row n, what row n - 1's int8 values miss (as quantize_rows)."""
+    """The prompt's activations for the 256-value formats (mm_i8_k) in the form above, laid out by
+    token groups of MAXT and blocks of 256: token t's int8 values of block b at
+    xk[((t // MAXT) nb + b) MAXT 256 + (t % MAXT) 256:][:256] in _kpos's order, and per (group,
+    block) cell KF_CELL floats of xkf: the MAXT tokens' d, their int16 sums of q m per 16 (16 per
+    token), their int16 m per 16 (16 per token, in K_HALF_OF's order). Value i stands for q_i m_h d. resid: also row n, what row n - 1's values miss
+    (as quantize_rows)."""
     n, cols = h.shape
+    qn = np.empty(256, np.int8)
     for t in range(n):
-        _quantize_row_k(h[t], xk, xkf, t)
+        _quantize_row_k(h[t], xk, xkf, t, qn)
     if resid:
         r = np.empty(cols, np.float32)
         g, tl = (n - 1) // MAXT, (n - 1) % MAXT
         nb = cols // 256
         for i in range(cols):
             cell = g * nb + i // 256
-            r[i] = h[n - 1, i] - np.float32(xk[cell * MAXT * 256 + tl * 256 + i % 256]) * xkf[cell * KF_CELL + tl]
-        _quantize_row_k(r, xk, xkf, n)
+            hh = (i % 256) // 16
+            mh = xkf[cell * KF_CELL + KF_M:(cell + 1) * KF_CELL].view(np.int16)[16 * tl + 8 * (hh % 2) + hh // 2]
+            r[i] = h[n - 1, i] - np.float32(xk[cell * MAXT * 256 + tl * 256 + _kpos(i % 256)]) * np.float32(mh) * xkf[cell * KF_CELL + tl]
+        _quantize_row_k(r, xk, xkf, n, qn)
 
 
 # qmatmul.matmul_i8_group's work: tasks of rows (about 8 per thread, each task's rows of one column

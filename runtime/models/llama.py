@@ -292,7 +292,7 @@ class LlamaModel:
         kinds = {FORMATS[int(t[qm.TAB_TYPE])].kscales is not None for t in tabs}
         if False in kinds:          # 32-value formats: a scale per 4 values
             blockir.quantize_prompt(h, xq, xg, bool(r))
-        if True in kinds:           # 256-value formats: llama.cpp's Q8_K form
+        if True in kinds:           # 256-value formats: a step per 16 values
             blockir.quantize_rows_k(h, s.pxk, s.pxkf, bool(r))
         self.k.matmul_i8(self.wu8, tabs, xq, xg, s.pxk, s.pxkf, out[:n + r], s.n_threads, s.starts)
         if r:
