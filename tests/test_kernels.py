@@ -147,10 +147,15 @@ def test_silu_mul_and_softmax():
     rng = np.random.default_rng(4)
     g = rng.standard_normal((2, 100)).astype(np.float32)
     u = rng.standard_normal((2, 100)).astype(np.float32)
-    out = np.zeros_like(g)
-    ops.silu_mul(g, u, out)
+    gu = np.concatenate([g, u], 1)
     g64 = g.astype(np.float64)
-    assert nmse(out, g64 / (1 + np.exp(-g64)) * u) <= 1e-7
+    for fn in (ops.silu_mul, ops.silu_mul_par):
+        out = np.zeros_like(g)
+        fn(gu, out)
+        assert nmse(out, g64 / (1 + np.exp(-g64)) * u) <= 1e-7
+        inplace = gu.copy()                     # into the gate half, the up half kept
+        fn(inplace, inplace)
+        assert nmse(inplace[:, :100], g64 / (1 + np.exp(-g64)) * u) <= 1e-7 and (inplace[:, 100:] == u).all()
     s = rng.standard_normal((2, 10)).astype(np.float32) * 5
     ref = s.astype(np.float64)[:, :7]
     ref = np.exp(ref - ref.max(1, keepdims=True)); ref /= ref.sum(1, keepdims=True)
@@ -167,9 +172,10 @@ def test_gelu_mul_tanh_form():
     u = rng.standard_normal(g.shape).astype(np.float32)
     x = g.astype(np.float64)
     ref = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))) * u
+    gu = np.concatenate([g, u], 1)
     for fn in (ops.gelu_mul, ops.gelu_mul_par):
         out = np.zeros_like(g)
-        fn(g, u, out)
+        fn(gu, out)
         err = np.abs(out - ref)
         big = np.abs(ref) > 1e-6
         assert err.max() <= 1e-6 * max(1.0, np.abs(u).max()) * 30

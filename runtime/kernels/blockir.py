@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -1182,7 +1182,7 @@ def _quantize_row(v, xq, t, xg, exact):
         xg[g, b, XG_S, tl] = s0 + s1
 
 
-@njit(fastmath=False, cache=True)
+@njit(fastmath=False, cache=True, parallel=True)
 def quantize_rows(h, xq, xg, resid):
     """Rows of h (n, cols) to int8 with a scale per 4 values, laid out for mm_i8 by token groups of
     MAXT: xq (ceil((n + resid) / MAXT), cols / 32, MAXT, 32) int8, token t's 32 values of group b at
@@ -1193,7 +1193,7 @@ def quantize_rows(h, xq, xg, resid):
     resid: also row n, the int8 quantization of what row n - 1's int8 values miss (h[n-1] - xhat):
     the matmul's rows n - 1 and n added give that token's product to about float precision."""
     n, cols = h.shape
-    for t in range(n):
+    for t in prange(n):        # tokens on the cores
         _quantize_row(h[t], xq, t, xg, t >= 0)     # a bool, not the literal True: one compile
     if resid:
         r = np.empty(cols, np.float32)
@@ -1236,7 +1236,7 @@ def _quantize_row_tl(v, xt, xf, t, exact):
         xf[g, b, TL_X, tl] = sx if exact else np.float32(0.0)
 
 
-@njit(fastmath=False, cache=True)
+@njit(fastmath=False, cache=True, parallel=True)
 def quantize_rows_tl(h, xt, xf, resid):
     """Rows of h (n, cols) to int8 with a scale per TL_SUB values, laid out for the token-lane prompt
     kernel (VNNI): xt (token groups, cols / 32, 8 column quads, MAXT tokens, 4) int8; xf (token
@@ -1244,7 +1244,7 @@ def quantize_rows_tl(h, xt, xf, resid):
     values the int8 stand for) and of x per group.
     resid: also row n, what row n - 1's int8 values miss (as quantize_rows)."""
     n, cols = h.shape
-    for t in range(n):
+    for t in prange(n):        # tokens on the cores
         _quantize_row_tl(h[t], xt, xf, t, t >= 0)
     if resid:
         r = np.empty(cols, np.float32)
@@ -1337,7 +1337,7 @@ def _quantize_row_k(v, xk, xkf, t, qn):
                 x16[base + 16 * k + j] = q16[8 * (2 * (j % 8) + j // 8) + k]
 
 
-@njit(fastmath=False, cache=True)
+@njit(fastmath=False, cache=True, parallel=True)
 def quantize_rows_k(h, xk, xkf, resid):
     """The prompt's activations for the 256-value formats (mm_i8_k) in the form above, laid out by
     token groups of MAXT and blocks of 256: token t's int8 values of block b at
@@ -1346,9 +1346,9 @@ def quantize_rows_k(h, xk, xkf, resid):
     token), their int16 m per 16 (16 per token, in K_HALF_OF's order). Value i stands for q_i m_h d. resid: also row n, what row n - 1's values miss
     (as quantize_rows)."""
     n, cols = h.shape
-    qn = np.empty(256, np.int8)
-    for t in range(n):
-        _quantize_row_k(h[t], xk, xkf, t, qn)
+    qn = np.empty((n, 256), np.int8)
+    for t in prange(n):        # tokens on the cores (a serial quantizer was 6 % of a 2-thread prefill)
+        _quantize_row_k(h[t], xk, xkf, t, qn[t])
     if resid:
         r = np.empty(cols, np.float32)
         g, tl = (n - 1) // MAXT, (n - 1) % MAXT
@@ -1358,7 +1358,7 @@ def quantize_rows_k(h, xk, xkf, resid):
             hh = (i % 256) // 16
             mh = xkf[cell * KF_CELL + KF_M:(cell + 1) * KF_CELL].view(np.int16)[16 * tl + 8 * (hh % 2) + hh // 2]
             r[i] = h[n - 1, i] - np.float32(xk[cell * MAXT * 256 + tl * 256 + _kpos(i % 256)]) * np.float32(mh) * xkf[cell * KF_CELL + tl]
-        _quantize_row_k(r, xk, xkf, n, qn)
+        _quantize_row_k(r, xk, xkf, n, qn[0])
 
 
 # qmatmul.matmul_i8_group's work: tasks of rows (about 8 per thread, each task's rows of one column

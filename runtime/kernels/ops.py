@@ -105,26 +105,31 @@ def rope(x, n_heads, head_dim, rope_dim, positions, inv_freq, mode):
                 x[t, b] = x0 * s + x1 * c
 
 
+# The FFN's activations over a prompt's gate|up rows: gu (n, 2 ff) C-contiguous, gate in columns
+# [:ff], up in [ff:]; out (n, >= ff) C-contiguous, may be gu itself (the result then overwrites the
+# gate half). Whole rows, not the halves as views: on strided 2-d views Numba kept the loop scalar
+# (SiLU of Qwen2.5-1.5B's 128 x 8960: 1.58 ms vs 0.19 ms), 3 % of its prefill.
+
 @njit(cache=True, fastmath=FM, error_model="numpy")
-def silu_mul(g, u, out):
-    """out = silu(g) * u, element-wise over (n, ff). (error_model="numpy": with Python's
-    ZeroDivisionError check the division kept the loop scalar, 5x slower.)"""
-    n, m = g.shape
+def silu_mul(gu, out):
+    """out[:, :ff] = silu(gate) * up. (error_model="numpy": with Python's ZeroDivisionError check
+    the division kept the loop scalar, 5x slower.)"""
+    n, ff = gu.shape[0], gu.shape[1] // 2
     for i in range(n):
-        for j in range(m):
-            v = g[i, j]
-            out[i, j] = v / (np.float32(1.0) + exp32(-v)) * u[i, j]
+        for j in range(ff):
+            v = gu[i, j]
+            out[i, j] = v / (np.float32(1.0) + exp32(-v)) * gu[i, ff + j]
 
 
 @njit(cache=True, fastmath=FM, parallel=True, error_model="numpy")
-def silu_mul_par(g, u, out):
+def silu_mul_par(gu, out):
     """silu_mul with the rows in parallel (a prompt's chunk when Numba, not BLAS, has the cores:
     next to multi-threaded BLAS a Numba region's spinning threads slow both)."""
-    n, m = g.shape
+    n, ff = gu.shape[0], gu.shape[1] // 2
     for i in prange(n):
-        for j in range(m):
-            v = g[i, j]
-            out[i, j] = v / (np.float32(1.0) + exp32(-v)) * u[i, j]
+        for j in range(ff):
+            v = gu[i, j]
+            out[i, j] = v / (np.float32(1.0) + exp32(-v)) * gu[i, ff + j]
 
 
 @njit(cache=True, fastmath=FM)
@@ -138,21 +143,21 @@ def gelu(v):
 
 
 @njit(cache=True, fastmath=FM, error_model="numpy")
-def gelu_mul(g, u, out):
-    """out = gelu(g) * u, element-wise over (n, ff)."""
-    n, m = g.shape
+def gelu_mul(gu, out):
+    """out[:, :ff] = gelu(gate) * up (gu, out: as silu_mul's)."""
+    n, ff = gu.shape[0], gu.shape[1] // 2
     for i in range(n):
-        for j in range(m):
-            out[i, j] = gelu(g[i, j]) * u[i, j]
+        for j in range(ff):
+            out[i, j] = gelu(gu[i, j]) * gu[i, ff + j]
 
 
 @njit(cache=True, fastmath=FM, parallel=True, error_model="numpy")
-def gelu_mul_par(g, u, out):
+def gelu_mul_par(gu, out):
     """gelu_mul with the rows in parallel (see silu_mul_par)."""
-    n, m = g.shape
+    n, ff = gu.shape[0], gu.shape[1] // 2
     for i in prange(n):
-        for j in range(m):
-            out[i, j] = gelu(g[i, j]) * u[i, j]
+        for j in range(ff):
+            out[i, j] = gelu(gu[i, j]) * gu[i, ff + j]
 
 
 @njit(cache=True, fastmath=FM)

@@ -385,14 +385,14 @@ class LlamaModel:
                 r1 = min(n, r0 + fr)
                 s.resid = resid if r1 == n else 0
                 gu, hr = s.pgu[:r1 - r0], h[r0:r1]
-                g, u = gu[:, :c.n_ff], gu[:, c.n_ff:]
                 self._matmuls(s, self.tab_gu[li], hr, s.pgu[:r1 - r0 + 1])
                 par = (gelu_mul_par, silu_mul_par)[self.act == ACT_SILU]
                 if s.pg is not None:
                     g = s.pg[:r1 - r0]
-                    par(gu[:, :c.n_ff], u, g)
-                else:
-                    (par if s.blas_threads == 1 else (gelu_mul, silu_mul)[self.act == ACT_SILU])(g, u, g)
+                    par(gu, g)
+                else:           # in place: the gate half of gu, the down matmul's input as a view
+                    (par if s.blas_threads == 1 else (gelu_mul, silu_mul)[self.act == ACT_SILU])(gu, gu)
+                    g = gu[:, :c.n_ff]
                 self._matmul(s, t[K_DOWN], g, s.ph[r0:r1 + 1])
             if c.post_norms:
                 rmsnorm(h, self.v(li, V_POST_FFN), c.norm_eps, h)
