@@ -85,6 +85,10 @@ class _Slot:
         req.stats.prefill_tokens = len(req.ids) - keep
 
 
+def _ema(old: float | None, new: float, w: float = 0.2) -> float:
+    return new if old is None else old + w * (new - old)
+
+
 def _common(a, b) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -175,8 +179,11 @@ class BatchEngine:
         int8_activations: default, as llm was opened. batch_invariant: every step runs the batched
         kernels, a lone sequence too, so a sequence's tokens do not depend on what else runs (to
         the bit on int8 activations); by default a lone sequence runs the fused one-token step,
-        LLM.generate's (~1.7x faster on SmolLM2), whose rounding differs from the batched step's,
-        so a greedy text may differ from its text under load where two tokens nearly tie.
+        LLM.generate's (~1.7x faster on SmolLM2), and so do a few sequences where one fused step
+        each measured faster than a batched pass (on a token-lane CPU a pass of 1..8 rows costs
+        the same: the 1.1B's 2 threads, 26 ms fused, 101-121 ms batched), whose rounding differs
+        from the batched step's, so a greedy text may differ from its text under load where two
+        tokens nearly tie.
         speculative: a SpeculativeConfig (default: llm's own, if it was opened with draft= or
         lookup=): while one sequence runs alone its tokens are drafted and checked in one pass, as
         LLM.generate does (same text); with several, the batched step serves them all."""
@@ -218,6 +225,8 @@ class BatchEngine:
         self._closing = False
         self._error: BaseException | None = None
         self._prefill_turn = 0
+        self._t_fused: float | None = None      # seconds of a fused one-token step (moving average)
+        self._t_batch: dict[int, float] = {}    # rows -> seconds of a batched step
         self.spec, self.drafters, self._own_drafters = None, [], False
         if speculative is not None:
             from .speculative import open_drafters
@@ -426,16 +435,26 @@ class BatchEngine:
             lone = len(dec) == 1 and not pre and not self._queue
             if lone and self.drafters and self._speculate(dec[0]):
                 return
-            if len(dec) == 1 and self.fused_single:
+            n = len(dec)
+            ts = time.perf_counter()
+            if n == 1 and self.fused_single:
                 # a lone sequence: the fused one-token step (one parallel region a token), as
                 # LLM.generate; several: one pass over the weights for all of them
-                ts = time.perf_counter()
                 lg = self.model.decode(self.scratch, dec[0].kv, toks[0]).reshape(1, -1)
                 if lone and self.drafters:
                     dec[0].pace.plain(time.perf_counter() - ts)
+                self._t_fused = _ema(self._t_fused, time.perf_counter() - ts)
+            elif self.fused_single and self._fused_pays(n):
+                # a few sequences where one fused step each costs less than a batched pass (on a
+                # token-lane CPU a pass costs the same for 1..8 rows: ~4 fused tokens of a 1.1B)
+                for i, s in enumerate(dec):
+                    self.logits[i] = self.model.decode(self.scratch, s.kv, toks[i])
+                lg = self.logits
+                self._t_fused = _ema(self._t_fused, (time.perf_counter() - ts) / n)
             else:
                 lg = self.model.decode_batch(self.scratch, self.pool, [s.idx for s in dec], [s.kv for s in dec],
                                              toks, self.logits)
+                self._t_batch[n] = _ema(self._t_batch.get(n), time.perf_counter() - ts)
             self.metrics.steps += 1
             self.metrics.batch_rows += len(dec)
             for i, s in enumerate(dec):
@@ -443,6 +462,12 @@ class BatchEngine:
                 s.history.append(toks[i])
                 s.next_tok = None
                 self._sample(s, lg[i])
+
+    def _fused_pays(self, n: int) -> bool:
+        """Whether n sequences' step runs faster as n fused one-token steps than as one batched
+        pass, by the times this engine measured (a batched pass is tried first for each n)."""
+        tb = self._t_batch.get(n)
+        return self._t_fused is not None and tb is not None and n * self._t_fused < tb
 
     def _speculate(self, s: _Slot) -> bool:
         """One speculative round for the lone sequence s: drafts of the text so far run after
