@@ -46,7 +46,9 @@ GEMMA3 = ArchSpec("gemma3", permute_qk=False, qkv_bias=False, vocab_and_rope_dim
 PHI3 = ArchSpec("phi3", permute_qk=False, qkv_bias=False, vocab_and_rope_dim=False, always_head_dim=False,
                 phi3=True)
 # llama.cpp's SmolLM3Model is its LlamaModel (q/k permuted, vocab_size, rope.dimension_count) under another name
-SMOLLM3 = ArchSpec("smollm3", permute_qk=True, qkv_bias=False, vocab_and_rope_dim=True, always_head_dim=True,
+# smollm3: no key_length / value_length unless the config has head_dim (llama.cpp reads the config
+# through transformers, whose SmolLM3Config has none; LlamaConfig fills it in, hence llama's keys)
+SMOLLM3 = ArchSpec("smollm3", permute_qk=True, qkv_bias=False, vocab_and_rope_dim=True, always_head_dim=False,
                    nope=True)
 ARCHS = {"LlamaForCausalLM": LLAMA, "LLaMAForCausalLM": LLAMA, "MistralForCausalLM": LLAMA,
          "Qwen2ForCausalLM": QWEN2, "Qwen3ForCausalLM": QWEN3, "Gemma3ForCausalLM": GEMMA3,

@@ -136,7 +136,7 @@ def _general_metadata(w: MetaRecorder, src: Path, total_params: int) -> None:
 
 def _phi3_metadata(w: MetaRecorder, hp: HParams, recipe: Recipe, rope: dict) -> None:
     """The keys of llama.cpp's Phi3MiniModel.set_gguf_parameters, in its order (no rope.scaling.type:
-    LongRoPE is the factor tensors and rope.scaling.attn_factor)."""
+    LongRoPE is the factor tensors and rope.scaling.attn_factor, written first: see plan)."""
     a = "phi3"
     if hp.n_ctx is not None:
         w.add_uint32(f"{a}.context_length", int(hp.n_ctx))
@@ -152,8 +152,6 @@ def _phi3_metadata(w: MetaRecorder, hp: HParams, recipe: Recipe, rope: dict) -> 
     w.add_uint32("general.file_type", recipe.file_type)
     sw = hp.raw.get("sliding_window")
     w.add_uint32(f"{a}.attention.sliding_window", int(sw) if isinstance(sw, int) and sw > 0 else 0)
-    if rope["attn_factor"] is not None:
-        w.add_float32(f"{a}.rope.scaling.attn_factor", rope["attn_factor"])
     w.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
 
 
@@ -252,6 +250,10 @@ def make_plan(src, type: str = "q8_0") -> Plan:
                                for n, f in extra]
 
         w = MetaRecorder(spec.gguf_arch)
+        if rope is not None and rope["attn_factor"] is not None:
+            # llama.cpp's Phi3MiniModel writes it while preparing the tensors (generate_extra_tensors),
+            # before the rest of the metadata: right after general.architecture
+            w.add_float32("phi3.rope.scaling.attn_factor", rope["attn_factor"])
         w.add_type("model")
         total = sum(int(np.prod(t.shape)) for t in tensors)
         _general_metadata(w, src, total)

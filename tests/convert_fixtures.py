@@ -11,6 +11,7 @@
     make_gemma3_rope_params(dir)   the same weights, transformers 5's rope_parameters, local base 20000
     make_phi3, make_smollm3: their families' fixtures (Phi-3 with its own reference;
                           reference_logits follows SmolLM3's no_rope_layers)
+    FAMILY_MAKERS, family_reference(name)   the family goldens' fixtures and each one's reference
     reference_logits(dir, ids) -> float64 [len(ids), n_vocab], straight from the safetensors weights
     weights_sha256(dir)   hash of the tensors (names, shapes, values) whatever the storage dtype
     gguf_digest(path)     a GGUF's metadata and tensors as JSON-able lists (long arrays and tensor data hashed)
@@ -535,10 +536,6 @@ def reference_logits_gemma3(d: Path, ids: list[int]) -> np.ndarray:
     return x @ w["model.embed_tokens.weight"].T
 
 
-# every family fixture the family goldens cover (tests/golden/make_family_goldens.py)
-FAMILY_MAKERS = {**MAKERS, "mistral": make_mistral, "llama3_rope": make_llama3_rope,
-                 "llama_linear": make_llama_linear, "llama_yarn": make_llama_yarn, "gemma3": make_gemma3,
-                 "gemma3_rope_params": make_gemma3_rope_params}
 # ---------------------------------------------------------------------------------------------
 # Phi-3 (fused qkv_proj and gate_up_proj, LongRoPE with partial rotary) and SmolLM3 (NoPE layers)
 # ---------------------------------------------------------------------------------------------
@@ -551,10 +548,13 @@ PHI3_LONG = [1.0, 2.0, 6.0, 16.0]
 def make_phi3(d: Path) -> Path:
     """Phi3ForCausalLM: 2 layers, head_dim 16 of which 8 rotate (partial_rotary_factor 0.5), GQA,
     LongRoPE (short / long factors, context 512 over an original 256: attention factor sqrt(1.125)),
-    sliding_window 2047 as Phi-3 mini's config has it, f16 weights, SentencePiece tokenizer.model."""
+    sliding_window 2047 as Phi-3 mini's config has it, f16 weights, SentencePiece tokenizer.model.
+    pad_token_id is eos, as Phi-3's (32000 both): transformers' Phi3Config default (32000) is out of
+    this vocabulary, and its nn.Embedding refuses a padding_idx past the table."""
     d.mkdir(parents=True, exist_ok=True)
     n = train_spm(d / "tokenizer.model")
-    cfg = _config("Phi3ForCausalLM", "phi3", n, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    cfg = _config("Phi3ForCausalLM", "phi3", n, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                  tie_word_embeddings=False,
                   max_position_embeddings=2 * PHI3_ORIG_CTX, original_max_position_embeddings=PHI3_ORIG_CTX,
                   partial_rotary_factor=0.5, sliding_window=2047, resid_pdrop=0.0,
                   rope_scaling={"type": "longrope", "short_factor": PHI3_SHORT, "long_factor": PHI3_LONG})
@@ -597,8 +597,11 @@ def reference_logits_phi3(d: Path, ids: list[int]) -> np.ndarray:
     eps, T = cfg["rms_norm_eps"], len(ids)
     rs, orig = cfg["rope_scaling"], cfg["original_max_position_embeddings"]
     factor = cfg["max_position_embeddings"] / orig
-    att = np.sqrt(1 + np.log(factor) / np.log(orig)) if factor > 1 else 1.0
-    ext = np.asarray(rs["long_factor"] if T > orig else rs["short_factor"], np.float64)
+    if rs:
+        att = np.sqrt(1 + np.log(factor) / np.log(orig)) if factor > 1 else 1.0
+        ext = np.asarray(rs["long_factor"] if T > orig else rs["short_factor"], np.float64)
+    else:                       # rope_scaling null: plain RoPE (on the same partial dimensions)
+        att, ext = 1.0, np.ones(rd // 2)
     inv = 1.0 / (ext * cfg["rope_theta"] ** (np.arange(0, rd, 2, dtype=np.float64) / rd))
     ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
     cos, sin = np.cos(np.concatenate([ang, ang], -1)) * att, np.sin(np.concatenate([ang, ang], -1)) * att
@@ -648,6 +651,20 @@ def make_smollm3(d: Path) -> Path:
         "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|end_of_text|>", "chat_template": CHAT_TEMPLATE}))
     save_safetensors(d / "model.safetensors", make_weights(cfg, 12, False, True, bf16=False), "F16")
     return d
+
+
+# every family fixture the family goldens cover (tests/golden/make_family_goldens.py), in the
+# goldens' order, and the float64 reference each is checked against
+FAMILY_MAKERS = {**MAKERS, "mistral": make_mistral, "llama3_rope": make_llama3_rope,
+                 "llama_linear": make_llama_linear, "llama_yarn": make_llama_yarn, "gemma3": make_gemma3,
+                 "gemma3_rope_params": make_gemma3_rope_params, "phi3": make_phi3, "smollm3": make_smollm3}
+
+
+def family_reference(name: str):
+    """The float64 forward (dir, ids) -> logits for the FAMILY_MAKERS entry `name`."""
+    if name.startswith("gemma3"):
+        return reference_logits_gemma3
+    return reference_logits_phi3 if name == "phi3" else reference_logits
 
 
 # GGUF names -> Hugging Face names of the llama-style layer tensors (dequantized_copy)

@@ -2,12 +2,15 @@
 
 Tiny random-weight checkpoints (tests/convert_fixtures.py's FAMILY_MAKERS: llama with SentencePiece
 and BPE vocabularies, Llama 3.x rope_scaling llama3, linear and yarn scaling, mistral, qwen2, qwen3,
-gemma3 with a sliding window of 8 and two RoPE bases, and gemma3 again with transformers 5's
-rope_parameters and a sliding layers' base of 20000) were run by transformers in float32 and
-converted by llama.cpp's convert_hf_to_gguf.py --outtype f16 (tests/golden/make_family_goldens.py):
+gemma3 with a sliding window of 8 and two RoPE bases, gemma3 again with transformers 5's
+rope_parameters and a sliding layers' base of 20000, phi3 with fused qkv / gate|up, partial rotary
+and LongRoPE, smollm3 with its NoPE layers) were run by transformers in float32 and converted by
+llama.cpp's convert_hf_to_gguf.py --outtype f16 (tests/golden/make_family_goldens.py):
 transformers' logits at all 40 positions of a prompt (5x the Gemma 3 window) are in
-tests/golden/family_goldens.npz, llama.cpp's files in tests/data/families/. Neither torch nor
-llama.cpp is needed here.
+tests/golden/family_goldens.npz, llama.cpp's files in tests/data/families/; for phi3 also the last
+40 positions of a 300-token prompt, past its original context (256), where transformers runs
+LongRoPE's long factors (llama.cpp and infer: n_ctx 300 > 256). Neither torch nor llama.cpp is
+needed here.
 
   (a) infer runs llama.cpp's file: logits within TOL of transformers' at every position, the same
       top token everywhere; 1 and 2 threads; the float path and default arguments; prefill of the
@@ -19,7 +22,10 @@ llama.cpp is needed here.
       same types and values, the same tensor names, order, types, shapes and bytes, except
       INTENDED_DIFFERENCES (then the whole file, byte for byte); and so with config.json /
       generation_config.json as transformers writes them, and with type="q8_0" against llama.cpp's
-      --outtype q8_0 (against digests of llama.cpp's files: metadata, tensor hashes).
+      --outtype q8_0 (against digests of llama.cpp's files: metadata, tensor hashes). CONVERTER_GAPS:
+      metadata where infer convert is known to differ from llama.cpp (not the runtime's numbers),
+      taken out of the comparison after checking that each is exactly what it says; the byte-for-byte
+      check of those files is a strict xfail, so a fixed converter shows as XPASS (then drop the entry).
 """
 from __future__ import annotations
 
@@ -46,6 +52,11 @@ TOL = 1e-2
 # the weights' rounding moves these tiny random models' logits by 3-5% of their largest magnitude
 # (measured 0.09-0.16; qwen2, whose logits reach 18, 0.63); the bound is relative to that magnitude
 Q8_TOL = 0.06
+# phi3's fixture (qkv weights at 0.25, larger than the others'): the float64 reference on the q8_0 file's
+# own decoded weights is already 0.19 (6.3% of 3.05) from transformers, i.e. the weights' rounding, not
+# the runtime (infer's float path on that file equals that reference within 1e-5); default int8
+# activations 0.20
+Q8_TOL_FAMILY = {"phi3": 0.075}
 
 GEMMA_NORMS = ("Gemma's RMSNorm weights are stored as 1 + w (its norm multiplies by 1 + w): infer adds "
                "the 1 in float32, so the F32 tensor holds 1 + w exactly as transformers computes it; "
@@ -53,6 +64,22 @@ GEMMA_NORMS = ("Gemma's RMSNorm weights are stored as 1 + w (its norm multiplies
                "F16 checkpoint it stores float16(1 + w), off by up to 2^-11 (the 5e-3 logit error of its "
                "file against transformers; from an F32 checkpoint its norms are exact too)")
 INTENDED_DIFFERENCES = {"gemma3": GEMMA_NORMS, "gemma3_rope_params": GEMMA_NORMS}
+
+# infer convert's metadata vs llama.cpp's converter (commit in family_goldens.json), where convert/ differs
+# (values the runtime reads are the same): name -> why; such keys are compared apart (_without_gaps), and
+# the byte-for-byte check of that file is a strict xfail. None now: the two found when phi3 and smollm3
+# joined the goldens were fixed in convert/ (phi3's rope.scaling.attn_factor written right after
+# general.architecture, as llama.cpp's Phi3MiniModel writes it while preparing the tensors; smollm3's
+# attention.key_length / value_length only when the config has head_dim, as llama.cpp reads the config
+# through transformers' SmolLM3Config, which has none).
+CONVERTER_GAPS: dict[str, str] = {}
+
+
+def _without_gaps(name, ours, theirs):
+    """ours / theirs: [(key, types, value)] in file order (infer's, llama.cpp's), less the keys of a
+    CONVERTER_GAPS entry (none now)."""
+    assert name not in CONVERTER_GAPS, name
+    return ours, theirs
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +148,12 @@ def test_goldens_are_what_they_claim():
     assert META["families"]["gemma3"]["sliding_window"] * 2 < META["families"]["gemma3"]["n_prompt"]
     for name, m in META["families"].items():       # what a runtime ignoring the feature would miss by
         assert m["feature_effect"] is None or m["feature_effect"]["max_abs_logit_change"] > 10 * TOL, name
+        lp = m.get("long_prompt")
+        if lp:
+            assert lp["max_abs_transformers_vs_float64_reference"] < 1e-4 and lp["argmax_equal_to_float64_reference"]
+            assert lp["short_instead_of_long_factors_max_abs_logit_change"] > 10 * TOL, name
+    assert META["families"]["phi3"]["long_prompt"]["n_prompt"] > cf.PHI3_ORIG_CTX
+    assert set(CONVERTER_GAPS) <= set(FAMILIES)
 
 
 # --------------------------------------------------------------------------------------------- (a), (b)
@@ -155,12 +188,31 @@ def test_decode_matches_transformers(goldens, name):
         check(np.stack(steps), want[4:], TOL, f"{name}, llama.cpp's file, decode, {n_threads} thread(s)")
 
 
+LONG = [n for n in FAMILIES if META["families"][n].get("long_prompt")]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("source", ["llamacpp", "infer"])
+@pytest.mark.parametrize("name", LONG)
+def test_long_prompt_matches_transformers(goldens, converted, name, source, n_threads):
+    """phi3 past its original context: transformers' long-factor logits at the prompt's last positions,
+    infer with n_ctx = the prompt's length (> original context: llama.cpp's choice of the long factors)."""
+    path = DATA / f"{name}.gguf" if source == "llamacpp" else converted(name, "f16")
+    ids = goldens[f"{name}.long_ids"].tolist()
+    want = goldens[f"{name}.long_logits"].astype(np.float64)
+    import infer
+    with infer.LLM(str(path), n_ctx=len(ids), n_threads=n_threads, int8_activations=False) as llm:
+        got = np.asarray(llm.logits(ids), np.float64)[-len(want):]
+    check(got, want, TOL, f"{name}, {len(ids)}-token prompt, {source}'s f16 file, float path, {n_threads} thread(s)")
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_q8_0_default_arguments(goldens, converted, name):
     path = converted(name, "q8_0")
     ids = goldens[f"{name}.ids"].tolist()
     want = goldens[f"{name}.logits"].astype(np.float64)
-    bound = Q8_TOL * np.abs(want).max()
+    bound = Q8_TOL_FAMILY.get(name, Q8_TOL) * np.abs(want).max()
     srt = np.sort(want, 1)
     clear = srt[:, -1] - srt[:, -2] > 2 * bound            # positions whose top token no error of `bound` can flip
     for n_threads in (1, 2):
@@ -184,6 +236,7 @@ def test_metadata_and_tensors_equal_llamacpp(folders, converted, name):
     ours, theirs = converted(name, "f16"), DATA / f"{name}.gguf"
     kv_o, t_o = _read(ours)
     kv_t, t_t = _read(theirs)
+    kv_o, kv_t = _without_gaps(name, kv_o, kv_t)
     assert [k for k, _, _ in kv_o] == [k for k, _, _ in kv_t]           # same keys, same order
     for (k, typ_o, v_o), (_, typ_t, v_t) in zip(kv_o, kv_t):
         assert typ_o == typ_t and v_o == v_t, k
@@ -197,15 +250,17 @@ def test_metadata_and_tensors_equal_llamacpp(folders, converted, name):
             assert np.array_equal(b, exact.astype(np.float16).astype(np.float32)), n   # llama.cpp: in f16
             continue
         assert np.array_equal(a, b), n
-    if name not in INTENDED_DIFFERENCES:
+    if name not in INTENDED_DIFFERENCES and name not in CONVERTER_GAPS:
         assert ours.read_bytes() == theirs.read_bytes()
 
 
 def same_as_digest(name, ours, theirs):
     """infer's file against llama.cpp's digest: metadata in order, tensor names/types/shapes, data
-    hashes (Gemma's norms aside: INTENDED_DIFFERENCES, checked value by value above)."""
-    assert [k[0] for k in ours["kv"]] == [k[0] for k in theirs["kv"]]
-    for a, b in zip(ours["kv"], theirs["kv"]):
+    hashes (Gemma's norms aside: INTENDED_DIFFERENCES, checked value by value above; CONVERTER_GAPS
+    checked and taken out)."""
+    kv_o, kv_t = _without_gaps(name, ours["kv"], theirs["kv"])
+    assert [k[0] for k in kv_o] == [k[0] for k in kv_t]
+    for a, b in zip(kv_o, kv_t):
         assert a == b, a[0]
     assert [t[:3] for t in ours["tensors"]] == [t[:3] for t in theirs["tensors"]]
     for a, b in zip(ours["tensors"], theirs["tensors"]):

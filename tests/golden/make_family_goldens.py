@@ -4,22 +4,27 @@ Face checkpoints run by transformers in float32, and the same checkpoints conver
 convert_hf_to_gguf.py. tests/test_families.py reads the outputs and needs neither torch nor llama.cpp.
 
 HOW TO RUN
-    # reference venv (torch 2.13.0 is a local CPU wheel here; never install plain `torch`)
-    python3 -m venv /work/refvenv
-    /work/refvenv/bin/pip install torch==2.13.0 transformers numpy safetensors sentencepiece tokenizers protobuf
-    /work/refvenv/bin/pip install /work/llamacpp/src/gguf-py        # llama.cpp's own gguf-py
+    # reference venv, apart from the project's .venv (torch 2.13.0 is a local CPU wheel here; never
+    # install plain `torch`; transformers pinned to the goldens' version)
+    python3 -m venv /work/goldenv
+    /work/goldenv/bin/pip install torch==2.13.0 transformers==5.24.0 numpy safetensors sentencepiece tokenizers protobuf
+    /work/goldenv/bin/pip install /work/llamacpp/src/gguf-py        # llama.cpp's own gguf-py
     # regenerate (about a minute: one transformers forward and one llama.cpp conversion per family)
-    /work/refvenv/bin/python tests/golden/make_family_goldens.py [--llamacpp /work/llamacpp/src]
+    /work/goldenv/bin/python tests/golden/make_family_goldens.py [--llamacpp /work/llamacpp/src]
+    # or only some families, the others' goldens kept as they are
+    /work/goldenv/bin/python tests/golden/make_family_goldens.py --only phi3 smollm3
 
 VERSIONS used for the committed goldens (also in family_goldens.json): Python 3.11.7, torch
 2.13.0+cpu, transformers 5.24.0, numpy 2.4.6, sentencepiece 0.2.3, tokenizers 0.23.3, gguf-py 0.19.0
-(llama.cpp's own), llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f (2026-10-01). The fixtures'
+(llama.cpp's own), llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f (2026-10-01; /work/llamacpp/src
+is llama-cpp-python's vendor/llama.cpp, whose commit is the one its checkout records: llamacpp_commit).
+phi3 and smollm3 were added later (--only phi3 smollm3) with the same versions. The fixtures'
 tokenizers are trained by sentencepiece / tokenizers: other versions may train other vocabularies,
 which the tests see as a weights hash mismatch (then regenerate).
 
 WHAT IT COMPUTES, per family of tests/convert_fixtures.py's FAMILY_MAKERS
 (llama_spm, llama_bpe, qwen2, qwen3, mistral, llama3_rope, llama_linear, llama_yarn, gemma3,
-gemma3_rope_params):
+gemma3_rope_params, phi3, smollm3), each against its float64 reference (convert_fixtures.family_reference):
   1. The HF folder, built by the fixture maker in a temporary directory (fixed seeds, weights exact
      in float16, tiny SentencePiece / BPE tokenizers trained there). Recorded: sha256 of the weights
      (convert_fixtures.weights_sha256: names, shapes, float32 values) and of config.json, so a test
@@ -31,15 +36,18 @@ gemma3_rope_params):
      attn_implementation="eager"), one forward over the prompt, no cache, torch.set_num_threads(1):
      logits at every position [N_PROMPT, n_vocab] float32. Cross-check recorded in the meta:
      max |transformers - float64 reference| (convert_fixtures.reference_logits /
-     reference_logits_gemma3, numpy, written from transformers' semantics) and whether the argmax
+     reference_logits_gemma3 / reference_logits_phi3, numpy, written from transformers' semantics) and whether the argmax
      agrees everywhere; the script stops if the difference exceeds 1e-3 (then one of the two is
      not the model the other thinks it is).
   4. llama.cpp: convert_hf_to_gguf.py FOLDER --outtype f16 --outfile tests/data/families/NAME.gguf,
      in a subprocess of this interpreter. One patch, for the BPE fixtures only: llama.cpp names the
      pre-tokenizer by a hash of the tokenization of a test string, and a tokenizer trained here is in
      no table, so TextModel.get_vocab_base_pre is replaced by one returning the name the fixture's
-     regex was copied from ("llama-bpe": Llama 3's; "qwen2": Qwen2's). Nothing else is changed.
-     The file's sha256 goes in the meta.
+     regex was copied from ("llama-bpe": Llama 3's, also smollm3's; "qwen2": Qwen2's). Nothing else
+     is changed. The file's sha256 goes in the meta.
+  4b. LONG_PROMPT families (phi3): a 300-token prompt (cf.TEXT repeated), past Phi-3's
+     original_max_position_embeddings (256), so transformers runs LongRoPE's long factors: its logits
+     at the last 40 positions, checked against the float64 reference like step 3.
 
   5. llama.cpp's --outtype q8_0 conversion of the folder: its gguf_digest (metadata, tensor hashes).
   6. The same folder with config.json and generation_config.json replaced by the ones transformers
@@ -53,12 +61,15 @@ OUTPUTS
   tests/golden/family_goldens.npz np.savez_compressed, plain arrays (np.load(allow_pickle=False)):
       NAME.ids       [N_PROMPT] int32    the prompt
       NAME.logits    [N_PROMPT, n_vocab] float32   transformers' logits
+      NAME.long_ids  [LONG_PROMPT[NAME]] int32, NAME.long_logits [N_LONG_KEPT, n_vocab] float32 (phi3)
   tests/golden/family_goldens.json versions (python, torch, transformers, numpy, sentencepiece,
       tokenizers, gguf-py, llama.cpp commit), and per family: fixture hashes, GGUF sha256, the
       cross-check figures, the smallest top-1/top-2 logit margin over the prompt, and
-      feature_effect: how far the float64 reference moves without the family's rope_scaling or
-      (Gemma 3) sliding window, i.e. what a runtime ignoring it would miss the goldens by (>= 0.1,
-      checked, so the tests' 1e-2 sees it); transformers_config: the two JSON files of step 6.
+      feature_effect: how far the float64 reference moves without the family's rope_scaling (phi3:
+      LongRoPE's short factors and attention factor), (Gemma 3) sliding window or (SmolLM3) NoPE
+      layers, i.e. what a runtime ignoring it would miss the goldens by (>= 0.1, checked, so the
+      tests' 1e-2 sees it); long_prompt (phi3): step 4b's figures and how far the short factors
+      instead of the long ones move the reference; transformers_config: the two JSON files of step 6.
   tests/golden/family_goldens_digests.json  per family, convert_fixtures.gguf_digest of llama.cpp's
       q8_0 conversion (step 5) and of its f16 conversion of the step-6 folder ("transformers_config").
 """
@@ -82,8 +93,13 @@ sys.path.insert(0, str(TESTS))
 import convert_fixtures as cf  # noqa: E402
 
 N_PROMPT = 40
+# families whose feature needs a longer prompt: phi3's LongRoPE long factors, which transformers runs
+# for a forward longer than original_max_position_embeddings (256): a prompt of LONG_PROMPT[name]
+# tokens, transformers' logits kept at its last N_LONG_KEPT positions
+LONG_PROMPT = {"phi3": 300}
+N_LONG_KEPT = 40
 PRE = {"llama_bpe": "llama-bpe", "llama3_rope": "llama-bpe", "llama_linear": "llama-bpe", "llama_yarn": "llama-bpe",
-       "qwen2": "qwen2", "qwen3": "qwen2"}
+       "qwen2": "qwen2", "qwen3": "qwen2", "smollm3": "llama-bpe"}
 
 RUNNER = r"""
 import sys, runpy
@@ -101,16 +117,16 @@ def sha256_file(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def tokenize_text(d: Path) -> list[int]:
+def tokenize_text(d: Path, text: str = cf.TEXT) -> list[int]:
     if (d / "tokenizer.json").exists():
         from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(d / "tokenizer.json")).encode(cf.TEXT).ids
+        return Tokenizer.from_file(str(d / "tokenizer.json")).encode(text).ids
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
-    return [sp.bos_id()] + sp.encode(cf.TEXT)
+    return [sp.bos_id()] + sp.encode(text)
 
 
-def transformers_logits(d: Path, ids: list[int], saved: Path) -> np.ndarray:
+def transformers_logits(d: Path, ids: list[int], saved: Path | None = None) -> np.ndarray:
     """The logits; and into `saved`, config.json and generation_config.json as transformers writes them."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -119,9 +135,40 @@ def transformers_logits(d: Path, ids: list[int], saved: Path) -> np.ndarray:
     model.eval()
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), use_cache=False)
-    model.config.save_pretrained(saved)
-    model.generation_config.save_pretrained(saved)
+    if saved is not None:
+        model.config.save_pretrained(saved)
+        model.generation_config.save_pretrained(saved)
     return out.logits[0].float().numpy()
+
+
+def long_prompt(d: Path, name: str) -> tuple[list[int], np.ndarray, dict]:
+    """LONG_PROMPT: the ids (cf.TEXT repeated, tokenized, cut), transformers' logits at the last
+    N_LONG_KEPT positions, and the meta: the check against the float64 reference (stops past 1e-3)
+    and how far the reference moves with the short factors instead of the long ones."""
+    n = LONG_PROMPT[name]
+    ids = tokenize_text(d, cf.TEXT * 8)[:n]
+    assert len(ids) == n, (name, len(ids))
+    got = transformers_logits(d, ids)[-N_LONG_KEPT:]
+    ref = cf.family_reference(name)(d, ids)[-N_LONG_KEPT:]
+    err = float(np.abs(got - ref).max())
+    same_top = bool((got.argmax(1) == ref.argmax(1)).all())
+    if err > 1e-3 or not same_top:
+        sys.exit(f"{name}, {n} tokens: transformers and the float64 reference differ by {err:.3g} "
+                 f"(same argmax: {same_top})")
+    alt = d.parent / f"{d.name}-short-factors"
+    shutil.copytree(d, alt)
+    cfg = json.loads((alt / "config.json").read_text())
+    cfg["rope_scaling"]["long_factor"] = cfg["rope_scaling"]["short_factor"]
+    (alt / "config.json").write_text(json.dumps(cfg))
+    dist = float(np.abs(cf.family_reference(name)(alt, ids)[-N_LONG_KEPT:] - ref).max())
+    if dist < 0.1:
+        sys.exit(f"{name}: the long factors move the long prompt's logits by only {dist:.3g}")
+    top2 = np.sort(got, 1)[:, -2:]
+    return ids, got, {"n_prompt": n, "positions_kept": [n - N_LONG_KEPT, n],
+                      "max_abs_transformers_vs_float64_reference": err,
+                      "argmax_equal_to_float64_reference": same_top,
+                      "min_top1_top2_margin": float((top2[:, 1] - top2[:, 0]).min()),
+                      "short_instead_of_long_factors_max_abs_logit_change": dist}
 
 
 def feature_effect(d: Path, name: str, ids: list[int], ref: np.ndarray) -> dict | None:
@@ -135,13 +182,15 @@ def feature_effect(d: Path, name: str, ids: list[int], ref: np.ndarray) -> dict 
         cfg["rope_parameters"]["sliding_attention"]["rope_theta"] = 10000.0
     elif name == "gemma3":
         what, cfg["sliding_window"] = "sliding_window 8 -> 4096", 4096
+    elif cfg.get("no_rope_layers"):
+        what = f"no_rope_layers {cfg['no_rope_layers']} -> all 1 (RoPE in every layer)"
+        cfg["no_rope_layers"] = [1] * len(cfg["no_rope_layers"])
     else:
         return None
     alt = d.parent / f"{d.name}-without"
     shutil.copytree(d, alt)
     (alt / "config.json").write_text(json.dumps(cfg))
-    f = cf.reference_logits_gemma3 if name.startswith("gemma3") else cf.reference_logits
-    dist = float(np.abs(f(alt, ids) - ref).max())
+    dist = float(np.abs(cf.family_reference(name)(alt, ids) - ref).max())
     if dist < 0.1:
         sys.exit(f"{name}: {what} moves the logits by only {dist:.3g}; the test would not see it")
     return {"change": what, "max_abs_logit_change": dist}
@@ -155,6 +204,21 @@ def llamacpp_convert(src: Path, d: Path, out: Path, pre: str, outtype: str = "f1
         sys.exit(f"llama.cpp's converter failed on {d.name}:\n{r.stderr[-3000:]}")
 
 
+def llamacpp_commit(src: Path) -> str:
+    """llama.cpp's commit: HEAD of src's checkout, or, where src is a submodule folder of another
+    checkout without its own .git (llama-cpp-python's vendor/llama.cpp), the commit that checkout
+    records for it (not the outer repository's HEAD)."""
+    def git(where, *a):
+        return subprocess.run(["git", "-C", str(where), *a], capture_output=True, text=True).stdout.strip()
+    top = git(src, "rev-parse", "--show-toplevel")
+    if not top:
+        return "unknown"
+    if Path(top).resolve() == src.resolve():
+        return git(src, "rev-parse", "HEAD") or "unknown"
+    entry = git(top, "ls-tree", "HEAD", str(src.resolve().relative_to(Path(top).resolve()))).split()
+    return entry[2] if len(entry) >= 3 and entry[1] == "commit" else "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llamacpp", type=Path, default=Path("/work/llamacpp/src"))
@@ -165,8 +229,7 @@ def main() -> None:
     import torch
     import transformers
     import gguf
-    commit = subprocess.run(["git", "-C", str(args.llamacpp), "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = llamacpp_commit(args.llamacpp)
     npz_path, json_path = HERE / "family_goldens.npz", HERE / "family_goldens.json"
     digests_path = HERE / "family_goldens_digests.json"
     arrays, fams, digests = {}, {}, {}
@@ -184,13 +247,18 @@ def main() -> None:
             assert len(ids) == N_PROMPT, (name, len(text_ids))
             saved = Path(tmp) / "saved"
             got = transformers_logits(d, ids, saved)
-            ref = (cf.reference_logits_gemma3 if name.startswith("gemma3") else cf.reference_logits)(d, ids)
+            ref = cf.family_reference(name)(d, ids)
             err = float(np.abs(got - ref).max())
             same_top = bool((got.argmax(1) == ref.argmax(1)).all())
             if err > 1e-3 or not same_top:
                 sys.exit(f"{name}: transformers and the float64 reference differ by {err:.3g} "
                          f"(same argmax: {same_top})")
             effect = feature_effect(d, name, ids, ref)
+            long_meta = None
+            if name in LONG_PROMPT:
+                long_ids, long_logits, long_meta = long_prompt(d, name)
+                arrays[f"{name}.long_ids"] = np.asarray(long_ids, np.int32)
+                arrays[f"{name}.long_logits"] = long_logits.astype(np.float32)
             top2 = np.sort(got, 1)[:, -2:]
             gguf_path = TESTS / "data" / "families" / f"{name}.gguf"
             llamacpp_convert(args.llamacpp, d, gguf_path, PRE.get(name, ""))
@@ -223,6 +291,7 @@ def main() -> None:
                 "min_top1_top2_margin": float((top2[:, 1] - top2[:, 0]).min()),
                 "logit_abs_max": float(np.abs(got).max()),
                 "feature_effect": effect,
+                "long_prompt": long_meta,
                 "transformers_config": {
                     "files": tf_files,
                     "llamacpp_file_same_as_fixture_file": alt_gguf.read_bytes() == gguf_path.read_bytes()},
