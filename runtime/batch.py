@@ -227,6 +227,7 @@ class BatchEngine:
         self._prefill_turn = 0
         self._t_fused: float | None = None      # seconds of a fused one-token step (moving average)
         self._t_batch: dict[int, float] = {}    # rows -> seconds of a batched step
+        self._fused_run: dict[int, int] = {}    # rows -> fused steps chosen since the last batched one
         self.spec, self.drafters, self._own_drafters = None, [], False
         if speculative is not None:
             from .speculative import open_drafters
@@ -463,11 +464,19 @@ class BatchEngine:
                 s.next_tok = None
                 self._sample(s, lg[i])
 
+    FUSED_RETRY = 256
+
     def _fused_pays(self, n: int) -> bool:
         """Whether n sequences' step runs faster as n fused one-token steps than as one batched
-        pass, by the times this engine measured (a batched pass is tried first for each n)."""
+        pass, by the times this engine measured (a batched pass is tried first for each n, and
+        again after FUSED_RETRY fused steps in a row, so that a time measured under another load
+        of the machine does not hold forever)."""
         tb = self._t_batch.get(n)
-        return self._t_fused is not None and tb is not None and n * self._t_fused < tb
+        if self._t_fused is None or tb is None or n * self._t_fused >= tb:
+            return False
+        run = self._fused_run.get(n, 0) + 1
+        self._fused_run[n] = 0 if run >= self.FUSED_RETRY else run
+        return run < self.FUSED_RETRY
 
     def _speculate(self, s: _Slot) -> bool:
         """One speculative round for the lone sequence s: drafts of the text so far run after

@@ -210,3 +210,21 @@ def test_async_streams_and_errors(llm):
             it.close()
     finally:
         eng.close()
+
+
+def test_fused_steps_chosen_by_measured_times_and_retried():
+    """BatchEngine._fused_pays: n fused one-token steps only when the engine measured them cheaper
+    than a batched pass of n rows, and a batched pass again every FUSED_RETRY steps (so a time
+    measured under another load of the machine is refreshed)."""
+    from types import SimpleNamespace
+    e = SimpleNamespace(_t_fused=None, _t_batch={}, _fused_run={}, FUSED_RETRY=BatchEngine.FUSED_RETRY)
+    pays = lambda n: BatchEngine._fused_pays(e, n)      # noqa: E731
+    assert not pays(2)                                  # nothing measured yet
+    e._t_fused = 0.01
+    assert not pays(2)                                  # no batched pass of 2 rows measured
+    e._t_batch[2] = 0.019
+    assert not pays(2)                                  # 2 x 0.01 > 0.019: batched
+    e._t_batch[3] = 0.05
+    got = [pays(3) for _ in range(2 * e.FUSED_RETRY)]
+    assert got.count(False) == 2 and not got[e.FUSED_RETRY - 1] and not got[-1]
+    assert all(got[:e.FUSED_RETRY - 1])

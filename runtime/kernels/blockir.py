@@ -1324,13 +1324,13 @@ def _kpos(i):
 
 
 @njit(fastmath=False, cache=True)
-def _quantize_row_k(v, xk, xkf, t, qn):
+def _quantize_row_k(v, xk, xkf, t, qn, fs):
     """Token t's K form (quantize_rows_k) from v (cols,); qn: int8 scratch of 256 (a block's q in
-    value order, then moved to the layout as 16-bit words)."""
+    value order, then moved to the layout as 16-bit words); fs: float32 scratch of 32."""
     g, tl = t // MAXT, t % MAXT
     nb = v.shape[0] // 256
-    ah = np.zeros(16, np.float32)
-    inv = np.zeros(16, np.float32)
+    ah = fs[:16]
+    inv = fs[16:32]
     q16 = qn.view(np.int16)
     x16 = xk.view(np.int16)
     for b in range(nb):
@@ -1379,8 +1379,9 @@ def quantize_rows_k(h, xk, xkf, resid):
     (as quantize_rows)."""
     n, cols = h.shape
     qn = np.empty((n, 256), np.int8)
+    fs = np.empty((n, 32), np.float32)
     for t in prange(n):        # tokens on the cores (a serial quantizer was 6 % of a 2-thread prefill)
-        _quantize_row_k(h[t], xk, xkf, t, qn[t])
+        _quantize_row_k(h[t], xk, xkf, t, qn[t], fs[t])
     if resid:
         r = np.empty(cols, np.float32)
         g, tl = (n - 1) // MAXT, (n - 1) % MAXT
@@ -1390,7 +1391,7 @@ def quantize_rows_k(h, xk, xkf, resid):
             hh = (i % 256) // 16
             mh = xkf[cell * KF_CELL + KF_M:(cell + 1) * KF_CELL].view(np.int16)[16 * tl + 8 * (hh % 2) + hh // 2]
             r[i] = h[n - 1, i] - np.float32(xk[cell * MAXT * 256 + tl * 256 + _kpos(i % 256)]) * np.float32(mh) * xkf[cell * KF_CELL + tl]
-        _quantize_row_k(r, xk, xkf, n, qn[0])
+        _quantize_row_k(r, xk, xkf, n, qn[0], fs[0])
 
 
 # qmatmul.matmul_i8_group's work: tasks of rows (about 8 per thread, each task's rows of one column
