@@ -82,6 +82,14 @@ def dequant_rows(mask, wu8, tab, r0, r1, dst, tmp_u32):
                 decode_bf16_row(w16, r * cols, cols, tmp_u32, tmp_f32, row, 0)
 
 
+# The parallel regions below hand out their tasks from a shared counter (simd.fetch_add): prange
+# alone gives each thread a fixed, equal run of iterations, so one thread slowed down (another
+# program on its core, a VM's neighbour) held the whole region back while the others waited at its
+# end; here the others take its tasks. prange runs min(tasks, MAX_WORKERS) workers, each taking
+# tasks until none is left: any number of them at least the thread count balances.
+MAX_WORKERS = 64
+
+
 @njit(cache=True, fastmath=FM, parallel=True)
 def dequant_matrix(mask, wu8, tab, r0, r1, dst, tmp_u32_2d):
     """Parallel dequantization of rows r0..r1 into dst (tiles of 16 rows per task)."""
@@ -161,22 +169,27 @@ def matvec_group(mask, wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32
     for j in range(k):
         starts[j + 1] = starts[j] + (tabs[j, TAB_ROWS] + chunk - 1) // chunk
     ntask = starts[k]
-    for task in prange(ntask):
-        j = 0
-        while starts[j + 1] <= task:
-            j += 1
-        r0 = (task - starts[j]) * chunk
-        r1 = min(r0 + chunk, tabs[j, TAB_ROWS])
-        # the common types dispatched here, not through matvec_rows: called from inside the
-        # parallel region, matvec_rows ran at half speed (measured, SmolLM2 layers 12 vs 24 ms)
-        t, off, cols, o0 = tabs[j, TAB_TYPE], tabs[j, TAB_OFF], tabs[j, TAB_COLS], out_offs[j]
-        if blockir.is_block(t):
-            if use_i8:
-                blockir.rows_i8(mask, t, wu8, off, cols, xq, xd, xsq, out, o0, r0, r1)
+    nxt = np.zeros(1, np.int64)
+    for w in prange(min(ntask, MAX_WORKERS)):
+        while True:
+            task = simd.fetch_add(nxt, 0, 1)
+            if task >= ntask:
+                break
+            j = 0
+            while starts[j + 1] <= task:
+                j += 1
+            r0 = (task - starts[j]) * chunk
+            r1 = min(r0 + chunk, tabs[j, TAB_ROWS])
+            # the common types dispatched here, not through matvec_rows: called from inside the
+            # parallel region, matvec_rows ran at half speed (measured, SmolLM2 layers 12 vs 24 ms)
+            t, off, cols, o0 = tabs[j, TAB_TYPE], tabs[j, TAB_OFF], tabs[j, TAB_COLS], out_offs[j]
+            if blockir.is_block(t):
+                if use_i8:
+                    blockir.rows_i8(mask, t, wu8, off, cols, xq, xd, xsq, out, o0, r0, r1)
+                else:
+                    blockir.rows_float(mask, t, wu8, off, cols, x, xsum, out, o0, r0, r1)
             else:
-                blockir.rows_float(mask, t, wu8, off, cols, x, xsum, out, o0, r0, r1)
-        else:
-            matvec_rows(wu8, tabs[j], x, out, o0, r0, r1, tmp_u32_2d[get_thread_id()])
+                matvec_rows(wu8, tabs[j], x, out, o0, r0, r1, tmp_u32_2d[get_thread_id()])
 
 
 @njit(cache=True, fastmath=FM)
@@ -221,15 +234,21 @@ def matmul_i8_group(mask, wu8, tabs, xq, xg, xk, xkf, out, n_threads, starts):
     starts[0] = 0
     for j in range(k):
         starts[j + 1] = starts[j] + (tabs[j, TAB_ROWS] + rt - 1) // rt
-    for task in prange(starts[k]):
-        j = 0
-        ocol = 0
-        while starts[j + 1] <= task:
-            ocol += tabs[j, TAB_ROWS]
-            j += 1
-        rows, cols, t = tabs[j, TAB_ROWS], tabs[j, TAB_COLS], tabs[j, TAB_TYPE]
-        r0 = (task - starts[j]) * rt
-        blockir.mm_rows(mask, t, wu8, tabs[j, TAB_OFF], cols, xq, xg, xk, xkf, out, ocol, r0, min(rows, r0 + rt))
+    ntask = starts[k]
+    nxt = np.zeros(1, np.int64)
+    for w in prange(min(ntask, MAX_WORKERS)):
+        while True:
+            task = simd.fetch_add(nxt, 0, 1)
+            if task >= ntask:
+                break
+            j = 0
+            ocol = 0
+            while starts[j + 1] <= task:
+                ocol += tabs[j, TAB_ROWS]
+                j += 1
+            rows, cols, t = tabs[j, TAB_ROWS], tabs[j, TAB_COLS], tabs[j, TAB_TYPE]
+            r0 = (task - starts[j]) * rt
+            blockir.mm_rows(mask, t, wu8, tabs[j, TAB_OFF], cols, xq, xg, xk, xkf, out, ocol, r0, min(rows, r0 + rt))
 
 
 @functools.lru_cache(maxsize=None)

@@ -407,3 +407,17 @@ def _hsum8(builder, vs):
     return (builder.add if lo.type == V8I else builder.fadd)(lo, hi)
 
 
+
+
+@intrinsic
+def fetch_add(typingctx, arr, i, v):
+    """Atomically arr[i] += v (int64 array); returns the value before (an atomicrmw add: lock xadd
+    on x86, ldadd or an ll/sc loop on ARM64). The parallel regions hand out their tasks with it."""
+    sig = types.int64(arr, i, v)
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], a, [args[1]])
+        return builder.atomic_rmw("add", ptr, builder.sext(args[2], ir.IntType(64))
+                                  if args[2].type.width < 64 else args[2], "monotonic")
+    return sig, codegen
