@@ -11,6 +11,7 @@ from numba import njit, prange
 
 from .ops import exp32, softmax_inplace
 from .qmatmul import FM
+from .simd import fetch_add
 
 
 @njit(cache=True, fastmath=FM)
@@ -114,8 +115,8 @@ def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out, window):
     its position. q (n, >= n_heads*head_dim) holds the queries at the start of each row (the
     prompt's q|k|v buffer, C-contiguous: a strided view of it ran 4x slower, its rows' unit
     stride unknown to LLVM). One parallel region: scores.shape[0] workers take the
-    (query, head) pairs in turn (interleaved, so the causal triangle's long and short rows share
-    out evenly), each on its own row of scores (>= n_filled floats), with decode's loops
+    (query, head) pairs from a shared counter as they finish (the causal triangle's long and
+    short rows share out evenly, and a slowed thread's pairs go to the others), each on its own row of scores (>= n_filled floats), with decode's loops
     (_dots, softmax, _mix); a linear cache's slots past the last visible one are skipped, the
     hidden slots of a wrapped ring get weight 0, and so do, with a sliding window > 0, the slots
     at or before qpos - window."""
@@ -124,9 +125,13 @@ def attend_rows(q, kc, vc, qpos, kpos, n_filled, scale, scores, out, window):
     group = n_heads // kc.shape[0]
     nw = scores.shape[0]
     total = n * n_heads
+    nxt = np.zeros(1, np.int64)
     for w in prange(nw):
         sc = scores[w]
-        for task in range(w, total, nw):
+        while True:
+            task = fetch_add(nxt, 0, 1)         # the pairs handed out in turn (qmatmul.MAX_WORKERS)
+            if task >= total:
+                break
             t = task // n_heads
             h = task - t * n_heads
             p = qpos[t]
@@ -149,9 +154,13 @@ def attend_batch(q, kp, vp, li, seq, qpos, kpos, n_filled, scale, scores, out, w
     group = n_heads // kp.shape[2]
     nw = scores.shape[0]
     total = n * n_heads
+    nxt = np.zeros(1, np.int64)
     for w in prange(nw):
         sc = scores[w]
-        for task in range(w, total, nw):
+        while True:
+            task = fetch_add(nxt, 0, 1)
+            if task >= total:
+                break
             t = task // n_heads
             h = task - t * n_heads
             si = seq[t]
