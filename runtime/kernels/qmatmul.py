@@ -90,6 +90,29 @@ def dequant_rows(mask, wu8, tab, r0, r1, dst, tmp_u32):
 MAX_WORKERS = 64
 
 
+@njit(cache=True)
+def group_tasks(tabs, per, starts):
+    """Tasks of `per` rows over the matrices `tabs` in turn: starts[j] is matrix j's first task
+    (starts: (k+1,) int64 scratch); returns the number of tasks."""
+    k = tabs.shape[0]
+    starts[0] = 0
+    for j in range(k):
+        starts[j + 1] = starts[j] + (tabs[j, TAB_ROWS] + per - 1) // per
+    return starts[k]
+
+
+@njit(cache=True)
+def task_matrix(tabs, starts, task):
+    """The matrix j that task (group_tasks) falls in, and the column of its results in a row of
+    the group's output (the rows of the matrices before it)."""
+    j = 0
+    col = 0
+    while starts[j + 1] <= task:
+        col += tabs[j, TAB_ROWS]
+        j += 1
+    return j, col
+
+
 @njit(cache=True, fastmath=FM, parallel=True)
 def dequant_matrix(mask, wu8, tab, r0, r1, dst, tmp_u32_2d):
     """Parallel dequantization of rows r0..r1 into dst (tiles of 16 rows per task)."""
@@ -164,20 +187,14 @@ def matvec_group(mask, wu8, tabs, x, xsum, out, out_offs, chunk, starts, tmp_u32
     One signature for both (the float and int8 paths were two compilations of the whole group,
     and decode_step linked both: about 4 s of the first run's JIT compile).
     """
-    k = tabs.shape[0]
-    starts[0] = 0
-    for j in range(k):
-        starts[j + 1] = starts[j] + (tabs[j, TAB_ROWS] + chunk - 1) // chunk
-    ntask = starts[k]
+    ntask = group_tasks(tabs, chunk, starts)
     nxt = np.zeros(1, np.int64)
     for w in prange(min(ntask, MAX_WORKERS)):
         while True:
             task = simd.fetch_add(nxt, 0, 1)
             if task >= ntask:
                 break
-            j = 0
-            while starts[j + 1] <= task:
-                j += 1
+            j, _ = task_matrix(tabs, starts, task)
             r0 = (task - starts[j]) * chunk
             r1 = min(r0 + chunk, tabs[j, TAB_ROWS])
             # the common types dispatched here, not through matvec_rows: called from inside the
@@ -221,31 +238,23 @@ def matmul_i8_group(mask, wu8, tabs, xq, xg, xk, xkf, out, n_threads, starts):
     matrix j's rows at columns from sum(rows of tabs[:j]). n_threads: numba.get_num_threads()
     (called here it would keep this function out of the disk cache); starts: (k+1,) int64 scratch."""
     k = tabs.shape[0]
-    # one task size for the whole group, from its total rows: prange gives each thread an equal
-    # run of consecutive tasks, so tasks sized per matrix (q's 64 rows, k's and v's 16) left one
-    # thread q and the other k and v (a 2-thread q/k/v of a GQA model ran at 1.31x its 1-thread
-    # speed, measured on the 1.1B: 253 vs 193 ms a prefill)
+    # one task size for the whole group, from its total rows (sized per matrix, q's 64 rows and k's
+    # and v's 16, prange's fixed equal runs of tasks left one thread q and the other k and v: a
+    # 2-thread q/k/v of a GQA model ran at 1.31x its 1-thread speed, 253 vs 193 ms a 1.1B prefill)
     total = 0
     for j in range(k):
         total += tabs[j, TAB_ROWS]
     rt = 1 << 30
     for j in range(k):
         rt = min(rt, blockir.mm_rows_per_task(total, tabs[j, TAB_COLS], tabs[j, TAB_TYPE], n_threads, out.shape[0]))
-    starts[0] = 0
-    for j in range(k):
-        starts[j + 1] = starts[j] + (tabs[j, TAB_ROWS] + rt - 1) // rt
-    ntask = starts[k]
+    ntask = group_tasks(tabs, rt, starts)
     nxt = np.zeros(1, np.int64)
     for w in prange(min(ntask, MAX_WORKERS)):
         while True:
             task = simd.fetch_add(nxt, 0, 1)
             if task >= ntask:
                 break
-            j = 0
-            ocol = 0
-            while starts[j + 1] <= task:
-                ocol += tabs[j, TAB_ROWS]
-                j += 1
+            j, ocol = task_matrix(tabs, starts, task)
             rows, cols, t = tabs[j, TAB_ROWS], tabs[j, TAB_COLS], tabs[j, TAB_TYPE]
             r0 = (task - starts[j]) * rt
             blockir.mm_rows(mask, t, wu8, tabs[j, TAB_OFF], cols, xq, xg, xk, xkf, out, ocol, r0, min(rows, r0 + rt))
