@@ -407,8 +407,6 @@ def _hsum8(builder, vs):
     return (builder.add if lo.type == V8I else builder.fadd)(lo, hi)
 
 
-
-
 @intrinsic
 def fetch_add(typingctx, arr, i, v):
     """Atomically arr[i] += v (int64 array); returns the value before (an atomicrmw add: lock xadd
