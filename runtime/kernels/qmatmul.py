@@ -90,7 +90,7 @@ def dequant_rows(mask, wu8, tab, r0, r1, dst, tmp_u32):
 MAX_WORKERS = 64
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def group_tasks(tabs, per, starts):
     """Tasks of `per` rows over the matrices `tabs` in turn: starts[j] is matrix j's first task
     (starts: (k+1,) int64 scratch); returns the number of tasks."""
@@ -101,7 +101,7 @@ def group_tasks(tabs, per, starts):
     return starts[k]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def task_matrix(tabs, starts, task):
     """The matrix j that task (group_tasks) falls in, and the column of its results in a row of
     the group's output (the rows of the matrices before it)."""
